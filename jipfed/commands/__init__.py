@@ -1,0 +1,1 @@
+"""Sub-commands of the ``jipfed`` CLI; each module exposes ``add_parser`` and ``run``."""

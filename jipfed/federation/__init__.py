@@ -1,0 +1,1 @@
+"""Federation: update codec and validation, streaming aggregation, strategies, compute plans."""

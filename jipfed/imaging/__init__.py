@@ -1,0 +1,1 @@
+"""Imaging: synthetic data, PACS access (DICOMweb, DIMSE), DICOM→NIfTI conversion, preprocessing."""

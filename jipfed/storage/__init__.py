@@ -1,0 +1,1 @@
+"""Model store: object layout, local-folder and S3 (MinIO) backends, experiment state."""

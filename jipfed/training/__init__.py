@@ -1,0 +1,1 @@
+"""Training: MONAI tasks and models, local train / evaluate loops."""

@@ -1,0 +1,1 @@
+"""Airflow operators, hooks, sensors and triggers for JIP Federated (installed as ``jipfed.operators``)."""

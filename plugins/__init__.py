@@ -1,0 +1,1 @@
+"""The JIP Federated Airflow plugin (installed as ``jipfed.plugins``)."""
