@@ -7,26 +7,33 @@ import importlib
 import logging
 import sys
 
-#: command name -> module exposing ``add_parser(subparsers)`` and ``run(args) -> int``.
-COMMANDS: dict[str, str] = {
-    "synth": "jipfed.commands.synth",
-    "pacs": "jipfed.commands.pacs",
-    "prepare": "jipfed.commands.prepare",
-    "demo": "jipfed.commands.demo",
+#: command name -> (module exposing ``add_parser(subparsers)`` and ``run(args) -> int``, one-line help).
+#: Only the chosen command's module is imported, so ``jipfed synth`` never pays for torch or Airflow.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "synth": ("jipfed.commands.synth", "write a synthetic BraTS-like multi-site DICOM data set"),
+    "pacs": ("jipfed.commands.pacs", "run a local Orthanc PACS / upload DICOM over STOW-RS"),
+    "prepare": ("jipfed.commands.prepare", "site data pipeline: cohort, fetch, convert, preprocess"),
+    "demo": ("jipfed.commands.demo", "run the federated demo on the embedded defaults"),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:
+    """Parser with every command listed; only ``chosen`` gets its full argument set."""
     parser = argparse.ArgumentParser(prog="jipfed", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    subparsers = parser.add_subparsers(dest="command", required=True)
-    for module_name in COMMANDS.values():
-        importlib.import_module(module_name).add_parser(subparsers)
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        if name == chosen:
+            importlib.import_module(module_name).add_parser(subparsers)
+        else:
+            subparsers.add_parser(name, help=help_text)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    chosen = next((arg for arg in argv if arg in COMMANDS), None)
+    args = build_parser(chosen).parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
