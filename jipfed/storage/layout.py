@@ -1,0 +1,113 @@
+"""Object key layout of the central store (see ``shared/design/protocol.md``)::
+
+    experiments/<exp>/config.json                         immutable after start
+    experiments/<exp>/state.json                          ExperimentState, rewritten atomically
+    experiments/<exp>/rounds/<r>/global.safetensors       global model of round r
+    experiments/<exp>/rounds/<r>/global.json              its manifest
+    experiments/<exp>/rounds/<r>/updates/<site>.safetensors
+    experiments/<exp>/rounds/<r>/updates/<site>.json      the site's manifest
+    experiments/<exp>/rounds/<r>/aggregate.json           included / rejected sites, metrics
+    experiments/<exp>/final/<name>                        final model, model card, report, plots
+
+``<r>`` is a plain decimal round number (0, 1, ..., no padding). Experiment and site names are
+slugs: 1 to 64 characters from ``[A-Za-z0-9_-]``, starting with a letter or digit — no ``/``, no
+``.``, so no ``..`` and no ambiguity between ``<site>.json`` and ``<site>.safetensors``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from jipfed.storage.base import validate_key
+
+_SLUG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+
+MODEL_SUFFIX = ".safetensors"
+MANIFEST_SUFFIX = ".json"
+
+
+def validate_slug(name: str, what: str = "name") -> str:
+    """Return ``name`` if it is a safe slug, else raise ValueError naming it."""
+    if not isinstance(name, str) or not _SLUG_RE.match(name):
+        raise ValueError(
+            f"invalid {what} {name!r}: use 1-64 characters from letters, digits, '_' and '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def validate_round(round_: int) -> int:
+    """Return ``round_`` if it is an int >= 0 (bool refused), else raise ValueError."""
+    if isinstance(round_, bool) or not isinstance(round_, int) or round_ < 0:
+        raise ValueError(f"round must be an int >= 0, got {round_!r}")
+    return round_
+
+
+@dataclass(frozen=True)
+class ExperimentLayout:
+    """The keys of one experiment. ``experiment`` is validated as a slug."""
+
+    experiment: str
+
+    def __post_init__(self) -> None:
+        validate_slug(self.experiment, "experiment name")
+
+    @property
+    def prefix(self) -> str:
+        """``experiments/<exp>/`` — every key of this experiment starts with it."""
+        return f"experiments/{self.experiment}/"
+
+    def config(self) -> str:
+        return f"{self.prefix}config.json"
+
+    def state(self) -> str:
+        return f"{self.prefix}state.json"
+
+    @property
+    def rounds_prefix(self) -> str:
+        return f"{self.prefix}rounds/"
+
+    def round_prefix(self, round_: int) -> str:
+        return f"{self.rounds_prefix}{validate_round(round_)}/"
+
+    def global_model(self, round_: int) -> str:
+        return f"{self.round_prefix(round_)}global{MODEL_SUFFIX}"
+
+    def global_manifest(self, round_: int) -> str:
+        return f"{self.round_prefix(round_)}global{MANIFEST_SUFFIX}"
+
+    def updates_prefix(self, round_: int) -> str:
+        return f"{self.round_prefix(round_)}updates/"
+
+    def update(self, round_: int, site: str) -> str:
+        return f"{self.updates_prefix(round_)}{validate_slug(site, 'site id')}{MODEL_SUFFIX}"
+
+    def update_manifest(self, round_: int, site: str) -> str:
+        return f"{self.updates_prefix(round_)}{validate_slug(site, 'site id')}{MANIFEST_SUFFIX}"
+
+    def aggregate(self, round_: int) -> str:
+        return f"{self.round_prefix(round_)}aggregate.json"
+
+    @property
+    def final_prefix(self) -> str:
+        return f"{self.prefix}final/"
+
+    def final(self, name: str) -> str:
+        """``final/<name>``; ``name`` may contain ``/`` (``plots/loss.png``) but no ``..``."""
+        return validate_key(f"{self.final_prefix}{name}")
+
+    def site_of_update(self, round_: int, key: str) -> str | None:
+        """The site whose update *manifest* ``key`` is in round ``round_``, else None."""
+        head = self.updates_prefix(round_)
+        if not (key.startswith(head) and key.endswith(MANIFEST_SUFFIX)):
+            return None
+        site = key[len(head) : -len(MANIFEST_SUFFIX)]
+        return site if _SLUG_RE.match(site) else None
+
+    def round_of_key(self, key: str) -> int | None:
+        """The round number a key under ``rounds/<r>/`` belongs to, else None."""
+        if not key.startswith(self.rounds_prefix):
+            return None
+        head = key[len(self.rounds_prefix) :].split("/", 1)[0]
+        return int(head) if head.isdigit() and str(int(head)) == head else None
