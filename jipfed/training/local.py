@@ -1,0 +1,325 @@
+"""Site-side learning: the MONAI-style client contract ``train`` / ``get_weights`` / ``evaluate``.
+
+:class:`LocalTrainer` owns one site's model and data split. The simulator and the Airflow site
+DAG call it the same way::
+
+    trainer = LocalTrainer(config, SiteData.from_dir(preprocessed_dir))
+    result = trainer.train(global_weights, mu=0.01, round=r)   # -> LocalResult
+    metrics = trainer.evaluate(global_weights)                  # held-out split of this site
+
+Same config, data, starting weights and round give the same result on CPU. Each round starts
+a fresh optimiser (its state never leaves the site). With ``bn_policy="local"`` the BatchNorm
+running statistics persist in the trainer between rounds (persist them across processes with
+:meth:`get_weights` / :meth:`load_weights`) and are excluded from :class:`LocalResult` weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from jipfed.training.config import TrainConfig
+from jipfed.training.data import CaseDataset, SiteData, load_case, make_loader
+from jipfed.training.metrics import RegionDice, classification_metrics
+from jipfed.training.models import build_model, check_input_size, shared_parameter_names
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LocalResult:
+    """Outcome of one local round.
+
+    Attributes:
+        weights: shared state-dict entries (CPU tensors) after training.
+        n_samples: training cases at this site (the FedAvg weight).
+        metrics: ``train_loss`` (mean task loss over all steps), ``train_loss_last`` (mean over
+            the last pass), ``train_loss_first`` (first step), ``proximal`` (mean FedProx term;
+            0 when mu = 0), ``mu``, ``epochs`` (passes, fractional in step mode).
+        steps: optimiser steps taken.
+        seconds: wall-clock time of the training loop.
+    """
+
+    weights: dict[str, torch.Tensor]
+    n_samples: int
+    metrics: dict[str, float]
+    steps: int
+    seconds: float
+
+
+def local_proximal_term(
+    model: nn.Module, global_params: Mapping[str, torch.Tensor], mu: float
+) -> torch.Tensor:
+    """FedProx term (mu / 2) * sum ||w - w_global||^2 over the trainable parameters (Li et al., 2020).
+
+    ``global_params`` maps parameter names (``model.named_parameters()``) to detached tensors.
+    """
+    terms = [
+        torch.sum((param - global_params[name].to(param.device)) ** 2)
+        for name, param in model.named_parameters()
+        if param.requires_grad
+    ]
+    if not terms:
+        return torch.zeros(())
+    return 0.5 * mu * torch.stack(terms).sum()
+
+
+def _derive_seed(seed: int, round_: int | None) -> int:
+    digest = hashlib.sha256(f"jipfed-train:{seed}:{round_}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+class LocalTrainer:
+    """Trains and evaluates one site's model on its preprocessed cases.
+
+    Args:
+        config: the experiment's training configuration.
+        data: this site's cases; split into train / held-out val by ``config.val_fraction``
+            and ``config.seed`` (see :meth:`SiteData.split`).
+        device: torch device; None = ``"cuda"`` when available, else ``"cpu"``. On ``"cuda"``
+            without an index and more than one GPU the model runs under DataParallel.
+
+    Attributes:
+        model: the unwrapped network (its state dict never carries a ``module.`` prefix).
+        shared_names: state-dict entries exchanged with the central (see ``bn_policy``).
+        train_records, val_records: this site's split.
+        in_channels: image channels, read from the first case.
+    """
+
+    def __init__(self, config: TrainConfig, data: SiteData, device: str | torch.device | None = None) -> None:
+        if len(data) == 0:
+            raise ValueError("site has no cases")
+        self.config = config
+        self.device = torch.device(
+            device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+        )
+        self.train_records, self.val_records = data.split(config.val_fraction, config.seed)
+        image, _ = load_case(data.records[0].path)
+        self.in_channels = int(image.shape[0])
+        check_input_size(config, self.in_channels, tuple(image.shape[1:]))
+        self.model = build_model(config, in_channels=self.in_channels).to(self.device)
+        self.shared_names = shared_parameter_names(self.model, config.bn_policy)
+        self._use_amp = config.amp and self.device.type == "cuda"
+        self._parallel = (
+            self.device.type == "cuda" and self.device.index is None and torch.cuda.device_count() > 1
+        )
+        logger.info(
+            "LocalTrainer: %s/%s/%s on %s, %d train / %d val cases, %d channels, amp=%s, parallel=%s",
+            config.task,
+            config.model,
+            config.size,
+            self.device,
+            len(self.train_records),
+            len(self.val_records),
+            self.in_channels,
+            self._use_amp,
+            self._parallel,
+        )
+
+    # -- weights ---------------------------------------------------------------------------
+
+    def get_weights(self) -> dict[str, torch.Tensor]:
+        """Full state dict (parameters and buffers, site-local BN stats included) as CPU copies."""
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+
+    def load_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
+        """Load a full or shared-only state dict (e.g. restoring a site's persisted local BN stats).
+
+        Every shared entry must be present; unknown names and shape mismatches are errors.
+        """
+        self._load_into(self.model, weights, shared_only=False)
+
+    def _load_into(self, model: nn.Module, weights: Mapping[str, torch.Tensor], *, shared_only: bool) -> None:
+        state = model.state_dict()
+        unknown = sorted(set(weights) - set(state))
+        missing = sorted(set(self.shared_names) - set(weights))
+        if unknown or missing:
+            raise ValueError(f"weights do not fit the model: missing {missing[:5]}, unknown {unknown[:5]}")
+        names = self.shared_names if shared_only else list(weights)
+        with torch.no_grad():
+            for name in names:
+                src, dst = weights[name], state[name]
+                if tuple(src.shape) != tuple(dst.shape):
+                    raise ValueError(f"{name}: shape {tuple(src.shape)} != model's {tuple(dst.shape)}")
+                if src.is_floating_point() and not torch.isfinite(src).all():
+                    raise ValueError(f"{name}: contains NaN or inf")
+                dst.copy_(src.to(dst.device, dst.dtype))
+
+    def _wrapped(self, model: nn.Module) -> nn.Module:
+        return nn.DataParallel(model) if self._parallel else model
+
+    # -- losses ------------------------------------------------------------------------------
+
+    def _loss_fn(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        if self.config.task == "classification":
+            return nn.CrossEntropyLoss()
+        from monai.losses import DiceLoss
+
+        # Regions overlap, so each channel is its own binary problem: soft Dice + BCE on sigmoids.
+        # (monai's DiceCELoss would apply a softmax cross-entropy across the 3 channels.)
+        dice = DiceLoss(sigmoid=True)
+        bce = nn.BCEWithLogitsLoss()
+        return lambda logits, target: dice(logits, target) + bce(logits, target)
+
+    def _optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        cfg = self.config
+        if cfg.optimizer == "adam":
+            return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        if cfg.optimizer == "adamw":
+            return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+
+    # -- contract ----------------------------------------------------------------------------
+
+    def train(
+        self, global_weights: Mapping[str, torch.Tensor], *, mu: float | None = None, round: int | None = None
+    ) -> LocalResult:
+        """Train from ``global_weights`` for ``config.epochs`` passes or ``config.steps`` steps.
+
+        Args:
+            global_weights: at least every shared entry (:attr:`shared_names`); site-local BN
+                statistics in it are ignored under ``bn_policy="local"``.
+            mu: FedProx weight; None = ``config.fedprox_mu``; 0 = plain local training.
+            round: round number, mixed into the seed so rounds draw different shuffles / flips.
+
+        Returns:
+            :class:`LocalResult` with the shared entries after training.
+        """
+        cfg = self.config
+        mu = cfg.fedprox_mu if mu is None else mu
+        if not math.isfinite(mu) or mu < 0:
+            raise ValueError(f"mu must be a finite number >= 0, got {mu}")
+        seed = _derive_seed(cfg.seed, round)
+        dataset = CaseDataset(self.train_records, cfg.task, augment=cfg.augment, seed=seed)
+        if len(dataset) == 0:
+            raise ValueError("no training cases at this site (after the split / grade filter)")
+        self._load_into(self.model, global_weights, shared_only=True)
+        loader = make_loader(dataset, cfg.batch_size, shuffle=True, seed=seed, num_workers=cfg.num_workers)
+        total = cfg.steps if cfg.steps is not None else cfg.epochs * len(loader)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        anchor = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+        optimizer = self._optimizer(params)
+        scaler = torch.amp.GradScaler("cuda", enabled=self._use_amp)
+        loss_fn = self._loss_fn()
+        net = self._wrapped(self.model)
+        net.train()
+        losses: list[float] = []
+        prox_sum = 0.0
+        last_pass: list[float] = []
+        step, epoch = 0, 0
+        start = time.perf_counter()
+        cuda_devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda_devices):
+            torch.manual_seed(seed)
+            while step < total:
+                dataset.set_epoch(epoch)
+                last_pass = []
+                epoch_start = time.perf_counter()
+                for batch in loader:
+                    image = batch["image"].to(self.device, non_blocking=True)
+                    target = batch["label"].to(self.device, non_blocking=True)
+                    optimizer.zero_grad(set_to_none=True)
+                    with torch.autocast(
+                        device_type=self.device.type, dtype=torch.float16, enabled=self._use_amp
+                    ):
+                        task_loss = loss_fn(net(image), target)
+                    loss = task_loss.float()
+                    if mu > 0:
+                        prox = local_proximal_term(self.model, anchor, mu)
+                        loss = loss + prox
+                        prox_sum += float(prox.detach())
+                    value = float(task_loss.detach())
+                    if not math.isfinite(value) or not math.isfinite(float(loss.detach())):
+                        raise FloatingPointError(f"non-finite loss {value} at step {step} (round {round})")
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
+                    losses.append(value)
+                    last_pass.append(value)
+                    step += 1
+                    if step >= total:
+                        break
+                logger.info(
+                    "round %s epoch %d: loss %.4f over %d steps (%.1f s)",
+                    round,
+                    epoch,
+                    sum(last_pass) / len(last_pass),
+                    len(last_pass),
+                    time.perf_counter() - epoch_start,
+                )
+                epoch += 1
+        seconds = time.perf_counter() - start
+        state = self.model.state_dict()
+        weights = {n: state[n].detach().to("cpu", copy=True) for n in self.shared_names}
+        metrics = {
+            "train_loss": sum(losses) / len(losses),
+            "train_loss_last": sum(last_pass) / len(last_pass),
+            "train_loss_first": losses[0],
+            "proximal": prox_sum / len(losses),
+            "mu": float(mu),
+            "epochs": step / len(loader),
+        }
+        return LocalResult(
+            weights=weights, n_samples=len(dataset), metrics=metrics, steps=step, seconds=seconds
+        )
+
+    @torch.no_grad()
+    def evaluate(self, weights: Mapping[str, torch.Tensor] | None = None) -> dict[str, float]:
+        """Score ``weights`` (None = the trainer's current model) on this site's held-out cases.
+
+        The trainer's own model is not changed. Returns ``loss`` (mean per case), ``n_cases`` and
+        dice_wt, dice_tc, dice_et, dice_mean (segmentation) or auc, accuracy (classification).
+        """
+        dataset = CaseDataset(self.val_records, self.config.task, augment=False)
+        if len(dataset) == 0:
+            raise ValueError("no held-out cases at this site (val_fraction = 0 or too few cases)")
+        model = self.model
+        if weights is not None:
+            model = copy.deepcopy(self.model)
+            self._load_into(model, weights, shared_only=True)
+        net = self._wrapped(model)
+        net.eval()
+        loss_fn = self._loss_fn()
+        loader = make_loader(
+            dataset, self.config.batch_size, shuffle=False, num_workers=self.config.num_workers
+        )
+        dice = RegionDice() if self.config.task == "segmentation" else None
+        all_logits: list[torch.Tensor] = []
+        all_targets: list[torch.Tensor] = []
+        loss_sum = 0.0
+        for batch in loader:
+            image = batch["image"].to(self.device)
+            target = batch["label"].to(self.device)
+            with torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self._use_amp):
+                logits = net(image)
+            logits = logits.float()
+            loss_sum += float(loss_fn(logits, target)) * image.shape[0]
+            if dice is not None:
+                dice.update(logits, target)
+            else:
+                all_logits.append(logits.cpu())
+                all_targets.append(target.cpu())
+        result = {"loss": loss_sum / len(dataset), "n_cases": float(len(dataset))}
+        if dice is not None:
+            result.update(dice.result())
+        else:
+            result.update(classification_metrics(torch.cat(all_logits), torch.cat(all_targets)))
+        return result
+
+    @property
+    def val_keys(self) -> list[str]:
+        """Case keys of the held-out split."""
+        return [r.case_key for r in self.val_records]
+
+    @property
+    def train_keys(self) -> list[str]:
+        """Case keys of the training split."""
+        return [r.case_key for r in self.train_records]
