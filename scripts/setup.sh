@@ -18,6 +18,9 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   fi
 fi
 
+# Airflow 2.11 venv (what Kaapana 0.6 ships): the DAGs must import and dag.test() there too.
+bash scripts/setup-airflow2.sh
+
 stamp="$VENV/.jipfed-installed"
 if [ -f "$stamp" ] && [ "$stamp" -nt setup.py ]; then
   exit 0
