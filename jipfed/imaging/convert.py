@@ -45,7 +45,13 @@ import pydicom
 from pydicom.multival import MultiValue
 
 from jipfed.imaging.seg_labels import RAS_TO_LPS, SegRejected, seg_label_map, signed_permutation
-from jipfed.imaging.series_check import SeriesInfo, SeriesRejected, check_series
+from jipfed.imaging.series_check import (
+    SeriesInfo,
+    SeriesRejected,
+    check_series,
+    instance_files,
+    is_hidden,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +132,7 @@ def content_hash(study_dir: Path) -> str:
     """sha256 over the case's series folder names, instance file names and file contents (sorted)."""
     digest = hashlib.sha256()
     for series_dir in _series_dirs(study_dir):
-        for path in sorted(p for p in series_dir.iterdir() if p.is_file()):
+        for path in instance_files(series_dir):
             digest.update(f"{series_dir.name}/{path.name}\0{path.stat().st_size}\0".encode())
             with path.open("rb") as fh:
                 while chunk := fh.read(_HASH_CHUNK):
@@ -275,7 +281,7 @@ def _now() -> str:
 def _series_dirs(study_dir: Path) -> list[Path]:
     if not study_dir.is_dir():
         raise CaseRejected(study_dir, "study folder does not exist")
-    return sorted(p for p in study_dir.iterdir() if p.is_dir())
+    return sorted(p for p in study_dir.iterdir() if p.is_dir() and not is_hidden(p))
 
 
 def _channel_lookup(channel_map: Mapping[str, Sequence[str]]) -> dict[str, str]:

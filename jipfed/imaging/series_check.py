@@ -113,10 +113,20 @@ class SeriesInfo:
         return self.sop_class_uid == SEGMENTATION_STORAGE
 
 
+def is_hidden(path: Path) -> bool:
+    """Hidden entries (``.complete.json`` cache markers, ``.partial-`` fetch folders) are not data."""
+    return path.name.startswith(".")
+
+
+def instance_files(folder: Path) -> list[Path]:
+    """The instance files of a series folder, sorted by name; hidden files are skipped."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and not is_hidden(p))
+
+
 def check_series(folder: Path) -> SeriesInfo:
     """Validate a series folder and describe it; raises :class:`SeriesRejected` with the reason."""
     folder = Path(folder)
-    files = sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+    files = instance_files(folder) if folder.is_dir() else []
     if not files:
         raise SeriesRejected(folder, "no files")
     datasets = [_read(folder, path) for path in files]
