@@ -1,0 +1,49 @@
+"""FedAvg: the new global model is the sample-weighted mean of the sites' models.
+
+McMahan, Moore, Ramage, Hampson, Agüera y Arcas, "Communication-Efficient Learning of Deep Networks
+from Decentralized Data", AISTATS 2017 (https://arxiv.org/abs/1602.05629).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any, ClassVar
+
+import torch
+
+from jipfed.federation.aggregate import INTEGER_MODES, mean_weights
+from jipfed.federation.strategies.base import Strategy, accumulate_dtype_of, checked_updates
+from jipfed.federation.update import UpdateSource
+from jipfed.storage.layout import validate_round
+
+
+class FedAvg(Strategy):
+    """Sample-weighted mean (weight = ``n_samples``), streamed over the updates in O(model) memory.
+
+    Args:
+        accumulate_dtype: ``None`` (float32, or float64 for float64 models), ``"float32"``, ``"float64"``.
+        integer_mode: integer buffers: ``"max"`` over sites or the ``"first"`` site's value.
+    """
+
+    name: ClassVar[str] = "fedavg"
+
+    def __init__(self, *, accumulate_dtype: str | None = None, integer_mode: str = "max") -> None:
+        self._dtype = accumulate_dtype_of(accumulate_dtype)
+        if integer_mode not in INTEGER_MODES:
+            raise ValueError(f"integer_mode must be one of {INTEGER_MODES}, got {integer_mode!r}")
+        self.accumulate_dtype = accumulate_dtype
+        self.integer_mode = integer_mode
+
+    def aggregate(
+        self, global_weights: Mapping[str, torch.Tensor], updates: Iterable[UpdateSource], round: int
+    ) -> dict[str, torch.Tensor]:
+        validate_round(round)
+        return mean_weights(
+            global_weights,
+            checked_updates(updates, round),
+            accumulate_dtype=self._dtype,
+            integer_mode=self.integer_mode,
+        )
+
+    def config(self) -> dict[str, Any]:
+        return {"accumulate_dtype": self.accumulate_dtype, "integer_mode": self.integer_mode}
