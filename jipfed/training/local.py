@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from jipfed.federation.strategies.fedprox import proximal_term
 from jipfed.training.config import TrainConfig
 from jipfed.training.data import CaseDataset, SiteData, load_case, make_loader
 from jipfed.training.metrics import RegionDice, classification_metrics
@@ -53,23 +54,6 @@ class LocalResult:
     metrics: dict[str, float]
     steps: int
     seconds: float
-
-
-def local_proximal_term(
-    model: nn.Module, global_params: Mapping[str, torch.Tensor], mu: float
-) -> torch.Tensor:
-    """FedProx term (mu / 2) * sum ||w - w_global||^2 over the trainable parameters (Li et al., 2020).
-
-    ``global_params`` maps parameter names (``model.named_parameters()``) to detached tensors.
-    """
-    terms = [
-        torch.sum((param - global_params[name].to(param.device)) ** 2)
-        for name, param in model.named_parameters()
-        if param.requires_grad
-    ]
-    if not terms:
-        return torch.zeros(())
-    return 0.5 * mu * torch.stack(terms).sum()
 
 
 def _derive_seed(seed: int, round_: int | None) -> int:
@@ -233,7 +217,7 @@ class LocalTrainer:
                         task_loss = loss_fn(net(image), target)
                     loss = task_loss.float()
                     if mu > 0:
-                        prox = local_proximal_term(self.model, anchor, mu)
+                        prox = proximal_term(self.model, anchor, mu)
                         loss = loss + prox
                         prox_sum += float(prox.detach())
                     value = float(task_loss.detach())

@@ -7,9 +7,10 @@ import pytest
 import torch
 from torch import nn
 
+from jipfed.federation.strategies.fedprox import proximal_term
 from jipfed.training.config import TrainConfig
 from jipfed.training.data import SiteData
-from jipfed.training.local import LocalResult, LocalTrainer, local_proximal_term
+from jipfed.training.local import LocalResult, LocalTrainer
 
 from .synth import write_site
 
@@ -104,7 +105,7 @@ def test_proximal_term_value() -> None:
     model = nn.Linear(3, 2)  # 8 trainable parameters
     model.bias.requires_grad_(False)  # 2 of them frozen: excluded
     glob = {n: p.detach() + 1.0 for n, p in model.named_parameters()}
-    term = local_proximal_term(model, glob, mu=0.5)
+    term = proximal_term(model, glob, mu=0.5)
     assert float(term.detach()) == pytest.approx(0.5 / 2 * 6)
     term.backward()
     assert torch.allclose(model.weight.grad, torch.full((2, 3), -0.5))
