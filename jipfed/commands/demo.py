@@ -1,0 +1,183 @@
+"""``jipfed demo``: the site data pipeline end to end on synthetic sites, each with its own PACS.
+
+Steps: write a synthetic multi-site data set (``jipfed synth``) → start one Orthanc per site and
+upload the site's DICOM over STOW-RS → prepare every site (cohort over QIDO-RS, fetch over
+WADO-RS or DIMSE C-GET, sites alternating, convert, preprocess) → prepare every site again, which
+finds everything cached → print what each pass did per site.
+
+With ``--workdir`` the folder is kept (PACS storage, site data, reports) and a later run reuses
+its caches; without it a temporary folder is used and removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import tempfile
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+from jipfed.imaging.dicomweb import upload_folder
+from jipfed.imaging.pacs import PacsError
+from jipfed.imaging.pipeline import TRANSPORTS, PrepareReport, SiteDataConfig, prepare_site
+from jipfed.imaging.synth import DEFAULT_SHAPE, ORIENTATIONS, default_site_profiles, write_dataset
+from jipfed.testing.orthanc import OrthancError, OrthancServer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PassResult:
+    """One site's :func:`prepare_site` run in one pass, with its wall time in seconds."""
+
+    pass_no: int
+    report: PrepareReport
+    seconds: float
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``demo`` and its options."""
+    parser = subparsers.add_parser(
+        "demo",
+        help="run the site data pipeline end to end on synthetic sites",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--workdir", type=Path, help="keep everything here (default: a temp folder)")
+    parser.add_argument("--sites", type=_positive, default=3, help="number of sites (default %(default)s)")
+    parser.add_argument(
+        "--cases", type=_positive, default=6, help="cases per site on average (default %(default)s)"
+    )
+    parser.add_argument(
+        "--shape",
+        type=_positive,
+        nargs=3,
+        metavar=("ROWS", "COLS", "SLICES"),
+        default=list(DEFAULT_SHAPE),
+        help="synthetic image size (default %(default)s)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="synthetic data seed (default %(default)s)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.set_defaults(run=run)
+    return parser
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def run(args: argparse.Namespace) -> int:
+    """0 when every site ends with all its cases preprocessed, 1 otherwise, 2 when a PACS failed."""
+    workdir = args.workdir if args.workdir is not None else Path(tempfile.mkdtemp(prefix="jipfed-demo-"))
+    try:
+        results = run_demo(
+            workdir,
+            n_sites=args.sites,
+            cases_per_site=args.cases,
+            shape=tuple(args.shape),
+            seed=args.seed,
+            progress=not args.no_progress,
+        )
+    except (PacsError, OrthancError) as err:
+        logger.error("demo: %s", err)
+        return 2
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+    print(format_table(results))
+    if args.workdir is not None:
+        print(f"\nEverything is kept under {workdir} (site data: {workdir / 'sites'}).")
+    last = [r.report for r in results if r.pass_no == 2]
+    return 0 if all(r.ready_cases == r.cohort_cases for r in last) else 1
+
+
+def run_demo(
+    workdir: Path,
+    *,
+    n_sites: int = 3,
+    cases_per_site: int = 6,
+    shape: tuple[int, int, int] = DEFAULT_SHAPE,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[PassResult]:
+    """Synthesize, serve, upload and prepare every site twice; return the per-site results.
+
+    Site ``i`` fetches over ``TRANSPORTS[i % 2]`` (dicomweb, cget, dicomweb, ...); slice
+    orientations cycle over axial, sagittal, coronal and oblique.
+    """
+    profiles = default_site_profiles(n_sites, cases_per_site, orientations=ORIENTATIONS)
+    synth_dir = workdir / "synth"
+    write_dataset(synth_dir, profiles, shape=shape, seed=seed, progress=progress)
+    results: list[PassResult] = []
+    with ExitStack() as stack:
+        configs = []
+        for index, profile in enumerate(profiles):
+            pacs = stack.enter_context(OrthancServer(workdir / "pacs" / profile.site_id))
+            upload = upload_folder(pacs.pacs_config, synth_dir / profile.site_id / "dicom")
+            if not upload.ok:
+                raise PacsError(f"upload to {profile.site_id}'s PACS incomplete: {upload}")
+            logger.info("demo: %s: %d instances in its PACS", profile.site_id, upload.stored)
+            configs.append(
+                SiteDataConfig(
+                    site_id=profile.site_id,
+                    pacs=pacs.pacs_config,
+                    data_root=workdir / "sites" / profile.site_id,
+                    transport=TRANSPORTS[index % len(TRANSPORTS)],
+                )
+            )
+        for pass_no in (1, 2):
+            for cfg in configs:
+                start = time.perf_counter()
+                report = prepare_site(cfg, progress=progress)
+                results.append(PassResult(pass_no, report, time.perf_counter() - start))
+    return results
+
+
+def format_table(results: list[PassResult]) -> str:
+    """A plain-text table: one row per site and pass."""
+    header = (
+        "pass",
+        "site",
+        "transport",
+        "cases",
+        "series fetched/cached/failed",
+        "converted/cached/skipped",
+        "preprocessed/cached/failed",
+        "ready",
+        "seconds",
+    )
+    rows = [header]
+    for result in results:
+        r = result.report
+        rows.append(
+            (
+                str(result.pass_no),
+                r.site_id,
+                r.transport,
+                str(r.cohort_cases),
+                f"{r.fetched}/{r.fetch_cached}/{len(r.fetch_failed)}",
+                f"{r.converted}/{r.convert_cached}/{len(r.convert_skipped)}",
+                f"{r.preprocessed}/{r.preprocess_cached}/{len(r.preprocess_failed)}",
+                f"{r.ready_cases}/{r.cohort_cases}",
+                f"{result.seconds:.1f}",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows
+    ]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    problems = [
+        f"  {r.report.site_id} (pass {r.pass_no}): {key}: {reason}"
+        for r in results
+        for key, reason in (*r.report.fetch_failed, *r.report.convert_skipped, *r.report.preprocess_failed)
+    ]
+    if problems:
+        lines += ["", "Not ready:", *problems]
+    return "\n".join(lines)
