@@ -19,8 +19,7 @@ VmHWM growth over the RSS at the start of the measured part (reset via /proc/sel
 Throughput is ``(sites + 1) x model bytes`` (read every input once, write the result once) per
 second, compared with this machine's memory-copy bandwidth (numpy copy of a model-sized array,
 bytes read + written per second). Flower runs in its own venv, ``.venv-flwr``, created on demand
-with ``pip install flwr numpy safetensors``; if that fails, a verbatim copy of Flower's
-``aggregate`` runs instead and is labelled so.
+with ``pip install flwr numpy safetensors``; without it the benchmark stops with that command.
 
 Usage::
 
@@ -166,28 +165,16 @@ def _checksum(result: dict[str, Any], float_names: list[str]) -> float:
 
 
 def flower_aggregate() -> tuple[Callable[..., Any], str]:
-    """Flower's ``aggregate``, or a verbatim copy of it when flwr is not importable."""
+    """Flower's own ``aggregate`` from the ``.venv-flwr`` interpreter; there is no stand-in."""
     try:
         import flwr
         from flwr.server.strategy.aggregate import aggregate
-
-        return aggregate, f"flwr {flwr.__version__}"
-    except ImportError:
-        from functools import reduce
-
-        import numpy as np
-
-        def aggregate(results: list[tuple[list[Any], int]]) -> list[Any]:  # flwr 1.x, verbatim
-            num_examples_total = sum(num_examples for (_, num_examples) in results)
-            weighted_weights = [
-                [layer * num_examples for layer in weights] for weights, num_examples in results
-            ]
-            return [
-                reduce(np.add, layer_updates) / num_examples_total
-                for layer_updates in zip(*weighted_weights, strict=True)
-            ]
-
-        return aggregate, "re-implementation of flwr aggregate (flwr not importable)"
+    except ImportError as exc:
+        raise SystemExit(
+            f"flwr is not importable in {sys.executable} ({exc}); create .venv-flwr with "
+            "`python3 -m venv .venv-flwr && .venv-flwr/bin/pip install flwr numpy safetensors`"
+        ) from exc
+    return aggregate, f"flwr {flwr.__version__}"
 
 
 def worker(mode: str, args: argparse.Namespace) -> dict[str, Any]:

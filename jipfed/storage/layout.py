@@ -7,6 +7,10 @@
     experiments/<exp>/rounds/<r>/updates/<site>.safetensors
     experiments/<exp>/rounds/<r>/updates/<site>.json      the site's manifest
     experiments/<exp>/rounds/<r>/aggregate.json           included / rejected sites, metrics
+    experiments/<exp>/rounds/<r>/strategy.safetensors     server strategy state after round r
+    experiments/<exp>/rounds/<r>/strategy.json            (+ its JSON: strategy, config, meta)
+    experiments/<exp>/rounds/<r>/hops/<h>.safetensors     cyclic plan: model after hop h (+ .json)
+    experiments/<exp>/rounds/<r>/hops/<h>-aggregate.json  cyclic plan: what hop h included / rejected
     experiments/<exp>/final/<name>                        final model, model card, report, plots
 
 ``<r>`` is a plain decimal round number (0, 1, ..., no padding). Experiment and site names are
@@ -88,6 +92,24 @@ class ExperimentLayout:
 
     def aggregate(self, round_: int) -> str:
         return f"{self.round_prefix(round_)}aggregate.json"
+
+    def strategy_state(self, round_: int) -> str:
+        """Server strategy state (e.g. FedAdam moments) after aggregating round ``round_``."""
+        return f"{self.round_prefix(round_)}strategy{MODEL_SUFFIX}"
+
+    def strategy_state_manifest(self, round_: int) -> str:
+        return f"{self.round_prefix(round_)}strategy{MANIFEST_SUFFIX}"
+
+    def hop_model(self, round_: int, hop: int) -> str:
+        """Cyclic plan: the model hop ``hop`` of round ``round_`` produced (the next hop's start)."""
+        return f"{self.round_prefix(round_)}hops/{validate_round(hop)}{MODEL_SUFFIX}"
+
+    def hop_manifest(self, round_: int, hop: int) -> str:
+        return f"{self.round_prefix(round_)}hops/{validate_round(hop)}{MANIFEST_SUFFIX}"
+
+    def hop_record(self, round_: int, hop: int) -> str:
+        """Cyclic plan: what hop ``hop`` (not the round's last) included or rejected."""
+        return f"{self.round_prefix(round_)}hops/{validate_round(hop)}-aggregate.json"
 
     @property
     def final_prefix(self) -> str:
