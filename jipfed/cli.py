@@ -13,6 +13,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("jipfed.commands.synth", "write a synthetic BraTS-like multi-site DICOM data set"),
     "pacs": ("jipfed.commands.pacs", "run a local Orthanc PACS / upload DICOM over STOW-RS"),
     "prepare": ("jipfed.commands.prepare", "site data pipeline: cohort, fetch, convert, preprocess"),
+    "simulate": ("jipfed.commands.simulate", "run a federated experiment with N sites in one process"),
     "demo": ("jipfed.commands.demo", "run the federated demo on the embedded defaults"),
 }
 
