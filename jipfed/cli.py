@@ -17,6 +17,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("jipfed.commands.demo", "run the federated demo on the embedded defaults"),
 }
 
+#: Libraries that log routine detail at INFO (highdicom: every copied module); shown with -v only.
+QUIET_LIBRARIES = ("highdicom", "pynetdicom", "urllib3", "werkzeug")
+
 
 def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:
     """Parser with every command listed; only ``chosen`` gets its full argument set."""
@@ -39,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not args.verbose:
+        for name in QUIET_LIBRARIES:
+            logging.getLogger(name).setLevel(logging.WARNING)
     return int(args.run(args) or 0)
 
 

@@ -1,30 +1,35 @@
-"""``jipfed demo``: the site data pipeline end to end on synthetic sites, each with its own PACS.
+"""``jipfed demo``: a federated demo on synthetic sites, each with its own PACS.
 
 Steps: write a synthetic multi-site data set (``jipfed synth``) → start one Orthanc per site and
 upload the site's DICOM over STOW-RS → prepare every site (cohort over QIDO-RS, fetch over
 WADO-RS or DIMSE C-GET, sites alternating, convert, preprocess) → prepare every site again, which
-finds everything cached → print what each pass did per site.
+finds everything cached → print what each pass did per site → train a small 3-D U-Net
+federatedly over the prepared sites (FedAvg, a few rounds, through the same round-protocol functions
+the Airflow DAGs call) → print the per-round Dice table and the path of the plot.
 
-With ``--workdir`` the folder is kept (PACS storage, site data, reports) and a later run reuses
-its caches; without it a temporary folder is used and removed.
+Everything is kept under ``--workdir`` (PACS storage, site data, reports, the model store, metrics
+and plot); a later run reuses its caches.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import shutil
-import tempfile
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
+from jipfed.commands.simulate import format_table as format_rounds
+from jipfed.federation.experiment import ExperimentConfig
 from jipfed.imaging.dicomweb import upload_folder
 from jipfed.imaging.pacs import PacsError
 from jipfed.imaging.pipeline import TRANSPORTS, PrepareReport, SiteDataConfig, prepare_site
 from jipfed.imaging.synth import DEFAULT_SHAPE, ORIENTATIONS, default_site_profiles, write_dataset
+from jipfed.simulation import SimulationResult, simulate
 from jipfed.testing.orthanc import OrthancError, OrthancServer
+from jipfed.training.config import TrainConfig
+from jipfed.training.data import SiteData
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +51,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--workdir", type=Path, help="keep everything here (default: a temp folder)")
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path("demo-output"),
+        help="where everything is kept (default %(default)s)",
+    )
     parser.add_argument("--sites", type=_positive, default=3, help="number of sites (default %(default)s)")
     parser.add_argument(
         "--cases", type=_positive, default=6, help="cases per site on average (default %(default)s)"
@@ -60,6 +70,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="synthetic image size (default %(default)s)",
     )
     parser.add_argument("--seed", type=int, default=0, help="synthetic data seed (default %(default)s)")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="federated rounds; 0 = data pipeline only (default %(default)s)"
+    )
+    parser.add_argument("--strategy", default="fedavg", help="server strategy (default %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(run=run)
     return parser
@@ -74,7 +88,7 @@ def _positive(text: str) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """0 when every site ends with all its cases preprocessed, 1 otherwise, 2 when a PACS failed."""
-    workdir = args.workdir if args.workdir is not None else Path(tempfile.mkdtemp(prefix="jipfed-demo-"))
+    workdir = args.workdir
     try:
         results = run_demo(
             workdir,
@@ -87,14 +101,26 @@ def run(args: argparse.Namespace) -> int:
     except (PacsError, OrthancError) as err:
         logger.error("demo: %s", err)
         return 2
-    finally:
-        if args.workdir is None:
-            shutil.rmtree(workdir, ignore_errors=True)
     print(format_table(results))
-    if args.workdir is not None:
-        print(f"\nEverything is kept under {workdir} (site data: {workdir / 'sites'}).")
     last = [r.report for r in results if r.pass_no == 2]
-    return 0 if all(r.ready_cases == r.cohort_cases for r in last) else 1
+    if not all(r.ready_cases == r.cohort_cases for r in last):
+        return 1
+    if args.rounds > 0:
+        fed = run_federation(
+            workdir,
+            last,
+            rounds=args.rounds,
+            strategy=args.strategy,
+            seed=args.seed,
+            progress=not args.no_progress,
+        )
+        print(
+            f"\nFederated training ({args.strategy}, {args.rounds} rounds; global = all sites' held-out cases):"
+        )
+        print(format_rounds(list(fed.rows), fed.metric))
+        print(f"\nplot: {fed.plot}\nmetrics: {fed.metrics_csv}")
+    print(f"\nEverything is kept under {workdir} (a second run reuses its caches).")
+    return 0
 
 
 def run_demo(
@@ -137,6 +163,23 @@ def run_demo(
                 report = prepare_site(cfg, progress=progress)
                 results.append(PassResult(pass_no, report, time.perf_counter() - start))
     return results
+
+
+def run_federation(
+    workdir: Path, reports: list[PrepareReport], *, rounds: int, strategy: str, seed: int, progress: bool
+) -> SimulationResult:
+    """Train a tiny U-Net federatedly over the sites' preprocessed cases."""
+    folders = {r.site_id: Path(r.preprocessed_dir) for r in reports}
+    sites = {site: SiteData.from_dir(folder, group=site) for site, folder in folders.items()}
+    config = ExperimentConfig(
+        name="demo",
+        sites=tuple(sites),
+        rounds=rounds,
+        strategy=strategy,
+        train=TrainConfig(size="tiny", epochs=1, batch_size=2, lr=3e-3, seed=seed),
+        seed=seed,
+    )
+    return simulate(sites, config, workdir / "federation", progress=progress)
 
 
 def format_table(results: list[PassResult]) -> str:

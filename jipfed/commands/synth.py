@@ -60,8 +60,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     """Write the data set; return 0, or 2 for invalid options."""
-    if not getattr(args, "verbose", False):
-        logging.getLogger("highdicom").setLevel(logging.WARNING)  # it logs every copied module
     orientations = MIXED_ORIENTATIONS if args.orientation == MIXED else (args.orientation,)
     started = time.perf_counter()
     try:

@@ -80,7 +80,7 @@ class OrthancServer:
         if startup_timeout_s <= 0:
             raise ValueError(f"startup_timeout_s must be > 0, got {startup_timeout_s!r}")
         self._owns_workdir = workdir is None
-        self.workdir = Path(workdir) if workdir is not None else None
+        self.workdir = Path(workdir).resolve() if workdir is not None else None
         self.username = username
         self.password = password if password is not None else secrets.token_hex(16)
         self.http_port = http_port

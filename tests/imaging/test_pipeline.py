@@ -180,9 +180,24 @@ def test_prepare_site_end_to_end(
 
 @pytest.mark.slow
 def test_demo_command(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    argv = ["demo", "--sites", "2", "--cases", "1", "--shape", "24", "24", "12", "--no-progress"]
+    argv = [
+        "demo",
+        "--sites",
+        "2",
+        "--cases",
+        "1",
+        "--shape",
+        "24",
+        "24",
+        "12",
+        "--no-progress",
+        "--rounds",
+        "0",
+    ]
     assert cli_main([*argv, "--workdir", str(tmp_path)]) == 0
-    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line[:1] in ("1", "2")]
+    out = capsys.readouterr().out
+    assert "Federated training" not in out  # --rounds 0: data pipeline only
+    rows = [line.split() for line in out.splitlines() if line[:1] in ("1", "2")]
     # pass, site, transport, cases, fetched/cached/failed, converted/..., preprocessed/..., ready, seconds
     assert [row[:8] for row in rows] == [
         ["1", "site-a", "dicomweb", "1", "5/0/0", "1/0/0", "1/0/0", "1/1"],
