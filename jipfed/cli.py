@@ -18,7 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 #: Libraries that log routine detail at INFO (highdicom: every copied module); shown with -v only.
-QUIET_LIBRARIES = ("highdicom", "pynetdicom", "urllib3", "werkzeug")
+QUIET_LIBRARIES = ("highdicom", "dicomweb_client", "pynetdicom", "urllib3", "werkzeug")
 
 
 def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:

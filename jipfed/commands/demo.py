@@ -20,6 +20,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
+from jipfed.commands.arguments import positive_int
 from jipfed.commands.simulate import format_table as format_rounds
 from jipfed.federation.experiment import ExperimentConfig
 from jipfed.imaging.dicomweb import upload_folder
@@ -57,13 +58,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         default=Path("demo-output"),
         help="where everything is kept (default %(default)s)",
     )
-    parser.add_argument("--sites", type=_positive, default=3, help="number of sites (default %(default)s)")
+    parser.add_argument("--sites", type=positive_int, default=3, help="number of sites (default %(default)s)")
     parser.add_argument(
-        "--cases", type=_positive, default=6, help="cases per site on average (default %(default)s)"
+        "--cases", type=positive_int, default=6, help="cases per site on average (default %(default)s)"
     )
     parser.add_argument(
         "--shape",
-        type=_positive,
+        type=positive_int,
         nargs=3,
         metavar=("ROWS", "COLS", "SLICES"),
         default=list(DEFAULT_SHAPE),
@@ -71,19 +72,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     parser.add_argument("--seed", type=int, default=0, help="synthetic data seed (default %(default)s)")
     parser.add_argument(
-        "--rounds", type=int, default=3, help="federated rounds; 0 = data pipeline only (default %(default)s)"
+        "--rounds", type=int, default=8, help="federated rounds; 0 = data pipeline only (default %(default)s)"
     )
     parser.add_argument("--strategy", default="fedavg", help="server strategy (default %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(run=run)
     return parser
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def run(args: argparse.Namespace) -> int:
@@ -176,10 +170,13 @@ def run_federation(
         sites=tuple(sites),
         rounds=rounds,
         strategy=strategy,
-        train=TrainConfig(size="tiny", epochs=1, batch_size=2, lr=3e-3, seed=seed),
+        train=TrainConfig(size="tiny", epochs=2, batch_size=2, lr=3e-3, seed=seed),
         seed=seed,
     )
-    return simulate(sites, config, workdir / "federation", progress=progress)
+    # One folder per setting: a stored experiment's config is immutable, a re-run with it resumes.
+    return simulate(
+        sites, config, workdir / "federation" / f"{strategy}-r{rounds}-s{seed}", progress=progress
+    )
 
 
 def format_table(results: list[PassResult]) -> str:

@@ -15,6 +15,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from jipfed.commands.arguments import positive_int
 from jipfed.federation.experiment import ExperimentConfig
 from jipfed.federation.plans import ORDERS, PLANS
 from jipfed.federation.strategies import STRATEGIES
@@ -39,24 +40,24 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     parser.add_argument("--out", type=Path, required=True, help="output folder (store, metrics, plot)")
     parser.add_argument(
-        "--sites", type=_positive, help="number of sites (--synth: default 3; --data: first N)"
+        "--sites", type=positive_int, help="number of sites (--synth: default 3; --data: first N)"
     )
     parser.add_argument(
-        "--cases-per-site", type=_positive, default=8, help="--synth: cases per site on average"
+        "--cases-per-site", type=positive_int, default=8, help="--synth: cases per site on average"
     )
     parser.add_argument(
-        "--shape", type=_positive, nargs=3, default=[64, 64, 40], metavar=("ROWS", "COLS", "SLICES")
+        "--shape", type=positive_int, nargs=3, default=[64, 64, 40], metavar=("ROWS", "COLS", "SLICES")
     )
     parser.add_argument(
         "--spatial-size",
-        type=_positive,
+        type=positive_int,
         nargs=3,
         default=[48, 48, 32],
         metavar=("X", "Y", "Z"),
         help="--synth: preprocessed grid (multiples of 8; default %(default)s)",
     )
     parser.add_argument("--name", default="simulation", help="experiment name (default %(default)s)")
-    parser.add_argument("--rounds", type=_positive, default=5)
+    parser.add_argument("--rounds", type=positive_int, default=5)
     parser.add_argument("--strategy", choices=sorted(STRATEGIES), default="fedavg")
     parser.add_argument(
         "--strategy-arg",
@@ -69,26 +70,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--order", choices=ORDERS, default="fixed", help="cyclic plan: site order")
     parser.add_argument("--proportional-steps", action="store_true", help="cyclic: local steps ~ site size")
     work = parser.add_mutually_exclusive_group()
-    work.add_argument("--local-epochs", type=_positive, help="local epochs per round (default 1)")
-    work.add_argument("--local-steps", type=_positive, help="local optimiser steps per round")
+    work.add_argument("--local-epochs", type=positive_int, help="local epochs per round (default 1)")
+    work.add_argument("--local-steps", type=positive_int, help="local optimiser steps per round")
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--batch-size", type=_positive, default=2)
+    parser.add_argument("--batch-size", type=positive_int, default=2)
     parser.add_argument("--size", choices=SIZES, default="tiny")
     parser.add_argument("--model", choices=("unet", "segresnet"), default="unet")
     parser.add_argument("--encoding", choices=ENCODINGS, default="fp32")
-    parser.add_argument("--min-sites", type=_positive, help="quorum (default: every site)")
+    parser.add_argument("--min-sites", type=positive_int, help="quorum (default: every site)")
     parser.add_argument("--val-fraction", type=float, default=0.2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(run=run)
     return parser
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def parse_strategy_args(items: list[str]) -> dict[str, Any]:
