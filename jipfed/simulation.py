@@ -71,7 +71,7 @@ class SimulationResult:
         history: the experiment's step records (included / rejected sites, metrics).
         model_card: the final model card.
         metrics_json, metrics_csv, plot: files written under the workdir.
-        seconds: wall-clock time of this call.
+        seconds: wall-clock time spent on the experiment, summed over resumed calls.
         metric: the primary metric's name.
     """
 
@@ -148,14 +148,14 @@ def _global_weights(exp_store: ExperimentStore, round_: int) -> dict[str, torch.
     return dict(decode_update(payload, manifest, expected).tensors)
 
 
-def _load_rows(path: Path, config_hash: str) -> dict[int, dict[str, Any]]:
-    """Rows of an earlier, interrupted run of the same experiment config (resume)."""
+def _load_rows(path: Path, config_hash: str) -> tuple[dict[int, dict[str, Any]], float]:
+    """Rows and seconds spent by earlier calls on the same experiment config (resume)."""
     if not path.is_file():
-        return {}
+        return {}, 0.0
     data = json.loads(path.read_text())
     if data.get("config_hash") != config_hash:
-        return {}
-    return {int(row["round"]): row for row in data.get("rounds", [])}
+        return {}, 0.0
+    return {int(row["round"]): row for row in data.get("rounds", [])}, float(data.get("seconds", 0.0))
 
 
 def simulate(
@@ -193,17 +193,23 @@ def simulate(
     trainers = {site: LocalTrainer(config.train, sites[site], device=device) for site in config.sites}
     metric = primary_metric(config.train.task)
     metrics_json = workdir / METRICS_JSON
-    rows = _load_rows(metrics_json, config_hash)
+    rows, earlier_seconds = _load_rows(metrics_json, config_hash)
+
+    def report() -> dict[str, Any]:
+        return {
+            "experiment": config.name,
+            "config_hash": config_hash,
+            "metric": metric,
+            "rounds": [rows[r] for r in sorted(rows)],
+            "seconds": earlier_seconds + time.perf_counter() - started,
+        }
+
     plan = config.make_plan()
 
     def score_round(round_: int) -> dict[str, Any]:
         if round_ not in rows:
             rows[round_] = {"round": round_, **evaluate_sites(trainers, _global_weights(exp_store, round_))}
-            ordered = [rows[r] for r in sorted(rows)]  # saved as we go: a restart does not score again
-            reporting.write_json(
-                metrics_json,
-                {"experiment": config.name, "config_hash": config_hash, "metric": metric, "rounds": ordered},
-            )
+            reporting.write_json(metrics_json, report())  # saved as we go: a restart does not score again
             logger.info(
                 "round %d: global %s %.4f", round_, metric, rows[round_]["global"].get(metric, math.nan)
             )
@@ -244,15 +250,15 @@ def simulate(
     ordered = [rows[r] for r in sorted(rows)]
     final_scores = {k: v for k, v in ordered[-1]["global"].items() if isinstance(v, float)}
     card = finalize(exp_store, evaluation={f"heldout_{k}": v for k, v in final_scores.items()})
-    report = {"experiment": config.name, "config_hash": config_hash, "metric": metric, "rounds": ordered}
-    reporting.write_json(metrics_json, report)
+    final_report = report()
+    reporting.write_json(metrics_json, final_report)
     metrics_csv = reporting.write_rounds_csv(workdir / METRICS_CSV, ordered)
     plot = reporting.plot_rounds(
         workdir / f"{metric}.png", ordered, metric, title=f"{config.name}: {config.plan} / {config.strategy}"
     )
     for path in (metrics_json, metrics_csv, plot):
         exp_store.save_final(f"report/{path.name}", path.read_bytes(), overwrite=True)
-    seconds = time.perf_counter() - started
+    seconds = final_report["seconds"]
     logger.info(
         "simulation %s: final %s %.4f after %.1f s",
         config.name,
