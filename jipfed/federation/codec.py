@@ -40,6 +40,7 @@ from jipfed.federation.update import (
     DTYPES,
     GLOBAL_SITE,
     SCALE_SUFFIX,
+    ManifestFields,
     ModelUpdate,
     TensorSpec,
     UpdateManifest,
@@ -367,29 +368,13 @@ class LazyTensors(Mapping[str, torch.Tensor]):
                 yield name, _decode_entry(name, spec, self._manifest, fh.get_tensor)
 
 
-class LazyUpdate:
+class LazyUpdate(ManifestFields):
     """A validated update file whose tensors are loaded on access (see :func:`open_update`)."""
 
     def __init__(self, path: Path, manifest: UpdateManifest, identity: tuple[int, int, int, int]) -> None:
         self.path = path
         self.manifest = manifest
         self.tensors: Mapping[str, torch.Tensor] = LazyTensors(path, manifest, identity)
-
-    @property
-    def kind(self) -> str:
-        return self.manifest.kind
-
-    @property
-    def site(self) -> str:
-        return self.manifest.site
-
-    @property
-    def round(self) -> int:
-        return self.manifest.round
-
-    @property
-    def n_samples(self) -> int:
-        return self.manifest.n_samples
 
     def load(self) -> ModelUpdate:
         """All tensors in memory (copied out of the file mapping)."""

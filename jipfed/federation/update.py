@@ -317,8 +317,30 @@ class UpdateSource(Protocol):
     def tensors(self) -> Mapping[str, torch.Tensor]: ...
 
 
+class ManifestFields:
+    """``kind``, ``site``, ``round`` and ``n_samples`` read from ``self.manifest``."""
+
+    manifest: UpdateManifest
+
+    @property
+    def kind(self) -> str:
+        return self.manifest.kind
+
+    @property
+    def site(self) -> str:
+        return self.manifest.site
+
+    @property
+    def round(self) -> int:
+        return self.manifest.round
+
+    @property
+    def n_samples(self) -> int:
+        return self.manifest.n_samples
+
+
 @dataclass(frozen=True, eq=False)
-class ModelUpdate:
+class ModelUpdate(ManifestFields):
     """Named CPU tensors and their manifest; built through :meth:`build` or the codec.
 
     Validated when built: tensor names, shapes and dtypes equal the manifest's specs. Values
@@ -381,19 +403,3 @@ class ModelUpdate:
             created_at=created_at,
         )
         return cls(tensors=tensors, manifest=manifest)
-
-    @property
-    def kind(self) -> str:
-        return self.manifest.kind
-
-    @property
-    def site(self) -> str:
-        return self.manifest.site
-
-    @property
-    def round(self) -> int:
-        return self.manifest.round
-
-    @property
-    def n_samples(self) -> int:
-        return self.manifest.n_samples
