@@ -275,7 +275,7 @@ def print_table(rows: list[dict[str, Any]], rounds: int, central_final: float) -
                 row["method"],
                 f"{row['final']:.4f}",
                 *(f"{row['regions'][k]:.3f}" for k in ("wt", "tc", "et")),
-                f"{100 * row['ratio']:.1f} %",
+                f"{100 * row['ratio']:.2f} %",
                 fmt_rounds(row["rounds_to_95"], rounds) if len(row["curve"]) > 2 else "-",
                 f"{row['seconds']:.0f}",
             )
@@ -302,7 +302,7 @@ def check_goals(rows: list[dict[str, Any]], rounds: int) -> list[str]:
     for row in (r for r in rows if r["federated"]):
         ok = row["ratio"] >= RATIO_GOAL
         out.append(
-            f"goal 1 {'PASS' if ok else 'MISS'}: {row['method']} reaches {100 * row['ratio']:.1f} % of the "
+            f"goal 1 {'PASS' if ok else 'MISS'}: {row['method']} reaches {100 * row['ratio']:.2f} % of the "
             f"centralised Dice (goal >= {100 * RATIO_GOAL:.1f} %)"
         )
     if "fedavg" in by_method and "fedadam" in by_method:
