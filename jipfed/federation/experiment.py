@@ -25,6 +25,8 @@ from jipfed.training.config import TrainConfig
 CONFIG_FORMAT = 1
 #: Strategies whose aggregation a cyclic plan can honour: it passes weights on, it does not average.
 CYCLIC_STRATEGIES = ("fedavg", "fedprox")
+#: How the central hands a step to the sites: it triggers their site DAG (push) or they poll it (pull).
+DISPATCH_TRANSPORTS = ("pull", "push")
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,10 @@ class ExperimentConfig:
         privacy: privacy settings; empty = off (the only supported value so far).
         seed: seeds the initial global model and the plan's rotation.
         in_channels: image channels of the model input (4 = FLAIR, T1, T1c, T2).
+        datasets: per-site cohort selector (the StudyDescription of the studies a site trains
+            on); a site without an entry uses its own default.
+        transport: how steps reach the sites: ``"pull"`` (sites poll the central endpoint, no
+            inbound port at a site) or ``"push"`` (the central triggers each site's DAG).
     """
 
     name: str
@@ -75,6 +81,8 @@ class ExperimentConfig:
     privacy: Mapping[str, Any] = field(default_factory=dict)
     seed: int = 0
     in_channels: int = 4
+    datasets: Mapping[str, str] = field(default_factory=dict)
+    transport: str = "pull"
 
     def __post_init__(self) -> None:
         validate_slug(self.name, "experiment name")
@@ -159,6 +167,16 @@ class ExperimentConfig:
             raise ValueError(f"{where}: max_update_norm must be a finite number > 0 or None, got {bound!r}")
         _check_int(self.seed, f"{where}: seed", 0)
         _check_int(self.in_channels, f"{where}: in_channels", 1)
+        datasets = _json_mapping(self.datasets, f"{where}: datasets")
+        unknown = sorted(set(datasets) - set(sites))
+        if unknown:
+            raise ValueError(f"{where}: datasets names sites that are not in the experiment: {unknown}")
+        for site, selector in datasets.items():
+            if not isinstance(selector, str) or not selector.strip():
+                raise ValueError(f"{where}: datasets[{site!r}] must be a non-empty string, got {selector!r}")
+        object.__setattr__(self, "datasets", datasets)
+        if self.transport not in DISPATCH_TRANSPORTS:
+            raise ValueError(f"{where}: transport must be one of {DISPATCH_TRANSPORTS}, got {self.transport!r}")
         self.make_strategy()  # unknown strategy names and bad kwargs fail now, not in round 5
 
     @property
@@ -189,6 +207,7 @@ class ExperimentConfig:
             strategy_kwargs=dict(self.strategy_kwargs),
             site_samples=dict(self.site_samples),
             privacy=dict(self.privacy),
+            datasets=dict(self.datasets),
         )
         return data
 

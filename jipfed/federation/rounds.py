@@ -53,6 +53,8 @@ MODEL_CARD = "model_card.json"
 FINAL_MODEL = "model"
 FINAL_METRICS = "metrics.json"
 RECORD_FORMAT = 1
+#: Why a selected site is missing when it reported nothing and no timeout was recorded.
+NO_UPDATE_REASON = "no update received before the step closed"
 
 
 class ProtocolError(Exception):
@@ -92,6 +94,7 @@ class QuorumNotMet(ProtocolError):
         included: Sequence[str],
         rejected: Mapping[str, str],
         missing: Sequence[str],
+        missing_reasons: Mapping[str, str] | None = None,
     ) -> None:
         self.experiment = experiment
         self.step = step
@@ -100,10 +103,11 @@ class QuorumNotMet(ProtocolError):
         self.included = tuple(included)
         self.rejected = dict(rejected)
         self.missing = tuple(missing)
+        self.missing_reasons = dict(missing_reasons or {})
         super().__init__(
             f"experiment {experiment!r}, round {round} (step {step}): quorum not met: {len(self.included)} "
-            f"valid update(s) {list(self.included)}, {required} required; missing {list(self.missing)}, "
-            f"rejected {self.rejected}"
+            f"valid update(s) {list(self.included)}, {required} required; missing "
+            f"{self.missing_reasons or list(self.missing)}, rejected {self.rejected}"
         )
 
 
@@ -461,6 +465,7 @@ class _Decision:
     rejected: dict[str, str]
     missing: list[str]
     manifests: dict[str, UpdateManifest]
+    missing_reasons: dict[str, str] = field(default_factory=dict)
 
 
 def _decide(
@@ -490,6 +495,10 @@ def _decide(
         decision.included.append(site)
         decision.manifests[site] = update.manifest
     decision.missing = [s for s in ps.sites if s not in present]
+    failures = exp_store.site_failures(ps.round) if decision.missing else {}
+    decision.missing_reasons = {
+        site: str(failures.get(site, {}).get("reason") or NO_UPDATE_REASON) for site in decision.missing
+    }
     return decision
 
 
@@ -526,7 +535,14 @@ def _check_quorum(
         ok = bool(decision.included) or failed_before + 1 <= len(config.sites) - config.min_quorum
     if not ok:
         raise QuorumNotMet(
-            config.name, ps.step, ps.round, required, decision.included, decision.rejected, decision.missing
+            config.name,
+            ps.step,
+            ps.round,
+            required,
+            decision.included,
+            decision.rejected,
+            decision.missing,
+            decision.missing_reasons,
         )
 
 
@@ -617,6 +633,7 @@ def _record_dict(
         "included": list(decision.included),
         "rejected": dict(sorted(decision.rejected.items())),
         "missing": list(decision.missing),
+        "missing_reasons": dict(sorted(decision.missing_reasons.items())),
         "n_samples": sum(m.n_samples for m in decision.manifests.values()),
         "metrics": _weighted_metrics(decision.manifests),
         "sites": site_metrics,

@@ -111,6 +111,17 @@ class ExperimentLayout:
         """Cyclic plan: what hop ``hop`` (not the round's last) included or rejected."""
         return f"{self.round_prefix(round_)}hops/{validate_round(hop)}-aggregate.json"
 
+    def dispatch(self, round_: int, step: int) -> str:
+        """What the central sent out for plan step ``step`` (ticket, transport, deadline)."""
+        return f"{self.round_prefix(round_)}steps/{validate_round(step)}/dispatch.json"
+
+    def failures_prefix(self, round_: int) -> str:
+        return f"{self.round_prefix(round_)}failures/"
+
+    def site_failure(self, round_: int, site: str) -> str:
+        """Why ``site`` delivered no update in round ``round_`` (its own report, or a timeout)."""
+        return f"{self.failures_prefix(round_)}{validate_slug(site, 'site id')}.json"
+
     @property
     def final_prefix(self) -> str:
         return f"{self.prefix}final/"

@@ -394,6 +394,49 @@ class ExperimentStore:
         """``(payload, manifest)`` of ``site``'s update; the manifest's sha256, if any, is verified."""
         return self._load_pair(self.layout.update(round_, site), self.layout.update_manifest(round_, site))
 
+    # -- dispatch and site failures -----------------------------------------------------------------
+
+    def save_dispatch(self, round_: int, step: int, record: Mapping[str, Any]) -> None:
+        """Store what the central sent out for ``step``; a re-dispatch (cleared run) replaces it."""
+        data = canonical_json(json_object(record, "dispatch record"))
+        self.store.put_bytes(self.layout.dispatch(round_, step), data, overwrite=True)
+
+    def load_dispatch(self, round_: int, step: int) -> dict[str, Any] | None:
+        """The dispatch record of ``step``, or None when the step was not dispatched yet."""
+        key = self.layout.dispatch(round_, step)
+        if not self.store.exists(key):
+            return None
+        return json_object(self.store.get_json(key), f"dispatch record {key!r}")
+
+    def record_site_failure(self, round_: int, site: str, failure: Mapping[str, Any]) -> dict[str, Any]:
+        """Record why ``site`` sends no update in ``round_``; the first record of a dispatch attempt wins.
+
+        ``failure["attempt"]`` (default 0) is the dispatch attempt it belongs to: a record of an
+        earlier attempt (before the step was re-dispatched) is replaced, one of the same attempt is
+        kept. Returns the stored record.
+        """
+        key = self.layout.site_failure(round_, site)
+        record = json_object(failure, "site failure")
+        data = canonical_json(record)
+        try:
+            self.store.put_bytes(key, data)
+        except ObjectExistsError:
+            stored = json_object(self.store.get_json(key), f"site failure {key!r}")
+            if int(stored.get("attempt", 0)) >= int(record.get("attempt", 0)):
+                return stored
+            self.store.put_bytes(key, data, overwrite=True)
+        return record
+
+    def site_failures(self, round_: int) -> dict[str, dict[str, Any]]:
+        """``site -> failure record`` for every failure recorded in ``round_``."""
+        head = self.layout.failures_prefix(round_)
+        failures = {}
+        for key in self.store.list(head):
+            name = key[len(head) :]
+            if name.endswith(".json") and "/" not in name:
+                failures[name[: -len(".json")]] = json_object(self.store.get_json(key), key)
+        return failures
+
     # -- aggregate and final -----------------------------------------------------------------------
 
     def save_aggregate(self, round_: int, aggregate: Mapping[str, Any]) -> None:

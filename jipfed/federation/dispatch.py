@@ -1,0 +1,363 @@
+"""Handing a plan step to the sites and hearing back: dispatch records, deadlines, site failures.
+
+The central *dispatches* a step (:func:`dispatch_step`): it stores the step's ticket with a
+deadline (``round_timeout_s`` from now) as ``rounds/<r>/steps/<s>/dispatch.json``. From then on:
+
+* a site asks for its work (:func:`pending_work`): the dispatched steps that select it and that it
+  has not answered yet (no update, no failure report), in every running experiment;
+* it downloads the model its ticket names (:func:`model_for_site`), only while it is selected;
+* it uploads its update (:func:`accept_in_time`) — refused after the deadline or once the step
+  closed — or reports that it cannot deliver (:func:`report_site_failure`);
+* the central's collect waits per site (:func:`site_status`) until the update arrived, the site
+  reported a failure, or the deadline passed (then :func:`record_timeout`).
+
+Everything here is keyed by (experiment, round, step, site) and works on any ModelStore; the
+central HTTP endpoint and the Airflow tasks only call these functions.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from jipfed.federation.experiment import ExperimentConfig
+from jipfed.federation.rounds import (
+    ProtocolError,
+    StepTicket,
+    UpdateRefused,
+    accept_update,
+    load_config,
+    open_step,
+)
+from jipfed.federation.update import UpdateManifest
+from jipfed.storage.base import ModelStore, ObjectNotFoundError
+from jipfed.storage.layout import validate_slug
+from jipfed.storage.state import ExperimentStore, Status
+
+logger = logging.getLogger(__name__)
+
+DISPATCH_FORMAT = 1
+#: Longest failure reason stored (a site's traceback tail is cut to this).
+MAX_REASON_CHARS = 2000
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _iso(moment: datetime) -> str:
+    return moment.astimezone(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _parse_time(text: str, what: str) -> datetime:
+    try:
+        moment = datetime.fromisoformat(text)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{what} is not an ISO timestamp: {text!r}") from exc
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """One dispatched step: its ticket, how it reached the sites, and until when updates count.
+
+    Attributes:
+        ticket: the step ticket (``open_step``).
+        transport: ``"push"`` or ``"pull"`` (from the experiment config).
+        attempt: 0 for the first dispatch, +1 for each re-dispatch (a cleared central run).
+        dispatched_at, deadline: timezone-aware UTC times.
+    """
+
+    ticket: StepTicket
+    transport: str
+    attempt: int
+    dispatched_at: datetime
+    deadline: datetime
+
+    def expired(self, now: datetime | None = None) -> bool:
+        return (now or utcnow()) >= self.deadline
+
+    def seconds_left(self, now: datetime | None = None) -> float:
+        return (self.deadline - (now or utcnow())).total_seconds()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": DISPATCH_FORMAT,
+            "ticket": self.ticket.to_dict(),
+            "transport": self.transport,
+            "attempt": self.attempt,
+            "dispatched_at": _iso(self.dispatched_at),
+            "deadline": _iso(self.deadline),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Dispatch:
+        if data.get("format") != DISPATCH_FORMAT:
+            raise ValueError(f"unsupported dispatch record format {data.get('format')!r}")
+        return cls(
+            ticket=StepTicket.from_dict(data["ticket"]),
+            transport=str(data["transport"]),
+            attempt=int(data["attempt"]),
+            dispatched_at=_parse_time(data["dispatched_at"], "dispatched_at"),
+            deadline=_parse_time(data["deadline"], "deadline"),
+        )
+
+
+def load_dispatch(exp_store: ExperimentStore, round_: int, step: int) -> Dispatch | None:
+    """The dispatch of ``step`` (in round ``round_``), or None if it was never dispatched."""
+    data = exp_store.load_dispatch(round_, step)
+    return None if data is None else Dispatch.from_dict(data)
+
+
+def dispatch_step(exp_store: ExperimentStore, step: int, *, now: datetime | None = None) -> Dispatch:
+    """Open ``step`` and record its dispatch with a deadline ``round_timeout_s`` from ``now``.
+
+    Idempotent while the deadline has not passed (a retried task gets the same dispatch back);
+    after it passed (the central run was cleared to retry the step) the step is dispatched again
+    as attempt + 1 with a fresh deadline, so sites that failed before may try again.
+    """
+    now = now or utcnow()
+    now = now.replace(microsecond=now.microsecond // 1000 * 1000)  # as stored (ms)
+    ticket = open_step(exp_store, step)
+    config, _ = load_config(exp_store)
+    earlier = load_dispatch(exp_store, ticket.round, step)
+    if earlier is not None and earlier.ticket == ticket and not earlier.expired(now):
+        return earlier
+    dispatch = Dispatch(
+        ticket=ticket,
+        transport=config.transport,
+        attempt=0 if earlier is None else earlier.attempt + 1,
+        dispatched_at=now,
+        deadline=now + timedelta(seconds=config.round_timeout_s),
+    )
+    exp_store.save_dispatch(ticket.round, step, dispatch.to_dict())
+    logger.info(
+        "experiment %s: dispatched step %d (round %d, attempt %d) to %s by %s; deadline %s",
+        ticket.experiment,
+        step,
+        ticket.round,
+        dispatch.attempt,
+        list(ticket.sites),
+        dispatch.transport,
+        _iso(dispatch.deadline),
+    )
+    return dispatch
+
+
+def current_dispatch(exp_store: ExperimentStore) -> Dispatch | None:
+    """The dispatch of the experiment's next step, if it is running and that step was dispatched."""
+    try:
+        state = exp_store.load_state()
+    except ObjectNotFoundError:
+        return None
+    if state.status is not Status.RUNNING:
+        return None
+    config, _ = load_config(exp_store)
+    plan = config.make_plan()
+    if state.next_step >= plan.n_steps:
+        return None
+    return load_dispatch(exp_store, plan.step(state.next_step).round, state.next_step)
+
+
+def _site_dispatch(exp_store: ExperimentStore, site: str, round_: int, step: int | None = None) -> Dispatch:
+    """The current dispatch if it selects ``site`` (and is round ``round_``), else ProtocolError."""
+    validate_slug(site, "site id")
+    dispatch = current_dispatch(exp_store)
+    where = f"experiment {exp_store.experiment!r}, round {round_}"
+    if (
+        dispatch is None
+        or dispatch.ticket.round != round_
+        or (step is not None and dispatch.ticket.step != step)
+    ):
+        raise ProtocolError(f"{where}: no open step{'' if step is None else f' {step}'} for site {site!r}")
+    if site not in dispatch.ticket.sites:
+        raise ProtocolError(f"{where}: site {site!r} is not selected for step {dispatch.ticket.step}")
+    return dispatch
+
+
+# -- the site's side -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """A step a site still has to answer: the ticket plus what the site needs to run it."""
+
+    dispatch: Dispatch
+    config: dict[str, Any]
+    dataset: str | None
+
+    @property
+    def ticket(self) -> StepTicket:
+        return self.dispatch.ticket
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.dispatch.to_dict(), "config": self.config, "dataset": self.dataset}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> WorkItem:
+        return cls(
+            dispatch=Dispatch.from_dict(data),
+            config=dict(data["config"]),
+            dataset=data.get("dataset"),
+        )
+
+
+def experiments_in(store: ModelStore) -> list[str]:
+    """Names of the experiments that have a state in ``store``."""
+    names = []
+    for key in store.list("experiments/"):
+        parts = key.split("/")
+        if len(parts) == 3 and parts[2] == "state.json":
+            names.append(parts[1])
+    return sorted(names)
+
+
+def work_for_site(exp_store: ExperimentStore, site: str, now: datetime | None = None) -> WorkItem | None:
+    """The experiment's dispatched step if it selects ``site`` and the site has not answered it."""
+    dispatch = current_dispatch(exp_store)
+    if dispatch is None or site not in dispatch.ticket.sites or dispatch.expired(now):
+        return None
+    round_ = dispatch.ticket.round
+    lay = exp_store.layout
+    if exp_store.store.exists(lay.update_manifest(round_, site)):
+        return None
+    failure = exp_store.site_failures(round_).get(site)
+    if failure is not None and int(failure.get("attempt", 0)) >= dispatch.attempt:
+        return None
+    config, _ = load_config(exp_store)
+    return WorkItem(dispatch=dispatch, config=exp_store.load_config(), dataset=config.datasets.get(site))
+
+
+def pending_work(store: ModelStore, site: str, now: datetime | None = None) -> list[WorkItem]:
+    """Every dispatched step, across running experiments, that ``site`` still has to answer (oldest first)."""
+    validate_slug(site, "site id")
+    items = []
+    for name in experiments_in(store):
+        item = work_for_site(ExperimentStore(store, name), site, now)
+        if item is not None:
+            items.append(item)
+    return sorted(items, key=lambda item: item.dispatch.dispatched_at)
+
+
+def model_for_site(
+    exp_store: ExperimentStore, site: str, round_: int, step: int
+) -> tuple[bytes, dict[str, Any]]:
+    """The payload and manifest of the model ``site``'s ticket for ``step`` names (only while selected)."""
+    ticket = _site_dispatch(exp_store, site, round_, step).ticket
+    payload = exp_store.store.get_bytes(ticket.model_key)
+    manifest = exp_store.store.get_json(ticket.manifest_key)
+    return payload, manifest
+
+
+def accept_in_time(
+    exp_store: ExperimentStore,
+    site: str,
+    round_: int,
+    payload: bytes,
+    manifest_json: str | bytes,
+    *,
+    now: datetime | None = None,
+) -> UpdateManifest:
+    """:func:`~jipfed.federation.rounds.accept_update`, refusing it once the step's deadline passed.
+
+    Raises:
+        UpdateRefused: ``code="late"`` after the deadline, or any refusal of ``accept_update``.
+    """
+    now = now or utcnow()
+    dispatch = current_dispatch(exp_store)
+    if dispatch is not None and dispatch.ticket.round == round_ and dispatch.expired(now):
+        reason = (
+            f"late update refused: round {round_} (step {dispatch.ticket.step}) timed out at "
+            f"{_iso(dispatch.deadline)}, the update arrived at {_iso(now)}"
+        )
+        logger.warning("experiment %s: refused update of %s: %s", exp_store.experiment, site, reason)
+        raise UpdateRefused(exp_store.experiment, site, round_, "late", reason)
+    return accept_update(exp_store, site, round_, payload, manifest_json)
+
+
+def report_site_failure(
+    exp_store: ExperimentStore,
+    site: str,
+    round_: int,
+    step: int,
+    reason: str,
+    *,
+    source: str = "site",
+    now: datetime | None = None,
+) -> dict[str, Any]:
+    """Record that ``site`` will send no update for ``step`` and why (first report of an attempt wins).
+
+    Raises:
+        ProtocolError: the step is not open or does not select ``site``.
+    """
+    dispatch = _site_dispatch(exp_store, site, round_, step)
+    text = str(reason).strip() or "no reason given"
+    record = {
+        "site": site,
+        "round": round_,
+        "step": step,
+        "attempt": dispatch.attempt,
+        "source": source,
+        "reason": text[-MAX_REASON_CHARS:],
+        "at": _iso(now or utcnow()),
+    }
+    stored = exp_store.record_site_failure(round_, site, record)
+    logger.warning(
+        "experiment %s: round %d step %d: site %s sends no update: %s",
+        exp_store.experiment,
+        round_,
+        step,
+        site,
+        stored["reason"],
+    )
+    return stored
+
+
+# -- the central's side ----------------------------------------------------------------------------
+
+DELIVERED, FAILED, TIMED_OUT, WAITING = "delivered", "failed", "timed_out", "waiting"
+
+
+def site_status(
+    exp_store: ExperimentStore, dispatch: Dispatch, site: str, now: datetime | None = None
+) -> tuple[str, str]:
+    """Where ``site`` stands in ``dispatch``: (``delivered|failed|timed_out|waiting``, detail)."""
+    round_ = dispatch.ticket.round
+    if exp_store.store.exists(exp_store.layout.update_manifest(round_, site)):
+        return DELIVERED, f"update of {site} for round {round_} received"
+    failure = exp_store.site_failures(round_).get(site)
+    if failure is not None and int(failure.get("attempt", 0)) >= dispatch.attempt:
+        return FAILED, str(failure.get("reason"))
+    if dispatch.expired(now):
+        return TIMED_OUT, f"no update within the round timeout (deadline {_iso(dispatch.deadline)})"
+    return WAITING, f"{dispatch.seconds_left(now):.0f} s left"
+
+
+def record_timeout(exp_store: ExperimentStore, dispatch: Dispatch, site: str) -> dict[str, Any]:
+    """Record that ``site`` timed out in ``dispatch`` (unless it reported a failure first)."""
+    ticket = dispatch.ticket
+    reason = (
+        f"timed out: no update within {dispatch.seconds_left(dispatch.dispatched_at):.0f} s "
+        f"(deadline {_iso(dispatch.deadline)})"
+    )
+    return exp_store.record_site_failure(
+        ticket.round,
+        site,
+        {
+            "site": site,
+            "round": ticket.round,
+            "step": ticket.step,
+            "attempt": dispatch.attempt,
+            "source": "central",
+            "reason": reason,
+            "at": _iso(utcnow()),
+        },
+    )
+
+
+def experiment_config(exp_store: ExperimentStore) -> ExperimentConfig:
+    """The stored experiment config, validated."""
+    return load_config(exp_store)[0]
