@@ -2,6 +2,12 @@
 
 from setuptools import find_packages, setup
 
+
+def _mapped(folder: str, package: str) -> list[str]:
+    """``package`` and its subpackages, whose code lives in ``folder`` (see package_dir)."""
+    return [package] + [f"{package}.{sub}" for sub in find_packages(folder)]
+
+
 CORE = [
     "numpy>=1.26",
     "torch>=2.2",  # install torch==2.13.0 first (CPU build on disk); see scripts/setup.sh
@@ -25,7 +31,9 @@ setup(
     version="0.1.0",
     description="Federated learning on medical images as an Airflow DAG suite for Kaapana / JIP",
     python_requires=">=3.10",
-    packages=find_packages(include=["jipfed", "jipfed.*"]) + ["jipfed.operators", "jipfed.plugins"],
+    packages=find_packages(include=["jipfed", "jipfed.*"])
+    + _mapped("operators", "jipfed.operators")
+    + _mapped("plugins", "jipfed.plugins"),
     package_dir={"jipfed.operators": "operators", "jipfed.plugins": "plugins"},
     install_requires=CORE,
     extras_require={

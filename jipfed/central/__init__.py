@@ -1,0 +1,1 @@
+"""The central endpoint sites talk to, its client, and the central DAG's Params (no Airflow import)."""

@@ -1,0 +1,1 @@
+"""Operators of the central DAG: start, dispatch, collect, aggregate, metrics, next step, finalize."""
