@@ -49,5 +49,8 @@ setup(
             "apache-airflow==3.3.2",
         ],
     },
-    entry_points={"console_scripts": ["jipfed=jipfed.cli:main"]},
+    entry_points={
+        "console_scripts": ["jipfed=jipfed.cli:main"],
+        "airflow.plugins": ["jipfed = jipfed.plugins.jipfed_plugin:JipfedPlugin"],
+    },
 )

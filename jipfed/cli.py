@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("jipfed.commands.prepare", "site data pipeline: cohort, fetch, convert, preprocess"),
     "simulate": ("jipfed.commands.simulate", "run a federated experiment with N sites in one process"),
     "demo": ("jipfed.commands.demo", "run the federated demo on the embedded defaults"),
+    "site-token": ("jipfed.commands.site_token", "print a site's token for the central endpoint"),
 }
 
 #: Libraries that log routine detail at INFO (highdicom: every copied module); shown with -v only.

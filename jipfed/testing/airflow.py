@@ -219,6 +219,20 @@ class AirflowStandalone:
             self._log_file.close()
             self._log_file = None
 
+    def kill(self) -> None:
+        """SIGKILL every process of the instance at once, as a crash or power loss would."""
+        process, self.process = self.process, None
+        if process is not None:
+            _signal_group(process.pid, signal.SIGKILL)
+            process.wait(timeout=10.0)
+            deadline = time.monotonic() + 10.0
+            while _group_members(process.pid) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            log.info("airflow standalone killed")
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+
     def __enter__(self) -> AirflowStandalone:
         self.start()
         return self

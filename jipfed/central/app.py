@@ -1,0 +1,364 @@
+"""The central endpoint sites talk to: an authenticated HTTP layer over :mod:`jipfed.federation.dispatch`.
+
+Sites open outbound connections only: they ask for their work, download the model their ticket
+names, upload their update or report a failure. Every ``/v1`` route needs ``Authorization:
+Bearer <site token>`` (:mod:`jipfed.central.tokens`); the site a request acts as comes from the
+token only. Routes (relative to where the app is mounted, ``/jipfed`` in the Airflow plugin)::
+
+    GET  /healthz                                                     no auth
+    GET  /v1/work                                                     the site's pending work items
+    GET  /v1/experiments/{exp}/rounds/{r}/steps/{s}/model             payload (X-Jipfed-Sha256 header)
+    GET  /v1/experiments/{exp}/rounds/{r}/steps/{s}/model/manifest    its manifest
+    PUT  /v1/experiments/{exp}/rounds/{r}/update                      multipart: manifest + payload
+    POST /v1/experiments/{exp}/rounds/{r}/steps/{s}/failure           {"reason": "..."}
+
+Errors are JSON ``{"code": ..., "detail": ...}``: 400 bad_request, 401 no_token, 403 bad_token /
+not_selected, 404 unknown_experiment, 409 not_open or an ``UpdateRefused`` code (late, duplicate,
+rejected, ...), 413 too_large, 500 internal / misconfigured (no traceback; the log has it).
+No Airflow import: the Airflow plugin (``jipfed.plugins.jipfed_plugin``) mounts this app.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Path, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, Field
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Message, Receive
+
+from jipfed.central.tokens import InvalidToken, check_secret, verify_site_token
+from jipfed.federation.dispatch import (
+    Dispatch,
+    accept_in_time,
+    current_dispatch,
+    model_for_site,
+    pending_work,
+    report_site_failure,
+)
+from jipfed.federation.rounds import ProtocolError, UpdateRefused
+from jipfed.storage.base import ModelStore
+from jipfed.storage.state import ExperimentStore
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_UPDATE_BYTES = 2 * 1024**3
+#: Largest manifest text accepted in an upload (a manifest lists one spec per tensor).
+MAX_MANIFEST_BYTES = 8 * 1024**2
+#: Room for the multipart boundaries and part headers around manifest and payload.
+MULTIPART_OVERHEAD_BYTES = 64 * 1024
+#: Longest failure reason accepted (the store keeps the last ``dispatch.MAX_REASON_CHARS``).
+MAX_REASON_CHARS = 100_000
+SHA256_HEADER = "X-Jipfed-Sha256"
+
+SecretSource = str | Callable[[], str]
+
+
+class CentralAPIError(Exception):
+    """An error answer: ``status`` with JSON ``{"code": code, "detail": detail}``."""
+
+    def __init__(self, status: int, code: str, detail: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.code = code
+        self.detail = detail
+        self.headers = headers
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class _Call:
+    """Who asks about what: names the request in error details and logs."""
+
+    site: str
+    experiment: str | None = None
+    round: int | None = None
+    step: int | None = None
+
+    def where(self) -> str:
+        parts = [f"experiment {self.experiment!r}"] if self.experiment else []
+        parts += [
+            f"{name} {value}"
+            for name, value in (("round", self.round), ("step", self.step))
+            if value is not None
+        ]
+        return ", ".join(parts + [f"site {self.site!r}"])
+
+
+class FailureReport(BaseModel):
+    """Body of a failure report."""
+
+    reason: str = Field(min_length=1, max_length=MAX_REASON_CHARS)
+
+
+@contextmanager
+def _protocol_errors(call: _Call) -> Iterator[None]:
+    """Map the protocol's and the store's exceptions to answers naming the request."""
+    try:
+        yield
+    except CentralAPIError:
+        raise
+    except UpdateRefused as exc:
+        raise CentralAPIError(409, exc.code, exc.reason) from None
+    except ProtocolError as exc:
+        raise CentralAPIError(409, "not_open", f"{call.where()}: {exc}") from None
+    except Exception as exc:  # a store or integrity failure: the client learns what failed, not how
+        logger.exception("central: %s failed", call.where())
+        raise CentralAPIError(
+            500,
+            "internal",
+            f"{call.where()}: the central failed ({type(exc).__name__}); see the central's log",
+        ) from None
+
+
+def _experiment_store(store: ModelStore, call: _Call) -> ExperimentStore:
+    """The experiment's store; 400 for an invalid name, 404 when it has no state."""
+    try:
+        exp_store = ExperimentStore(store, str(call.experiment))
+    except ValueError as exc:
+        raise CentralAPIError(400, "bad_request", str(exc)) from None
+    if not store.exists(exp_store.layout.state()):
+        raise CentralAPIError(404, "unknown_experiment", f"no experiment {call.experiment!r} at this central")
+    return exp_store
+
+
+def _selected_dispatch(exp_store: ExperimentStore, call: _Call) -> Dispatch:
+    """The open dispatch of ``call``'s step; 409 when that step is not open, 403 when it does not select the site."""
+    dispatch = current_dispatch(exp_store)
+    if dispatch is None or (dispatch.ticket.round, dispatch.ticket.step) != (call.round, call.step):
+        now_open = (
+            "no step is open"
+            if dispatch is None
+            else f"the open step is {dispatch.ticket.step} (round {dispatch.ticket.round})"
+        )
+        raise CentralAPIError(409, "not_open", f"{call.where()}: this step is not open; {now_open}")
+    if call.site not in dispatch.ticket.sites:
+        raise CentralAPIError(403, "not_selected", f"{call.where()}: the site is not selected for this step")
+    return dispatch
+
+
+def _limited(receive: Receive, limit: int) -> Receive:
+    """``receive`` that raises :class:`_BodyTooLarge` once the body exceeds ``limit`` bytes."""
+    seen = 0
+
+    async def wrapped() -> Message:
+        nonlocal seen
+        message = await receive()
+        if message["type"] == "http.request":
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise _BodyTooLarge
+        return message
+
+    return wrapped
+
+
+async def _read_upload(request: Request, max_update_bytes: int, call: _Call) -> tuple[str, bytes]:
+    """(manifest text, payload bytes) of a multipart upload; 413 past the limit, 400 if malformed."""
+    limit = max_update_bytes + MAX_MANIFEST_BYTES + MULTIPART_OVERHEAD_BYTES
+    too_large = CentralAPIError(
+        413,
+        "too_large",
+        f"{call.where()}: the update exceeds this central's limit of {max_update_bytes} bytes",
+    )
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise too_large
+    body = Request(request.scope, receive=_limited(request.receive, limit))
+    try:
+        form = await body.form(max_files=1, max_fields=1, max_part_size=MAX_MANIFEST_BYTES)
+    except _BodyTooLarge:
+        raise too_large from None
+    except StarletteHTTPException as exc:
+        raise CentralAPIError(400, "bad_request", f"{call.where()}: malformed upload: {exc.detail}") from None
+    try:
+        manifest, payload = form.get("manifest"), form.get("payload")
+        if not isinstance(manifest, str) or not isinstance(payload, UploadFile):
+            raise CentralAPIError(
+                400,
+                "bad_request",
+                f"{call.where()}: an upload is multipart/form-data with a text field 'manifest' and a file 'payload'",
+            )
+        if payload.size is not None and payload.size > max_update_bytes:
+            raise too_large
+        return manifest, await payload.read()
+    finally:
+        await form.close()
+
+
+def _secret_of(source: SecretSource) -> str:
+    try:
+        return check_secret(source() if callable(source) else source)
+    except Exception as exc:
+        logger.error("central misconfigured: no usable site token secret: %s", exc)
+        raise CentralAPIError(
+            500, "misconfigured", "the central has no usable site token secret; see the central's log"
+        ) from None
+
+
+_bearer = HTTPBearer(auto_error=False, description="the site token from `jipfed site-token`")
+
+
+def authenticated_site(
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> str:
+    """The site the request's bearer token was issued for (401 without a token, 403 for a bad one)."""
+    challenge = {"WWW-Authenticate": "Bearer"}
+    if credentials is None:
+        raise CentralAPIError(
+            401, "no_token", "missing site token: send 'Authorization: Bearer <site token>'", challenge
+        )
+    try:
+        site = verify_site_token(_secret_of(request.app.state.token_secret), credentials.credentials)
+    except InvalidToken as exc:
+        raise CentralAPIError(403, "bad_token", str(exc), challenge) from None
+    request.state.site = site
+    return site
+
+
+Site = Annotated[str, Depends(authenticated_site)]
+Round = Annotated[int, Path(ge=0, description="round number")]
+Step = Annotated[int, Path(ge=0, description="plan step number")]
+
+
+def create_app(
+    store_factory: Callable[[], ModelStore],
+    token_secret: SecretSource,
+    *,
+    max_update_bytes: int = DEFAULT_MAX_UPDATE_BYTES,
+) -> FastAPI:
+    """The central endpoint as a FastAPI app.
+
+    Args:
+        store_factory: Opens the model store; called once per request (the Airflow plugin reads
+            its Connection there, so a changed Connection applies without a restart).
+        token_secret: The secret site tokens are derived from (>= 32 characters), or a callable
+            returning it per request. A string is checked here, a callable on each request.
+        max_update_bytes: Largest update payload accepted (413 beyond).
+    """
+    if not callable(token_secret):
+        check_secret(token_secret)
+    if isinstance(max_update_bytes, bool) or not isinstance(max_update_bytes, int) or max_update_bytes < 1:
+        raise ValueError(f"max_update_bytes must be an int >= 1, got {max_update_bytes!r}")
+
+    app = FastAPI(
+        title="JIP Federated central endpoint",
+        description=__doc__,
+        version="1",
+        docs_url=None,
+        redoc_url=None,
+    )
+    app.state.token_secret = token_secret
+
+    def open_store(call: _Call) -> ModelStore:
+        try:
+            return store_factory()
+        except Exception:
+            logger.exception("central misconfigured: cannot open the model store (%s)", call.where())
+            raise CentralAPIError(
+                500, "misconfigured", "the central cannot open its model store; see the central's log"
+            ) from None
+
+    @app.exception_handler(CentralAPIError)
+    async def api_error(request: Request, exc: CentralAPIError) -> JSONResponse:
+        request.state.detail = exc.detail
+        return JSONResponse({"code": exc.code, "detail": exc.detail}, exc.status, headers=exc.headers)
+
+    @app.middleware("http")
+    async def log_outcome(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        started = time.monotonic()
+        response = await call_next(request)
+        params: dict[str, Any] = request.scope.get("path_params") or {}
+        state: dict[str, Any] = request.scope.get("state") or {}
+        status = response.status_code
+        level = logging.ERROR if status >= 500 else logging.WARNING if status >= 400 else logging.INFO
+        logger.log(
+            level,
+            "central: %s %s -> %d site=%s experiment=%s round=%s step=%s (%.0f ms)%s",
+            request.method,
+            request.url.path,
+            status,
+            state.get("site", "-"),
+            params.get("experiment", "-"),
+            params.get("round_", "-"),
+            params.get("step", "-"),
+            1000 * (time.monotonic() - started),
+            f": {state['detail']}" if "detail" in state else "",
+        )
+        return response
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        """Liveness; no authentication, touches no store."""
+        return {"status": "ok"}
+
+    @app.get("/v1/work")
+    def work(site: Site) -> dict[str, Any]:
+        """Every dispatched step, across running experiments, the site still has to answer."""
+        call = _Call(site)
+        with _protocol_errors(call):
+            items = pending_work(open_store(call), site)
+        return {"site": site, "work": [item.to_dict() for item in items]}
+
+    @app.get("/v1/experiments/{experiment}/rounds/{round_}/steps/{step}/model")
+    def model(experiment: str, round_: Round, step: Step, site: Site) -> Response:
+        """The payload of the model the site's ticket names; header X-Jipfed-Sha256."""
+        call = _Call(site, experiment, round_, step)
+        with _protocol_errors(call):
+            exp_store = _experiment_store(open_store(call), call)
+            _selected_dispatch(exp_store, call)
+            payload, _ = model_for_site(exp_store, site, round_, step)
+        return Response(
+            payload,
+            media_type="application/octet-stream",
+            headers={SHA256_HEADER: hashlib.sha256(payload).hexdigest()},
+        )
+
+    @app.get("/v1/experiments/{experiment}/rounds/{round_}/steps/{step}/model/manifest")
+    def model_manifest(experiment: str, round_: Round, step: Step, site: Site) -> dict[str, Any]:
+        """The manifest of the model the site's ticket names."""
+        call = _Call(site, experiment, round_, step)
+        with _protocol_errors(call):
+            exp_store = _experiment_store(open_store(call), call)
+            ticket = _selected_dispatch(exp_store, call).ticket
+            return exp_store.store.get_json(ticket.manifest_key)
+
+    @app.put("/v1/experiments/{experiment}/rounds/{round_}/update", status_code=201)
+    async def update(request: Request, experiment: str, round_: Round, site: Site) -> JSONResponse:
+        """Accept the site's update (multipart: text ``manifest``, file ``payload``) before the deadline."""
+        call = _Call(site, experiment, round_)
+        manifest_text, payload = await _read_upload(request, max_update_bytes, call)
+
+        def accept() -> dict[str, Any]:
+            with _protocol_errors(call):
+                exp_store = _experiment_store(open_store(call), call)
+                return accept_in_time(exp_store, site, round_, payload, manifest_text).to_dict()
+
+        return JSONResponse({"accepted": await run_in_threadpool(accept)}, status_code=201)
+
+    @app.post("/v1/experiments/{experiment}/rounds/{round_}/steps/{step}/failure", status_code=201)
+    def failure(
+        experiment: str, round_: Round, step: Step, report: FailureReport, site: Site
+    ) -> JSONResponse:
+        """Record that the site sends no update for this step, and why."""
+        call = _Call(site, experiment, round_, step)
+        with _protocol_errors(call):
+            exp_store = _experiment_store(open_store(call), call)
+            _selected_dispatch(exp_store, call)
+            record = report_site_failure(exp_store, site, round_, step, report.reason)
+        return JSONResponse(record, status_code=201)
+
+    return app

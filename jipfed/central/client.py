@@ -1,0 +1,261 @@
+"""``CentralClient``: what a site calls to talk to the central endpoint (:mod:`jipfed.central.app`).
+
+Plain ``requests``, no Airflow import (the site's operators build it from the Connection
+``jipfed_central_default``: host = base URL including the ``/jipfed`` prefix, password = the site
+token). Importing this module is cheap; only :meth:`CentralClient.pending_work` imports the
+protocol layer (and so torch) to build ``WorkItem`` objects — a trigger polling the central uses
+:meth:`CentralClient.pending_work_dicts` instead.
+
+GETs are retried on connection errors and 502/503/504 (3 tries, exponential backoff); uploads and
+failure reports are not (a retried upload that did arrive is refused as ``duplicate``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
+
+import requests
+
+if TYPE_CHECKING:
+    from jipfed.federation.dispatch import WorkItem
+
+logger = logging.getLogger(__name__)
+
+SHA256_HEADER = "X-Jipfed-Sha256"
+RETRY_STATUSES = frozenset({502, 503, 504})
+_CHUNK_BYTES = 1024 * 1024
+
+
+class CentralError(RuntimeError):
+    """A call to the central failed.
+
+    Attributes:
+        status_code: the HTTP status, None when no answer came (connection error, timeout) or
+            the answer was unusable (sha256 mismatch).
+        code: the central's error code (``not_selected``, ``bad_token``, ...) when it sent one.
+        detail: why, as the central said it.
+        method, path, experiment, round: what was asked.
+    """
+
+    def __init__(
+        self,
+        status_code: int | None,
+        detail: str,
+        *,
+        method: str = "",
+        path: str = "",
+        experiment: str | None = None,
+        round: int | None = None,
+        code: str | None = None,
+    ) -> None:
+        self.status_code = status_code
+        self.detail = detail
+        self.method = method
+        self.path = path
+        self.experiment = experiment
+        self.round = round
+        self.code = code
+        what = f"central {method} {path}".rstrip()
+        if experiment is not None:
+            what += f" (experiment {experiment!r}" + (f", round {round})" if round is not None else ")")
+        outcome = (
+            "failed" if status_code is None else f"answered {status_code}" + (f" {code}" if code else "")
+        )
+        super().__init__(f"{what} {outcome}: {detail}")
+
+
+class CentralRefused(CentralError):
+    """The central refused the request as not fitting the experiment's state (HTTP 409).
+
+    ``code`` is the refusal code: ``late``, ``duplicate``, ``rejected``, ``wrong_round``,
+    ``not_selected``, ``not_running`` (see ``UpdateRefused``) or ``not_open``.
+    """
+
+    def __init__(self, code: str, detail: str, **where: Any) -> None:
+        super().__init__(409, detail, code=code, **where)
+
+
+def _q(segment: str | int) -> str:
+    return quote(str(segment), safe="")
+
+
+def _error_of(response: requests.Response) -> tuple[str | None, str]:
+    """(code, detail) of an error answer: our JSON body, FastAPI's validation list, or the text."""
+    try:
+        body = response.json()
+    except ValueError:
+        return None, response.text[:500] or response.reason or "no detail"
+    if isinstance(body, dict):
+        code = body.get("code")
+        return (str(code) if code is not None else None), str(body.get("detail", body))
+    return None, str(body)
+
+
+class CentralClient:
+    """Client of one central endpoint, authenticated as one site.
+
+    Args:
+        base_url: The endpoint's base URL including its mount prefix, e.g.
+            ``https://central.example/jipfed``.
+        token: The site token (``jipfed site-token``); it decides which site the calls act as.
+        timeout_s: Timeout of each HTTP request (connect and read), seconds.
+        verify: TLS verification, as for ``requests`` (True, False or a CA bundle path).
+        tries: Attempts of an idempotent call (GET) on connection errors and 502/503/504.
+        backoff_s: Sleep before the second attempt; doubled before each further one.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        token: str,
+        *,
+        timeout_s: float = 60,
+        verify: bool | str = True,
+        tries: int = 3,
+        backoff_s: float = 1.0,
+    ) -> None:
+        if not base_url.startswith(("http://", "https://")):
+            raise ValueError(f"base_url must start with http:// or https://, got {base_url!r}")
+        if not token:
+            raise ValueError("a site token is required (from the central admin: jipfed site-token)")
+        if timeout_s <= 0 or tries < 1 or backoff_s < 0:
+            raise ValueError(
+                f"need timeout_s > 0, tries >= 1, backoff_s >= 0; got {timeout_s}, {tries}, {backoff_s}"
+            )
+        self.base_url = base_url.rstrip("/")
+        self.timeout_s = timeout_s
+        self.tries = tries
+        self.backoff_s = backoff_s
+        self._session = requests.Session()
+        self._session.verify = verify
+        self._session.headers["Authorization"] = f"Bearer {token}"
+
+    def __repr__(self) -> str:  # never shows the token
+        return f"CentralClient({self.base_url!r})"
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        experiment: str | None = None,
+        round: int | None = None,
+        **kwargs: Any,
+    ) -> requests.Response:
+        where = {"method": method, "path": path, "experiment": experiment, "round": round}
+        attempts = self.tries if method == "GET" else 1
+        attempt = 0
+        while True:
+            attempt += 1
+            last = attempt >= attempts
+            try:
+                response = self._session.request(
+                    method, self.base_url + path, timeout=self.timeout_s, **kwargs
+                )
+            except requests.ConnectionError as exc:
+                if last:
+                    raise CentralError(None, f"no connection after {attempt} tries: {exc}", **where) from exc
+                self._back_off(attempt, where, str(exc))
+                continue
+            except requests.RequestException as exc:
+                raise CentralError(None, str(exc), **where) from exc
+            if response.status_code in RETRY_STATUSES and not last:
+                response.close()
+                self._back_off(attempt, where, f"HTTP {response.status_code}")
+                continue
+            if response.status_code >= 400:
+                code, detail = _error_of(response)
+                if response.status_code == 409:
+                    raise CentralRefused(code or "conflict", detail, **where)
+                raise CentralError(response.status_code, detail, code=code, **where)
+            return response
+
+    def _back_off(self, attempt: int, where: dict[str, Any], why: str) -> None:
+        delay = self.backoff_s * 2 ** (attempt - 1)
+        logger.warning(
+            "central %s %s: %s; try %d of %d in %.1f s",
+            where["method"],
+            where["path"],
+            why,
+            attempt + 1,
+            self.tries,
+            delay,
+        )
+        time.sleep(delay)
+
+    # -- calls ------------------------------------------------------------------------------------
+
+    def health(self) -> dict[str, Any]:
+        """``GET /healthz``: ``{"status": "ok"}`` when the endpoint is up."""
+        return self._request("GET", "/healthz").json()
+
+    def pending_work_dicts(self) -> list[dict[str, Any]]:
+        """The site's pending work as JSON objects (``WorkItem.to_dict()``; no torch import)."""
+        return list(self._request("GET", "/v1/work").json()["work"])
+
+    def pending_work(self) -> list[WorkItem]:
+        """Every dispatched step this site still has to answer, oldest first."""
+        from jipfed.federation.dispatch import WorkItem
+
+        return [WorkItem.from_dict(item) for item in self.pending_work_dicts()]
+
+    def get_model(self, experiment: str, round: int, step: int) -> tuple[bytes, dict[str, Any]]:
+        """(payload, manifest) of the model the site's ticket for ``step`` names.
+
+        Raises:
+            CentralError: also when the bytes do not match the ``X-Jipfed-Sha256`` header or the
+                manifest's sha256 (a corrupted transfer; the call may be retried).
+        """
+        path = f"/v1/experiments/{_q(experiment)}/rounds/{_q(round)}/steps/{_q(step)}/model"
+        where = {"experiment": experiment, "round": round}
+        response = self._request("GET", path, stream=True, **where)
+        digest = hashlib.sha256()
+        chunks = []
+        try:
+            for chunk in response.iter_content(_CHUNK_BYTES):
+                digest.update(chunk)
+                chunks.append(chunk)
+        except requests.RequestException as exc:
+            raise CentralError(None, f"download broke off: {exc}", method="GET", path=path, **where) from exc
+        payload, sha = b"".join(chunks), digest.hexdigest()
+        manifest = self._request("GET", f"{path}/manifest", **where).json()
+        for source, expected in (
+            ("header " + SHA256_HEADER, response.headers.get(SHA256_HEADER)),
+            ("manifest", manifest.get("sha256")),
+        ):
+            if expected != sha:
+                raise CentralError(
+                    None,
+                    f"the model received has sha256 {sha}, the {source} says {expected}",
+                    method="GET",
+                    path=path,
+                    **where,
+                )
+        return payload, manifest
+
+    def put_update(self, experiment: str, round: int, payload: bytes, manifest_json: str) -> dict[str, Any]:
+        """Upload the site's update for ``round``; returns the manifest the central accepted.
+
+        Raises:
+            CentralRefused: late, duplicate, rejected (the codec's reason in ``detail``), ...
+        """
+        path = f"/v1/experiments/{_q(experiment)}/rounds/{_q(round)}/update"
+        response = self._request(
+            "PUT",
+            path,
+            experiment=experiment,
+            round=round,
+            data={"manifest": manifest_json},
+            files={"payload": ("update.safetensors", payload, "application/octet-stream")},
+        )
+        return dict(response.json()["accepted"])
+
+    def report_failure(self, experiment: str, round: int, step: int, reason: str) -> dict[str, Any]:
+        """Tell the central this site sends no update for ``step`` and why; returns the stored record."""
+        path = f"/v1/experiments/{_q(experiment)}/rounds/{_q(round)}/steps/{_q(step)}/failure"
+        response = self._request("POST", path, experiment=experiment, round=round, json={"reason": reason})
+        return dict(response.json())

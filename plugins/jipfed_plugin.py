@@ -1,0 +1,111 @@
+"""The JIP Federated Airflow plugin: the central endpoint and the experiment pages in the API server.
+
+On Airflow 3 the plugin mounts one FastAPI app at ``/jipfed`` of the central's API server:
+
+* ``/jipfed/healthz`` and ``/jipfed/v1/...``: the endpoint sites talk to
+  (:mod:`jipfed.central.app`). Airflow serves plugin apps without its own authentication; the
+  site tokens are the gate (sites are not Airflow users).
+* ``/jipfed/ui/experiments[/<exp>[/plot.png]]``: experiment pages for Airflow users
+  (:mod:`jipfed.central.ui`) behind Airflow's authentication (the UI session cookie or a JWT);
+  a nav entry "Federated experiments" shows them inside the Airflow UI.
+
+Settings, read on each request (so a changed Connection or secret needs no restart):
+
+* the model store: the Connection ``[jipfed] model_store_conn_id`` (env
+  ``AIRFLOW__JIPFED__MODEL_STORE_CONN_ID``, default ``jipfed_model_store_default``; conn_type
+  ``aws`` or ``fs``, see :class:`jipfed.operators.hooks.ModelStoreHook`). The API server reads it
+  through the secrets backends including the metadata DB.
+* the site token secret: ``[jipfed] site_token_secret`` (env ``AIRFLOW__JIPFED__SITE_TOKEN_SECRET``).
+
+The app is built on the first request: every Airflow process loads plugins, and only the API
+server needs the endpoint (and its torch import). On Airflow 2 the plugin registers nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from airflow.plugins_manager import AirflowPlugin
+from jipfed.operators.compat import AIRFLOW_V3
+
+URL_PREFIX = "/jipfed"
+CONFIG_SECTION = "jipfed"
+DEFAULT_MODEL_STORE_CONN_ID = "jipfed_model_store_default"
+
+
+def model_store_conn_id() -> str:
+    """``[jipfed] model_store_conn_id``, default ``jipfed_model_store_default``."""
+    from airflow.configuration import conf
+
+    return conf.get(CONFIG_SECTION, "model_store_conn_id", fallback=DEFAULT_MODEL_STORE_CONN_ID)
+
+
+def open_model_store() -> Any:
+    """The model store named by the Connection (read now, through Airflow's secrets backends)."""
+    from jipfed.operators.hooks.model_store_hook import ModelStoreHook, store_config
+
+    from jipfed.storage.factory import open_store
+
+    return open_store(**store_config(ModelStoreHook.get_connection(model_store_conn_id())))
+
+
+def site_token_secret() -> str:
+    """``[jipfed] site_token_secret`` ("" when unset; the endpoint then answers 500 misconfigured)."""
+    from airflow.configuration import conf
+
+    return conf.get(CONFIG_SECTION, "site_token_secret", fallback="") or ""
+
+
+def build_app() -> Any:
+    """The central endpoint with the experiment pages under ``/ui`` (Airflow auth)."""
+    from airflow.api_fastapi.core_api.security import requires_authenticated
+    from fastapi import Depends
+
+    from jipfed.central.app import create_app
+    from jipfed.central.ui import ui_router
+
+    app = create_app(open_model_store, site_token_secret)
+    app.include_router(
+        ui_router(open_model_store, dependencies=[Depends(requires_authenticated())]),
+        prefix="/ui",
+        include_in_schema=False,
+    )
+    return app
+
+
+class LazyASGIApp:
+    """An ASGI app that builds the real one (in a worker thread) on its first call."""
+
+    def __init__(self, build: Callable[[], Any]) -> None:
+        self._build = build
+        self._app: Any = None
+        self._lock = asyncio.Lock()
+
+    def __repr__(self) -> str:
+        return f"LazyASGIApp({self._build.__module__}.{self._build.__qualname__})"
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if self._app is None:
+            async with self._lock:
+                if self._app is None:
+                    self._app = await asyncio.to_thread(self._build)
+        await self._app(scope, receive, send)
+
+
+class JipfedPlugin(AirflowPlugin):
+    """Registers the central endpoint and the experiment pages (Airflow 3 only)."""
+
+    name = "jipfed"
+    if AIRFLOW_V3:
+        fastapi_apps = [{"app": LazyASGIApp(build_app), "url_prefix": URL_PREFIX, "name": "JIP Federated"}]
+        external_views = [
+            {
+                "name": "Federated experiments",
+                "href": f"{URL_PREFIX}/ui/experiments",
+                "url_route": "jipfed-experiments",
+                "destination": "nav",
+                "category": "browse",
+            }
+        ]

@@ -1,0 +1,179 @@
+"""The JIP Federated plugin in a real `airflow standalone` (Airflow 3): endpoint, site tokens, pages.
+
+The API server reads the model store Connection (an AIRFLOW_CONN_* variable, conn_type fs) and
+the site token secret (``[jipfed] site_token_secret``) per request. Sites talk to
+``/jipfed/v1`` with their token; the experiment pages need Airflow's own authentication.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+import torch
+
+from jipfed.central.client import CentralClient, CentralError
+from jipfed.central.tokens import site_token
+from jipfed.federation.codec import EncodedUpdate, encode_update
+from jipfed.federation.dispatch import dispatch_step
+from jipfed.federation.experiment import ExperimentConfig
+from jipfed.federation.rounds import aggregate_step, initial_weights, start_experiment
+from jipfed.federation.update import ModelUpdate
+from jipfed.storage.local import LocalFolderStore
+from jipfed.storage.state import ExperimentStore
+from jipfed.testing.airflow import AirflowStandalone
+from jipfed.training.config import TrainConfig
+
+REPO = Path(__file__).resolve().parents[2]
+AF2_PYTHON = REPO / ".venv-af2" / "bin" / "python"
+SITES = ("site-a", "site-b", "site-c")
+REASON = "fetch_dicom failed: PACS unreachable"
+CONFIG = ExperimentConfig(
+    name="exp1",
+    sites=SITES,
+    rounds=2,
+    train=TrainConfig(size="tiny", steps=1, batch_size=2, amp=False, augment=False),
+    min_sites=2,
+)
+
+
+@dataclass
+class Central:
+    standalone: AirflowStandalone
+    exp_store: ExperimentStore
+    secret: str
+
+    @property
+    def url(self) -> str:
+        return f"{self.standalone.base_url}/jipfed"
+
+    def client(self, site: str) -> CentralClient:
+        return CentralClient(self.url, site_token(self.secret, site), timeout_s=30, backoff_s=0.1)
+
+    def jwt(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.standalone.client.token()}"}
+
+
+@pytest.fixture(scope="module")
+def central(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Central]:
+    root = tmp_path_factory.mktemp("plugin")
+    exp_store = ExperimentStore(LocalFolderStore(root / "store"), CONFIG.name)
+    start_experiment(exp_store, CONFIG)
+    dispatch_step(exp_store, 0)
+    (root / "dags").mkdir()
+    secret = secrets.token_hex(32)
+    env = {
+        "AIRFLOW__JIPFED__SITE_TOKEN_SECRET": secret,
+        "AIRFLOW_CONN_JIPFED_MODEL_STORE_DEFAULT": json.dumps(
+            {"conn_type": "fs", "extra": {"path": str(root / "store")}}
+        ),
+    }
+    with AirflowStandalone(home=root / "home", dags_folder=root / "dags", env=env) as standalone:
+        yield Central(standalone, exp_store, secret)
+
+
+def zero_update(central: Central, site: str) -> EncodedUpdate:
+    """A valid update that changes nothing (the round-0 model is the seeded initial weights)."""
+    delta = {name: torch.zeros_like(value) for name, value in initial_weights(CONFIG).items()}
+    update = ModelUpdate.build(
+        delta,
+        experiment=CONFIG.name,
+        round=0,
+        site=site,
+        kind="delta",
+        n_samples=3,
+        config_hash=central.exp_store.config_hash(),
+        metrics={"val_dice_mean": 0.25 if site == "site-a" else 0.75},
+    )
+    return encode_update(update)
+
+
+@pytest.mark.slow
+def test_plugin_is_registered_with_a_nav_entry(central: Central) -> None:
+    plugins = requests.get(f"{central.standalone.base_url}/api/v2/plugins", headers=central.jwt(), timeout=30)
+    [plugin] = [p for p in plugins.json()["plugins"] if p["name"] == "jipfed"]
+    assert [app["url_prefix"] for app in plugin["fastapi_apps"]] == ["/jipfed"]
+    assert [(v["href"], v["url_route"]) for v in plugin["external_views"]] == [
+        ("/jipfed/ui/experiments", "jipfed-experiments")
+    ]
+    assert requests.get(f"{central.url}/healthz", timeout=60).json() == {"status": "ok"}
+
+
+@pytest.mark.slow
+def test_sites_work_a_round_through_the_api_server(central: Central) -> None:
+    clients = {site: central.client(site) for site in SITES}
+    for site in ("site-a", "site-b"):
+        [item] = clients[site].pending_work()
+        assert (item.ticket.experiment, item.ticket.step) == ("exp1", 0)
+        payload, manifest = clients[site].get_model("exp1", 0, 0)
+        assert manifest["sha256"] == item.ticket.model_sha256
+        encoded = zero_update(central, site)
+        assert (
+            clients[site].put_update("exp1", 0, encoded.payload, encoded.manifest.to_json())["site"] == site
+        )
+    clients["site-c"].report_failure("exp1", 0, 0, REASON)
+    assert all(client.pending_work() == [] for client in clients.values())
+
+    no_token = requests.get(f"{central.url}/v1/work", timeout=30)
+    assert (no_token.status_code, no_token.headers["WWW-Authenticate"]) == (401, "Bearer")
+    with pytest.raises(CentralError, match="403 bad_token"):
+        CentralClient(central.url, site_token("x" * 32, "site-a")).pending_work()
+    # An Airflow JWT is not a site token.
+    assert requests.get(f"{central.url}/v1/work", headers=central.jwt(), timeout=30).status_code == 403
+
+    aggregate_step(central.exp_store, 0)
+    dispatch_step(central.exp_store, 1)
+    assert [w.ticket.step for w in clients["site-a"].pending_work()] == [1]
+
+
+@pytest.mark.slow
+def test_experiment_pages_need_airflow_auth(central: Central) -> None:
+    if not central.exp_store.store.exists(central.exp_store.layout.aggregate(0)):
+        pytest.fail("needs the round closed by test_sites_work_a_round_through_the_api_server")
+    page = f"{central.url}/ui/experiments/exp1"
+    assert requests.get(page, timeout=30).status_code == 401
+    site = {"Authorization": f"Bearer {site_token(central.secret, 'site-a')}"}
+    assert requests.get(page, headers=site, timeout=30).status_code == 403
+    answer = requests.get(page, headers=central.jwt(), timeout=30)
+    assert answer.status_code == 200
+    assert "<td>0</td><td>site-a, site-b</td>" in answer.text
+    assert f"<b>site-c</b>: {REASON}" in answer.text and "<td>0.5000</td>" in answer.text
+    listing = requests.get(f"{central.url}/ui/experiments", headers=central.jwt(), timeout=30)
+    assert "step 1 of 2" in listing.text
+    plot = requests.get(f"{page}/plot.png", headers=central.jwt(), timeout=60)
+    assert plot.status_code == 200 and plot.content.startswith(b"\x89PNG")
+    # The UI's session cookie works as well (what the nav entry's iframe sends).
+    cookie = requests.get(page, cookies={"_token": central.standalone.client.token()}, timeout=30)
+    assert cookie.status_code == 200
+
+
+AIRFLOW2_PLUGIN_CHECK = """
+import json
+from airflow import plugins_manager
+plugins_manager.ensure_plugins_loaded()
+[plugin] = [p for p in plugins_manager.plugins if p.name == "jipfed"]
+print(json.dumps({"errors": plugins_manager.import_errors, "fastapi_apps": getattr(plugin, "fastapi_apps", None)}))
+"""
+
+
+def test_plugin_loads_on_airflow2_and_registers_nothing(tmp_path: Path) -> None:
+    if not AF2_PYTHON.exists():
+        pytest.fail(f"{AF2_PYTHON} is missing: create it with `bash scripts/setup-airflow2.sh`")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW__", "AIRFLOW_CONN_"))}
+    env.update({"AIRFLOW_HOME": str(tmp_path), "AIRFLOW__CORE__LOAD_EXAMPLES": "False"})
+    done = subprocess.run(
+        [str(AF2_PYTHON), "-W", "ignore", "-c", AIRFLOW2_PLUGIN_CHECK],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"errors": {}, "fastapi_apps": None}
