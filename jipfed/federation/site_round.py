@@ -93,17 +93,26 @@ def _train(
         trainer.config = base
 
 
-def site_metrics(result: LocalResult, evaluation: Mapping[str, float] | None) -> dict[str, float]:
-    """The aggregate numbers a site reports: training loss, steps, and held-out scores (``val_*``)."""
+def site_metrics(
+    result: LocalResult,
+    evaluation: Mapping[str, float] | None,
+    start_evaluation: Mapping[str, float] | None = None,
+) -> dict[str, float]:
+    """The aggregate numbers a site reports: training loss, steps and held-out scores.
+
+    ``val_*`` scores the model the site trained; ``global_val_*`` the model it received (federated
+    evaluation of the round's global model on the site's held-out cases, before training).
+    """
     metrics = {
         "train_loss": result.metrics["train_loss"],
         "train_loss_last": result.metrics["train_loss_last"],
         "epochs": result.metrics["epochs"],
         "steps": float(result.steps),
     }
-    for name, value in (evaluation or {}).items():
-        if math.isfinite(value):
-            metrics[f"val_{name}"] = float(value)
+    for prefix, scores in (("val_", evaluation), ("global_val_", start_evaluation)):
+        for name, value in (scores or {}).items():
+            if math.isfinite(value):
+                metrics[f"{prefix}{name}"] = float(value)
     return metrics
 
 
@@ -147,6 +156,7 @@ def run_site_step(
         )
     shared = {name: tensor for name, tensor in trainer.get_weights().items() if name in trainer.shared_names}
     start = verify_global(ticket, global_payload, global_manifest, shared)
+    start_evaluation = trainer.evaluate(start) if evaluate and trainer.val_records else None
     result = _train(trainer, ticket, site_id, start)
     evaluation = None
     if evaluate and trainer.val_records:
@@ -163,7 +173,7 @@ def run_site_step(
         kind=ticket.kind,
         n_samples=result.n_samples,
         config_hash=config_hash,
-        metrics=site_metrics(result, evaluation),
+        metrics=site_metrics(result, evaluation, start_evaluation),
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
     encoded = encode_update(update, ticket.encoding)
