@@ -1,0 +1,130 @@
+"""JIP Federated: the site DAGs (Apache Airflow), the same file at every hospital.
+
+One run answers one step of a federated experiment: it takes the step from the central, prepares
+the site's data from its PACS (cached: later rounds do no DICOM work), trains locally from the
+global model and uploads the update. Two DAGs run the same chain:
+
+* ``jipfed_site`` (push): the central triggers it with conf ``{"experiment", "round", "step"}``;
+* ``jipfed_site_pull`` (pull, ``@continuous``, starts paused): its first task waits in the
+  triggerer until the central lists work for this site; the site needs no inbound port.
+
+Composition only; the operators live in ``jipfed.operators``. See ``DOC`` for the configuration.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from jipfed.operators.compat import DAG, BaseOperator, Param, chain
+from jipfed.operators.sensors.central_work import CentralWorkSensor
+from jipfed.operators.site import (
+    CleanupRunFolderOperator,
+    ConvertOperator,
+    FetchDicomOperator,
+    GetGlobalModelOperator,
+    GetWorkOperator,
+    PreprocessOperator,
+    SelectCohortOperator,
+    TrainLocalOperator,
+    UploadUpdateOperator,
+    hosted_sites,
+    identity_variable,
+    report_failure_to_central,
+)
+
+START_DATE = dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc)
+TAGS = ["jipfed", "federated-learning", "site"]
+#: Pull mode: seconds between polls of the central, and idle seconds after which a run ends (skipped).
+POLL_INTERVAL_S = 30
+IDLE_TIMEOUT_S = 3600
+
+DOC = """
+### JIP Federated site DAG
+
+Same file at every site; the site's identity comes from configuration:
+
+* **Variable `{variable}`** (JSON): `{{"site_id": "site-a", "data_root": "/data/jipfed"}}` and
+  optionally `pacs_conn_id`, `central_conn_id`, `fetch_transport` (`dicomweb`/`cget`),
+  `default_dataset`, `workflow_dir` (default `<data_root>/workflows`), `preprocess`
+  (`spacing_mm`, `spatial_size`), `device`.
+* **Connection `jipfed_central_default`** (http): host = the central endpoint's URL with its
+  `/jipfed` prefix, password = this site's token (`jipfed site-token --site <id>` at the central).
+* **Connection `jipfed_pacs_default`** (jipfed_pacs): the PACS' DICOMweb URL, user, password,
+  extra `dimse_port` for C-GET.
+
+Tasks: work → select_cohort → fetch_dicom → convert → preprocess → get_global_model →
+train_local → upload_update → cleanup (teardown: deletes the run folder, never the caches in
+`data_root`). A failing task after the work is known reports the failure to the central.
+New DAGs start paused: unpause `jipfed_site` to accept steps the central pushes, or
+`jipfed_site_pull` to poll for them (use one of the two). One Airflow can host several sites (demo): `JIPFED_HOSTED_SITES=site-a,site-b` makes one DAG
+pair per site, reading the Variable `jipfed_site__<id>`.
+"""
+
+
+def site_chain(work: BaseOperator, *, site_variable: str, hosted_site: str | None) -> None:
+    """The tasks after ``work`` (the task returning the work item), chained after it."""
+    site = {"site_variable": site_variable, "hosted_site": hosted_site}
+    after_work = {**site, "work_task_id": work.task_id, "on_failure_callback": report_failure_to_central}
+    cohort = SelectCohortOperator(task_id="select_cohort", **after_work)
+    fetch = FetchDicomOperator(task_id="fetch_dicom", input_operator=cohort, **after_work)
+    convert = ConvertOperator(task_id="convert", input_operator=fetch, **after_work)
+    preprocess = PreprocessOperator(task_id="preprocess", input_operator=convert, **after_work)
+    model = GetGlobalModelOperator(task_id="get_global_model", **after_work)
+    train = TrainLocalOperator(
+        task_id="train_local", input_operator=preprocess, model_operator=model, **after_work
+    )
+    upload = UploadUpdateOperator(task_id="upload_update", input_operator=train, **after_work)
+    cleanup = CleanupRunFolderOperator(task_id="cleanup", **site)
+    chain(work, cohort, fetch, convert, preprocess, model, train, upload, cleanup)
+
+
+def site_dags(hosted_site: str | None) -> list[DAG]:
+    """The push and the pull DAG of one site identity."""
+    suffix = "" if hosted_site is None else f"__{hosted_site}"
+    variable = identity_variable(hosted_site)
+    doc = DOC.format(variable=variable)
+    with DAG(
+        dag_id=f"jipfed_site{suffix}",
+        description="JIP Federated site: answer one step the central triggered (push)",
+        schedule=None,
+        start_date=START_DATE,
+        catchup=False,
+        max_active_runs=1,  # runs share the site's caches and its preprocessed index
+        tags=TAGS,
+        doc_md=doc,
+        params={
+            "experiment": Param(
+                type="string", pattern="^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$", title="Experiment"
+            ),
+            "round": Param(type="integer", minimum=0, title="Round"),
+            "step": Param(type="integer", minimum=0, title="Plan step"),
+        },
+    ) as push:
+        work = GetWorkOperator(task_id="get_work", site_variable=variable, hosted_site=hosted_site)
+        site_chain(work, site_variable=variable, hosted_site=hosted_site)
+    with DAG(
+        dag_id=f"jipfed_site_pull{suffix}",
+        description="JIP Federated site: poll the central for work and answer it (pull)",
+        schedule="@continuous",
+        start_date=START_DATE,
+        catchup=False,
+        max_active_runs=1,
+        is_paused_upon_creation=True,
+        tags=[*TAGS, "pull"],
+        doc_md=doc,
+    ) as pull:
+        wait = CentralWorkSensor(
+            task_id="wait_for_work",
+            site_variable=variable,
+            hosted_site=hosted_site,
+            poke_interval=POLL_INTERVAL_S,
+            timeout=IDLE_TIMEOUT_S,
+            soft_fail=True,
+        )
+        site_chain(wait, site_variable=variable, hosted_site=hosted_site)
+    return [push, pull]
+
+
+for _hosted in hosted_sites():
+    for _dag in site_dags(_hosted):
+        globals()[_dag.dag_id] = _dag

@@ -1,0 +1,74 @@
+"""CentralHook: an Airflow Connection -> the client of the central endpoint a site talks to.
+
+Connection (conn_type ``http``)::
+
+    host      base URL of the central endpoint, with its prefix (``https://central.example/jipfed``),
+              or a bare host name (then schema + port, as in Airflow's HTTP connections)
+    schema    http / https when host is a bare name      port  port when host is a bare name
+    password  this site's token (``jipfed site-token --site <id>`` at the central)
+    extra     {"timeout_s": 60, "verify": true}          # verify: bool or CA bundle path
+
+The central takes the site id from the token, so the token is all that identifies the site there.
+e.g. ``AIRFLOW_CONN_JIPFED_CENTRAL_DEFAULT='{"conn_type": "http", "host":
+"https://central.example/jipfed", "password": "jipfed.site-a.<hmac>"}'``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from jipfed.operators.compat import BaseHook
+from jipfed.operators.hooks._connection import ConnectionLike, base_url, checked_extras, optional_str
+
+if TYPE_CHECKING:
+    from jipfed.central.client import CentralClient
+
+CENTRAL_EXTRA_FIELDS = ("timeout_s", "verify")
+DEFAULT_TIMEOUT_S = 60.0
+
+
+def central_client_kwargs(conn: ConnectionLike) -> dict[str, Any]:
+    """Keyword arguments of ``CentralClient`` read from a Connection (``base_url``, ``token``, ...)."""
+    extras = checked_extras(conn, CENTRAL_EXTRA_FIELDS)
+    token = optional_str(conn.password)
+    if token is None:
+        raise ValueError(f"connection {conn.conn_id!r}: password must hold the site's token for the central")
+    verify = extras.get("verify", True)
+    if not isinstance(verify, (bool, str)):
+        raise ValueError(f"connection {conn.conn_id!r}: verify must be true, false or a CA bundle path")
+    raw_timeout = extras.get("timeout_s", DEFAULT_TIMEOUT_S)
+    try:
+        timeout_s = float(raw_timeout)
+    except (TypeError, ValueError):
+        timeout_s = -1.0
+    if isinstance(raw_timeout, bool) or not timeout_s > 0:
+        raise ValueError(f"connection {conn.conn_id!r}: timeout_s {raw_timeout!r} must be a number > 0")
+    return {"base_url": base_url(conn), "token": token, "timeout_s": timeout_s, "verify": verify}
+
+
+class CentralHook(BaseHook):
+    """Reads the central endpoint's Connection; ``get_conn()`` returns a ``CentralClient``.
+
+    Args:
+        central_conn_id: The Connection id.
+    """
+
+    conn_name_attr = "central_conn_id"
+    default_conn_name = "jipfed_central_default"
+    conn_type = "http"
+    hook_name = "JIP Federated central endpoint"
+
+    def __init__(self, central_conn_id: str = default_conn_name, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.central_conn_id = central_conn_id
+
+    def get_client_kwargs(self) -> dict[str, Any]:
+        """``base_url``, ``token``, ``timeout_s`` and ``verify`` from the Connection."""
+        return central_client_kwargs(self.get_connection(self.central_conn_id))
+
+    def get_conn(self) -> CentralClient:
+        """A client of the central endpoint (one per call; it holds no open connection)."""
+        from jipfed.central.client import CentralClient
+
+        kwargs = self.get_client_kwargs()
+        return CentralClient(kwargs.pop("base_url"), kwargs.pop("token"), **kwargs)

@@ -1,0 +1,143 @@
+"""CentralWorkSensor: the first task of the pull-mode site DAG; waits until the central has work.
+
+Deferrable by default: the wait runs in the triggerer (:class:`CentralWorkTrigger`), holding no
+worker slot. With ``deferrable=False`` it pokes ``pending_work`` every ``poke_interval`` seconds.
+After ``timeout`` seconds without work it ends the run: skipped with ``soft_fail=True`` (the
+default, so an idle ``@continuous`` run ends cleanly and the next one starts), failed otherwise.
+A refusal by the central (bad token, wrong URL) fails the task even with ``soft_fail``.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from jipfed.operators.compat import (
+    AirflowFailException,
+    AirflowSkipException,
+    BaseSensorOperator,
+    Context,
+    PokeReturnValue,
+)
+from jipfed.operators.hooks.central_hook import CentralHook
+from jipfed.operators.site.base import make_site_run
+from jipfed.operators.site.identity import IDENTITY_VARIABLE, load_identity
+from jipfed.operators.site.work import accept_work
+from jipfed.operators.triggers.central_work import ERROR, IDLE, WORK, CentralWorkTrigger, is_permanent
+
+from jipfed.central.client import CentralError
+
+#: Extra seconds the deferral may last beyond ``timeout`` (the trigger ends itself at ``timeout``).
+DEFERRAL_MARGIN_S = 120
+
+
+class CentralWorkError(RuntimeError):
+    """The central refused this site's poll. Not an AirflowException, so ``soft_fail`` does not skip it."""
+
+
+class CentralWorkSensor(BaseSensorOperator):
+    """Wait for a step the central dispatched to this site; return its work item.
+
+    Args:
+        site_variable: the Airflow Variable holding the site identity (read at run time).
+        hosted_site: the site id this DAG was made for when one Airflow hosts several.
+        operator_out_dir: folder below the run folder for ``work.json``; default the task id.
+        deferrable: wait in the triggerer (True) or poke from the worker (False).
+        poke_interval, timeout, soft_fail: as for every sensor (seconds); ``poke_interval`` is
+            also the trigger's poll interval.
+
+    Returns (XCom): the oldest pending work item's dict, also written to ``work.json``.
+    """
+
+    ui_color = "#d9ecf2"
+
+    def __init__(
+        self,
+        *,
+        site_variable: str = IDENTITY_VARIABLE,
+        hosted_site: str | None = None,
+        operator_out_dir: str | None = None,
+        deferrable: bool = True,
+        poke_interval: float = 30.0,
+        timeout: float = 3600.0,
+        soft_fail: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(poke_interval=poke_interval, timeout=timeout, soft_fail=soft_fail, **kwargs)
+        self.site_variable = site_variable
+        self.hosted_site = hosted_site
+        self.operator_out_dir = operator_out_dir or self.task_id
+        self.deferrable = deferrable
+
+    def execute(self, context: Context) -> Any:
+        if not self.deferrable:
+            return super().execute(context)
+        identity = load_identity(self.site_variable, self.hosted_site)
+        end_at = datetime.now(timezone.utc) + timedelta(seconds=float(self.timeout))
+        self.log.info(
+            "site %s: waiting for work from the central (Connection %r) until %s",
+            identity.site_id,
+            identity.central_conn_id,
+            end_at.isoformat(timespec="seconds"),
+        )
+        self.defer(
+            trigger=CentralWorkTrigger(
+                central_conn_id=identity.central_conn_id,
+                end_at=end_at.isoformat(),
+                poll_interval=float(self.poke_interval),
+            ),
+            method_name="execute_complete",
+            timeout=timedelta(seconds=float(self.timeout) + DEFERRAL_MARGIN_S),
+        )
+
+    def poke(self, context: Context) -> bool | PokeReturnValue:
+        identity = load_identity(self.site_variable, self.hosted_site)
+        try:
+            items = CentralHook(identity.central_conn_id).get_conn().pending_work_dicts()
+        except CentralError as exc:
+            if is_permanent(exc):
+                raise CentralWorkError(
+                    f"site {identity.site_id!r}: the central refused the poll: {exc}"
+                ) from exc
+            self.log.warning("site %s: central not reachable, poking on: %s", identity.site_id, exc)
+            return False
+        if not items:
+            return False
+        self.log.info("site %s: %d pending work item(s); taking the oldest", identity.site_id, len(items))
+        return PokeReturnValue(is_done=True, xcom_value=self._accept(context, items[0]))
+
+    def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Resume after the trigger fired: accept its work item, or end the run."""
+        status = (event or {}).get("status")
+        if status == WORK:
+            return self._accept(context, event["item"])  # type: ignore[index]
+        message = (event or {}).get("message", f"unexpected trigger event {event!r}")
+        if status == IDLE:
+            if self.soft_fail:
+                raise AirflowSkipException(f"{message}; ending this run")
+            raise AirflowFailException(message)
+        if status == ERROR:
+            raise CentralWorkError(f"polling the central failed: {message}")
+        raise CentralWorkError(message)
+
+    def _accept(self, context: Context, data: dict[str, Any]) -> dict[str, Any]:
+        run = make_site_run(
+            context,
+            site_variable=self.site_variable,
+            hosted_site=self.hosted_site,
+            work_task_id=None,
+            operator_in_dir=None,
+            operator_out_dir=self.operator_out_dir,
+        )
+        from jipfed.federation.dispatch import WorkItem
+
+        item = WorkItem.from_dict(data)
+        self.log.info(
+            "site %s: work for experiment %s round %d step %d, deadline %s",
+            run.identity.site_id,
+            item.ticket.experiment,
+            item.ticket.round,
+            item.ticket.step,
+            item.dispatch.deadline.isoformat(),
+        )
+        return accept_work(run, item)

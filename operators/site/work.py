@@ -1,0 +1,106 @@
+"""GetWorkOperator: the step a push-triggered run answers, as the central lists it for this site."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from jipfed.operators.compat import AirflowFailException, Context
+from jipfed.operators.hooks.central_hook import CentralHook
+from jipfed.operators.site.base import SiteOperator, SiteRun, write_json
+
+if TYPE_CHECKING:
+    from jipfed.federation.dispatch import WorkItem
+
+WORK_FILE = "work.json"
+
+
+def describe(items: Sequence[WorkItem]) -> str:
+    """``exp1 round 0 step 0, ...`` (or ``none``) for messages."""
+    names = [f"{i.ticket.experiment} round {i.ticket.round} step {i.ticket.step}" for i in items]
+    return ", ".join(names) or "none"
+
+
+def accept_work(run: SiteRun, item: WorkItem) -> dict[str, Any]:
+    """Check that ``item`` selects this site, write it to ``<out dir>/work.json``, return its dict.
+
+    The central decides which site a token acts as; an item that does not select the identity's
+    site means the Connection's token belongs to another site.
+    """
+    site = run.identity.site_id
+    if site not in item.ticket.sites:
+        raise AirflowFailException(
+            f"site {site!r}: the central sent work for sites {list(item.ticket.sites)} "
+            f"(experiment {item.ticket.experiment!r}, step {item.ticket.step}); the token in Connection "
+            f"{run.identity.central_conn_id!r} belongs to another site"
+        )
+    data = item.to_dict()
+    write_json(run.out_dir / WORK_FILE, data)
+    return data
+
+
+def find_work(items: Sequence[WorkItem], experiment: str, round: int, step: int, *, site: str) -> WorkItem:
+    """The item for (experiment, round, step) among the central's pending ``items`` for ``site``.
+
+    Raises:
+        AirflowFailException: the central lists no such step for the site.
+    """
+    for item in items:
+        if (item.ticket.experiment, item.ticket.round, item.ticket.step) == (experiment, round, step):
+            return item
+    raise AirflowFailException(
+        f"central has no open step {step} (round {round}) of experiment {experiment!r} for site {site!r}: "
+        f"it was never dispatched, it closed, its deadline passed, or this site answered it already. "
+        f"Pending for this site: {describe(items)}"
+    )
+
+
+class GetWorkOperator(SiteOperator):
+    """Push mode: find the step the run's conf names among the central's pending work for this site.
+
+    The conf only says *which* step (experiment, round, step); everything else (ticket, deadline,
+    experiment config, dataset) comes from the central.
+
+    Args:
+        experiment, round, step: the step to answer (templated; default the run's params).
+        **kwargs: see :class:`SiteOperator` (``work_task_id`` is None: this task makes the work item).
+
+    Returns (XCom): the work item's dict (``WorkItem.to_dict()``), also written to ``work.json``.
+    """
+
+    template_fields = ("experiment", "round", "step")
+
+    def __init__(
+        self,
+        *,
+        experiment: str = "{{ params.experiment }}",
+        round: str | int = "{{ params.round }}",
+        step: str | int = "{{ params.step }}",
+        **kwargs: Any,
+    ) -> None:
+        kwargs.setdefault("work_task_id", None)
+        super().__init__(**kwargs)
+        self.experiment = experiment
+        self.round = round
+        self.step = step
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        run = self.site_run(context)
+        try:
+            wanted = (str(self.experiment), int(self.round), int(self.step))
+        except (TypeError, ValueError):
+            raise AirflowFailException(
+                f"site {run.identity.site_id!r}: the run names experiment {self.experiment!r}, "
+                f"round {self.round!r}, step {self.step!r}; round and step must be integers"
+            ) from None
+        items = CentralHook(run.identity.central_conn_id).get_conn().pending_work()
+        item = find_work(items, *wanted, site=run.identity.site_id)
+        self.log.info(
+            "site %s: work for experiment %s round %d step %d, deadline %s",
+            run.identity.site_id,
+            item.ticket.experiment,
+            item.ticket.round,
+            item.ticket.step,
+            item.dispatch.deadline.isoformat(),
+        )
+        return accept_work(run, item)
