@@ -40,6 +40,10 @@ NATIVE_LOCATIONS: dict[str, tuple[str, str]] = {
     "get_current_context": ("airflow.sdk", "airflow.operators.python"),
     "chain": ("airflow.sdk", "airflow.models.baseoperator"),
     "TriggerRule": ("airflow.sdk", "airflow.utils.trigger_rule"),
+    "TriggerDagRunOperator": (
+        "airflow.providers.standard.operators.trigger_dagrun",
+        "airflow.operators.trigger_dagrun",
+    ),
     "AirflowException": ("airflow.sdk.exceptions", "airflow.exceptions"),
     "AirflowFailException": ("airflow.sdk.exceptions", "airflow.exceptions"),
     "AirflowSkipException": ("airflow.sdk.exceptions", "airflow.exceptions"),
@@ -105,6 +109,9 @@ except ImportError:  # older Airflow 2 without apache-airflow-providers-common-c
     task = native_import("task")
     task_group = native_import("task_group")
 
+#: Triggers a DAG run (the central DAG's next step): the standard provider on 3.x, core on 2.x.
+TriggerDagRunOperator = native_import("TriggerDagRunOperator")
+
 __all__ = [
     "AIRFLOW_V3",
     "AIRFLOW_VERSION",
@@ -125,6 +132,7 @@ __all__ = [
     "Param",
     "ParamValidationError",
     "PokeReturnValue",
+    "TriggerDagRunOperator",
     "TriggerEvent",
     "TriggerRule",
     "Variable",

@@ -5,7 +5,8 @@ Connection (conn_type ``http``)::
     host      base URL (``https://site-a.example/flow``) or host name
     schema    http / https when host is a bare name      port  port when host is a bare name
     login     API user                                    password  its password
-    extra     {"timeout_s": 30, "verify": true}           # verify: bool or CA bundle path
+    extra     {"timeout_s": 30, "verify": true,           # verify: bool or CA bundle path
+               "dag_id": "jipfed_site"}                   # the DAG to trigger there (optional)
 
 The client (:class:`jipfed.airflow_rest.AirflowRestClient`) logs in with ``POST /auth/token``,
 caches the JWT and logs in again when it is rejected; errors name the connection and URL.
@@ -22,7 +23,7 @@ from jipfed.operators.hooks._connection import ConnectionLike, base_url, checked
 
 from jipfed.airflow_rest import AirflowRestClient
 
-API_EXTRA_FIELDS = ("timeout_s", "verify")
+API_EXTRA_FIELDS = ("timeout_s", "verify", "dag_id")
 
 
 def rest_client(conn: ConnectionLike) -> AirflowRestClient:
@@ -103,6 +104,18 @@ class AirflowApiHook(BaseHook):
     def list_task_instances(self, dag_id: str, run_id: str) -> list[dict[str, Any]]:
         """Task instances of a run (``task_id``, ``map_index``, ``state``…)."""
         return self.client.list_task_instances(dag_id, run_id)
+
+    def dag_id(self, default: str) -> str:
+        """The Connection's ``dag_id`` extra (the DAG to trigger on that Airflow), else ``default``."""
+        extras = checked_extras(self.get_connection(self.airflow_api_conn_id), API_EXTRA_FIELDS)
+        dag_id = extras.get("dag_id")
+        if dag_id in (None, ""):
+            return default
+        if not isinstance(dag_id, str):
+            raise ValueError(
+                f"connection {self.airflow_api_conn_id!r}: dag_id must be a string, got {dag_id!r}"
+            )
+        return dag_id
 
     def test_connection(self) -> tuple[bool, str]:
         """Log in and read the health endpoint (the UI's "Test" button)."""

@@ -1,0 +1,372 @@
+"""The central DAG's trigger form: one JSON schema per param, the ExperimentConfig built from it.
+
+``PARAMS`` (name → JSON-schema property with ``title``, ``description`` and ``default``) is the
+single source of the form. The DAG turns each entry into an Airflow ``Param`` (Airflow's trigger
+form renders type, enum, minimum/maximum, items, title, description and section);
+:func:`ui_forms` renders the same schema as Kaapana's ``ui_forms["workflow_form"]``. Values
+submitted through either form become an :class:`~jipfed.federation.experiment.ExperimentConfig`
+with :func:`experiment_config`. No Airflow import here.
+
+``CHAIN_PARAMS`` are set by the DAG itself when it triggers the experiment's next step; they are
+not experiment settings.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from typing import Any
+
+from jipfed.federation.experiment import DISPATCH_TRANSPORTS, ExperimentConfig
+from jipfed.federation.plans import ORDERS, PLANS
+from jipfed.federation.strategies import STRATEGIES
+from jipfed.federation.update import ENCODINGS
+from jipfed.storage.layout import _SLUG_RE
+from jipfed.training.config import MODELS_BY_TASK, SIZES, TASKS, TrainConfig
+
+#: The slug rule of experiment and site names (``jipfed.storage.layout.validate_slug``).
+SLUG_PATTERN = _SLUG_RE.pattern
+#: Params that ask for a privacy technique the core does not offer yet.
+PRIVACY_PARAMS = ("differential_privacy", "secure_aggregation")
+PRIVACY_NOTE = "Available after the privacy issue; true is refused when the experiment starts."
+
+_EXPERIMENT, _TRAINING, _FEDERATION, _PRIVACY = "Experiment", "Local training", "Federation", "Privacy"
+_SLUG_TEXT = "1-64 letters, digits, '_' or '-', starting with a letter or digit"
+
+PARAMS: dict[str, dict[str, Any]] = {
+    "experiment": {
+        "type": "string",
+        "pattern": SLUG_PATTERN,
+        "default": "brats-fedavg",
+        "title": "Experiment name",
+        "description": f"Names the experiment in the model store ({_SLUG_TEXT}). Triggering again "
+        "with the same name and settings resumes it; other settings under a used name are refused.",
+        "section": _EXPERIMENT,
+    },
+    "sites": {
+        "type": "array",
+        "items": {"type": "string", "pattern": SLUG_PATTERN},
+        "minItems": 1,
+        "uniqueItems": True,
+        "default": ["site-a", "site-b", "site-c"],
+        "title": "Sites",
+        "description": f"Participating site ids ({_SLUG_TEXT}), in plan order.",
+        "section": _EXPERIMENT,
+    },
+    "rounds": {
+        "type": "integer",
+        "minimum": 1,
+        "maximum": 1000,
+        "default": 5,
+        "title": "Rounds",
+        "description": "Federated rounds (parallel plan: aggregations; cyclic plan: passes over all sites).",
+        "section": _EXPERIMENT,
+    },
+    "task": {
+        "type": "string",
+        "enum": list(TASKS),
+        "default": "segmentation",
+        "title": "Task",
+        "description": "Segmentation (WT/TC/ET regions) or classification (tumour grade).",
+        "section": _EXPERIMENT,
+    },
+    "model": {
+        "type": "string",
+        "enum": [m for task in TASKS for m in MODELS_BY_TASK[task]],
+        "default": "unet",
+        "title": "Model",
+        "description": "Network; "
+        + "; ".join(f"{task}: {', '.join(MODELS_BY_TASK[task])}" for task in TASKS)
+        + ".",
+        "section": _EXPERIMENT,
+    },
+    "model_size": {
+        "type": "string",
+        "enum": list(SIZES),
+        "default": "small",
+        "title": "Model size",
+        "description": "Channel preset: tiny (tests), small, medium.",
+        "section": _EXPERIMENT,
+    },
+    "datasets": {
+        "type": "object",
+        "propertyNames": {"pattern": SLUG_PATTERN},
+        "additionalProperties": {"type": "string", "minLength": 1},
+        "default": {},
+        "title": "Dataset per site",
+        "description": 'Site id -> StudyDescription of the studies it trains on, e.g. {"site-a": "BraTS"}; '
+        "a site without an entry uses its own default.",
+        "section": _EXPERIMENT,
+    },
+    "local_epochs": {
+        "type": "integer",
+        "minimum": 1,
+        "default": 1,
+        "title": "Local epochs",
+        "description": "Passes over each site's training cases per round (ignored when local steps is set).",
+        "section": _TRAINING,
+    },
+    "local_steps": {
+        "type": ["integer", "null"],
+        "minimum": 1,
+        "default": None,
+        "title": "Local steps",
+        "description": "Optimiser steps per round instead of epochs; empty = use local epochs.",
+        "section": _TRAINING,
+    },
+    "learning_rate": {
+        "type": "number",
+        "exclusiveMinimum": 0,
+        "default": 0.001,
+        "title": "Learning rate",
+        "description": "Learning rate of the sites' local optimiser (Adam).",
+        "section": _TRAINING,
+    },
+    "batch_size": {
+        "type": "integer",
+        "minimum": 1,
+        "maximum": 256,
+        "default": 2,
+        "title": "Batch size",
+        "description": "Cases per local optimiser step.",
+        "section": _TRAINING,
+    },
+    "seed": {
+        "type": "integer",
+        "minimum": 0,
+        "default": 0,
+        "title": "Seed",
+        "description": "Seeds the initial global model, the sites' shuffling and the cyclic rotation.",
+        "section": _TRAINING,
+    },
+    "strategy": {
+        "type": "string",
+        "enum": sorted(STRATEGIES),
+        "default": "fedavg",
+        "title": "Strategy",
+        "description": "Server aggregation strategy (the cyclic plan takes fedavg or fedprox).",
+        "section": _FEDERATION,
+    },
+    "strategy_kwargs": {
+        "type": "object",
+        "default": {},
+        "title": "Strategy settings",
+        "description": 'Keyword arguments of the strategy, e.g. {"eta": 0.05} for fedadam or {"mu": 0.01} '
+        "for fedprox; empty = the strategy's defaults.",
+        "section": _FEDERATION,
+    },
+    "plan": {
+        "type": "string",
+        "enum": list(PLANS),
+        "default": "parallel",
+        "title": "Compute plan",
+        "description": "parallel: every site trains from the same global model each round; cyclic: the "
+        "model travels from site to site (one DAG run per hop).",
+        "section": _FEDERATION,
+    },
+    "order": {
+        "type": "string",
+        "enum": list(ORDERS),
+        "default": "fixed",
+        "title": "Cyclic order",
+        "description": "Cyclic plan only: the same site order every round (fixed) or shifted by one (rotating).",
+        "section": _FEDERATION,
+    },
+    "min_sites": {
+        "type": ["integer", "null"],
+        "minimum": 1,
+        "default": None,
+        "title": "Quorum (min sites)",
+        "description": "Fewest valid updates a round aggregates; empty = every site.",
+        "section": _FEDERATION,
+    },
+    "round_timeout_s": {
+        "type": "number",
+        "exclusiveMinimum": 0,
+        "default": 3600,
+        "title": "Round timeout (s)",
+        "description": "How long the central waits for a step's updates; a site that has not answered "
+        "by then is recorded as timed out.",
+        "section": _FEDERATION,
+    },
+    "transport": {
+        "type": "string",
+        "enum": list(DISPATCH_TRANSPORTS),
+        "default": "pull",
+        "title": "Transport",
+        "description": "pull: sites poll the central endpoint (no inbound port at a site); push: the "
+        "central triggers each site's DAG through Connection jipfed_site_<site-id>.",
+        "section": _FEDERATION,
+    },
+    "encoding": {
+        "type": "string",
+        "enum": list(ENCODINGS),
+        "default": "fp32",
+        "title": "Update encoding",
+        "description": "How updates travel: fp32, fp16 or int8 (int8 needs the parallel plan).",
+        "section": _FEDERATION,
+    },
+    "differential_privacy": {
+        "type": "boolean",
+        "default": False,
+        "title": "Differential privacy",
+        "description": PRIVACY_NOTE,
+        "section": _PRIVACY,
+    },
+    "secure_aggregation": {
+        "type": "boolean",
+        "default": False,
+        "title": "Secure aggregation",
+        "description": PRIVACY_NOTE,
+        "section": _PRIVACY,
+    },
+}
+
+CHAIN_PARAMS: dict[str, dict[str, Any]] = {
+    "step": {
+        "type": ["integer", "null"],
+        "minimum": 0,
+        "default": None,
+        "title": "Step (set by the DAG)",
+        "description": "Leave empty to start or resume an experiment with the settings above. The DAG "
+        "sets it (with the experiment name) when it triggers the experiment's next step; such a run "
+        "reads the stored settings, not the form.",
+        "section": "Chain",
+    },
+}
+
+#: Keys of a param entry that are not part of its value's JSON schema.
+NON_SCHEMA_KEYS = ("default", "description", "section")
+
+
+def value_schema(name: str) -> dict[str, Any]:
+    """The JSON schema a value of param ``name`` must match (its entry without default/description)."""
+    spec = PARAMS.get(name) or CHAIN_PARAMS.get(name)
+    if spec is None:
+        raise KeyError(f"unknown param {name!r}; known: {sorted({**PARAMS, **CHAIN_PARAMS})}")
+    return {k: copy.deepcopy(v) for k, v in spec.items() if k not in NON_SCHEMA_KEYS}
+
+
+def form_schema() -> dict[str, Any]:
+    """All params as one JSON schema of an object (unknown keys allowed: Airflow adds its own)."""
+    return {
+        "type": "object",
+        "properties": {name: value_schema(name) for name in {**PARAMS, **CHAIN_PARAMS}},
+    }
+
+
+def with_defaults(params: Mapping[str, Any]) -> dict[str, Any]:
+    """``params`` over the defaults of every param."""
+    values = {name: copy.deepcopy(spec["default"]) for name, spec in {**PARAMS, **CHAIN_PARAMS}.items()}
+    values.update(params)
+    return values
+
+
+def validate(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Check ``params`` (missing ones take their defaults) against the schema; return the full values.
+
+    Raises:
+        ValueError: a value does not match its param's schema (the message names the param), or
+            a key is not a param (a typo must not fall back to a default silently).
+    """
+    import jsonschema  # shipped with Airflow; the core has no hard dependency on it
+
+    values = with_defaults(params)
+    unknown = sorted(set(values) - set(PARAMS) - set(CHAIN_PARAMS))
+    if unknown:
+        raise ValueError(f"unknown param(s) {unknown}; known: {sorted({**PARAMS, **CHAIN_PARAMS})}")
+    for name, value in values.items():
+        try:
+            jsonschema.validate(value, value_schema(name))
+        except jsonschema.ValidationError as exc:
+            raise ValueError(f"param {name!r}: {exc.message}") from None
+    return values
+
+
+def experiment_config(params: Mapping[str, Any]) -> ExperimentConfig:
+    """The ExperimentConfig the form's values describe (``step`` is ignored).
+
+    Raises:
+        ValueError: a value is invalid (the message names the param), a privacy switch is on
+            (not available yet), or the values do not form a valid experiment together.
+    """
+    p = validate(params)
+    name = p["experiment"]
+    try:
+        train = TrainConfig(
+            task=p["task"],
+            model=p["model"],
+            size=p["model_size"],
+            epochs=None if p["local_steps"] is not None else p["local_epochs"],
+            steps=p["local_steps"],
+            batch_size=p["batch_size"],
+            lr=float(p["learning_rate"]),
+            seed=p["seed"],
+        )
+    except ValueError as exc:
+        raise ValueError(
+            f"experiment {name!r}: params task/model/model_size/local_epochs/local_steps/learning_rate/"
+            f"batch_size: {exc}"
+        ) from None
+    privacy = {switch: True for switch in PRIVACY_PARAMS if p[switch]}
+    try:
+        return ExperimentConfig(
+            name=name,
+            sites=tuple(p["sites"]),
+            rounds=p["rounds"],
+            train=train,
+            strategy=p["strategy"],
+            strategy_kwargs=p["strategy_kwargs"],
+            plan=p["plan"],
+            order=p["order"],
+            min_sites=p["min_sites"],
+            round_timeout_s=p["round_timeout_s"],
+            encoding=p["encoding"],
+            privacy=privacy,
+            seed=p["seed"],
+            datasets=p["datasets"],
+            transport=p["transport"],
+        )
+    except ValueError as exc:
+        if privacy:
+            raise ValueError(f"param(s) {sorted(privacy)} must be false: {PRIVACY_NOTE} ({exc})") from None
+        raise ValueError(f"the params do not form a valid experiment: {exc}") from None
+
+
+#: Keys of a param entry Kaapana's workflow form does not take.
+_NOT_IN_KAAPANA = ("section",)
+
+
+def ui_forms() -> dict[str, Any]:
+    """Kaapana's ``ui_forms``: the same params as ``{"workflow_form": {"type": "object", "properties"}}``.
+
+    Kaapana's frontend renders each property (title, description, type, default, enum, items,
+    minimum/maximum, ``readOnly``, ``required``) and passes the values to the run as
+    ``conf["workflow_form"]`` (see :func:`submitted_values`).
+    """
+    properties = {}
+    for name, spec in PARAMS.items():
+        prop = {k: copy.deepcopy(v) for k, v in spec.items() if k not in _NOT_IN_KAAPANA}
+        prop["readOnly"] = False
+        prop["required"] = name in ("experiment", "sites")
+        properties[name] = prop
+    return {"workflow_form": {"type": "object", "properties": properties}}
+
+
+def submitted_values(params: Mapping[str, Any], conf: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The form values of a run: Airflow's params, overlaid by Kaapana's ``conf["workflow_form"]``.
+
+    Only the keys of ``PARAMS`` and ``CHAIN_PARAMS`` are kept from ``params`` (Airflow may hold
+    others); a ``workflow_form`` must be an object whose keys are params.
+    """
+    known = {**PARAMS, **CHAIN_PARAMS}
+    values = {k: v for k, v in params.items() if k in known}
+    form = (conf or {}).get("workflow_form")
+    if form is not None:
+        if not isinstance(form, Mapping):
+            raise ValueError(f"conf['workflow_form'] must be an object, got {type(form).__name__}")
+        unknown = sorted(set(form) - set(known))
+        if unknown:
+            raise ValueError(f"conf['workflow_form'] has unknown param(s) {unknown}")
+        values.update(form)
+    return values

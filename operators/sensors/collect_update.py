@@ -1,0 +1,168 @@
+"""CollectUpdateSensor: wait until one site answered the dispatched step (or its deadline passed)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from functools import cached_property
+from typing import Any
+
+from jipfed.operators.central._common import (
+    DEFAULT_STORE_CONN_ID,
+    open_experiment,
+    step_dispatch,
+    step_number,
+    where,
+)
+from jipfed.operators.compat import (
+    AirflowException,
+    AirflowSkipException,
+    BaseSensorOperator,
+    Context,
+    PokeReturnValue,
+)
+from jipfed.operators.triggers.site_update import ERROR, SiteUpdateTrigger
+
+from jipfed.federation.dispatch import (
+    DELIVERED,
+    FAILED,
+    TIMED_OUT,
+    WAITING,
+    Dispatch,
+    record_timeout,
+    site_status,
+)
+from jipfed.storage.state import ExperimentStore
+
+
+def default_poll_interval(timeout_s: float) -> float:
+    """About 100 checks per round timeout, between 1 s and 30 s apart."""
+    return min(30.0, max(1.0, timeout_s / 100.0))
+
+
+class CollectUpdateSensor(BaseSensorOperator):
+    """Wait until ``site`` delivered its update for the step, reported a failure, or timed out.
+
+    Deferrable (default): after one immediate check the wait moves to the triggerer
+    (:class:`SiteUpdateTrigger`); no worker slot is held. Otherwise the sensor pokes in the
+    worker (``mode="poke"`` or ``"reschedule"`` as usual). Outcomes:
+
+    * delivered → success, returns the event ``{"status", "detail", ...}``;
+    * failed (the site reported why) → logged and skipped: the grid shows the site skipped;
+    * timed out → the timeout is recorded in the store (``record_timeout``), logged and skipped.
+
+    The aggregate task after the sensors decides with the quorum.
+
+    Args:
+        experiment: Experiment name (templated).
+        step: The dispatched step (templated).
+        site: The site id (templated; mapped).
+        model_store_conn_id: Connection of the model store (templated); the triggerer resolves it.
+        deferrable: Wait in the triggerer (True) or in the worker.
+        poll_interval_s: Seconds between checks; None = :func:`default_poll_interval` of the
+            round timeout.
+    """
+
+    template_fields: Sequence[str] = ("experiment", "step", "site", "model_store_conn_id")
+    ui_color = "#fff4e0"
+
+    def __init__(
+        self,
+        *,
+        experiment: str,
+        step: Any,
+        site: str,
+        model_store_conn_id: str = DEFAULT_STORE_CONN_ID,
+        deferrable: bool = True,
+        poll_interval_s: float | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if poll_interval_s is not None and not poll_interval_s > 0:
+            raise ValueError(f"poll_interval_s must be > 0 or None, got {poll_interval_s!r}")
+        self.experiment = experiment
+        self.step = step
+        self.site = site
+        self.model_store_conn_id = model_store_conn_id
+        self.deferrable = deferrable
+        self.poll_interval_s = poll_interval_s
+
+    @cached_property
+    def exp_store(self) -> ExperimentStore:
+        return open_experiment(self.model_store_conn_id, self.experiment)
+
+    def _dispatch(self) -> Dispatch:
+        return step_dispatch(self.exp_store, step_number(self.step, self.experiment))
+
+    def _event(self, dispatch: Dispatch, status: str, detail: str) -> dict[str, Any]:
+        ticket = dispatch.ticket
+        return {
+            "status": status,
+            "detail": detail,
+            "experiment": self.experiment,
+            "site": self.site,
+            "round": ticket.round,
+            "step": ticket.step,
+        }
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        dispatch = self._dispatch()
+        ticket = dispatch.ticket
+        if self.site not in ticket.sites:
+            raise AirflowException(
+                f"{where(self.experiment, ticket.step, ticket.round, self.site)}: the site is not selected "
+                f"({list(ticket.sites)})"
+            )
+        interval = self.poll_interval_s or default_poll_interval(ticket.timeout_s)
+        status, detail = site_status(self.exp_store, dispatch, self.site)
+        if status != WAITING:
+            return self._finish(self._event(dispatch, status, detail))
+        self.log.info(
+            "%s: waiting for the update (%s), checking every %.0f s",
+            where(self.experiment, ticket.step, ticket.round, self.site),
+            detail,
+            interval,
+        )
+        if self.deferrable:
+            self.defer(
+                trigger=SiteUpdateTrigger(
+                    experiment=self.experiment,
+                    site=self.site,
+                    round=ticket.round,
+                    step=ticket.step,
+                    model_store_conn_id=self.model_store_conn_id,
+                    poll_interval_s=interval,
+                ),
+                method_name="execute_complete",
+            )
+        self.poke_interval = interval
+        return self._finish(super().execute(context))
+
+    def poke(self, context: Context) -> PokeReturnValue:
+        dispatch = self._dispatch()
+        status, detail = site_status(self.exp_store, dispatch, self.site)
+        return PokeReturnValue(is_done=status != WAITING, xcom_value=self._event(dispatch, status, detail))
+
+    def execute_complete(self, context: Context, event: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Called with the trigger's event when the site is no longer waiting."""
+        if not isinstance(event, Mapping):
+            raise AirflowException(
+                f"{where(self.experiment, site=self.site)}: trigger sent no event ({event!r})"
+            )
+        return self._finish(event)
+
+    def _finish(self, event: Mapping[str, Any]) -> dict[str, Any]:
+        status, detail = event["status"], str(event["detail"])
+        here = where(self.experiment, event["step"], event["round"], self.site)
+        if status == DELIVERED:
+            self.log.info("%s: update delivered", here)
+            return dict(event)
+        if status == FAILED:
+            self.log.warning("%s: the site sends no update: %s", here, detail)
+            raise AirflowSkipException(f"{here}: the site sends no update: {detail}")
+        if status == TIMED_OUT:
+            record = record_timeout(self.exp_store, self._dispatch(), self.site)
+            self.log.warning("%s: %s", here, record["reason"])
+            raise AirflowSkipException(f"{here}: {record['reason']}")
+        if status == ERROR:
+            raise AirflowException(f"{here}: could not read the site's status from the model store: {detail}")
+        raise AirflowException(f"{here}: unexpected collect status {status!r} ({detail})")

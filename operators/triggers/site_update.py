@@ -1,0 +1,122 @@
+"""SiteUpdateTrigger: wait in the triggerer until a site delivered, failed or timed out in a step.
+
+Store access: the trigger carries the model store's *Connection id* and opens the store inside the
+triggerer (``ModelStoreHook``), so no credentials travel in the trigger's kwargs. On Airflow 3 the
+triggerer serves Connections to triggers through its supervisor; sync SDK calls are allowed from
+a worker thread, which is where every store call runs here (``asyncio.to_thread``: the S3 client
+and the local folder store block). tests/airflow/test_central_dag.py checks this against a real
+``airflow standalone`` triggerer with the Connection stored in Airflow's database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+from jipfed.operators.compat import BaseTrigger, TriggerEvent
+from jipfed.operators.hooks import ModelStoreHook
+
+from jipfed.federation.dispatch import WAITING, load_dispatch, site_status
+from jipfed.storage.base import ModelStore
+from jipfed.storage.state import ExperimentStore
+
+#: Event status when the trigger could not read the store (the sensor fails with the detail).
+ERROR = "error"
+
+
+def site_outcome(store: ModelStore, experiment: str, site: str, round_: int, step: int) -> tuple[str, str]:
+    """``(status, detail)`` of ``site`` in the step's current dispatch (see ``site_status``).
+
+    Raises:
+        ValueError: the step has no dispatch record.
+    """
+    exp_store = ExperimentStore(store, experiment)
+    dispatch = load_dispatch(exp_store, round_, step)
+    if dispatch is None:
+        raise ValueError(
+            f"experiment {experiment!r}, round {round_}, step {step}: the step was not dispatched"
+        )
+    return site_status(exp_store, dispatch, site)
+
+
+class SiteUpdateTrigger(BaseTrigger):
+    """Poll the store until ``site`` is no longer waiting in the step; yield one event.
+
+    The event payload is ``{"status": "delivered" | "failed" | "timed_out" | "error", "detail",
+    "experiment", "site", "round", "step"}``.
+
+    Args:
+        experiment, site, round, step: which site in which step.
+        model_store_conn_id: Connection of the model store, resolved in the triggerer.
+        poll_interval_s: seconds between checks.
+    """
+
+    def __init__(
+        self,
+        *,
+        experiment: str,
+        site: str,
+        round: int,
+        step: int,
+        model_store_conn_id: str,
+        poll_interval_s: float = 10.0,
+    ) -> None:
+        super().__init__()
+        if not poll_interval_s > 0:
+            raise ValueError(f"poll_interval_s must be > 0, got {poll_interval_s!r}")
+        self.experiment = experiment
+        self.site = site
+        self.round = round
+        self.step = step
+        self.model_store_conn_id = model_store_conn_id
+        self.poll_interval_s = float(poll_interval_s)
+        self._store: ModelStore | None = None
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return (
+            f"{type(self).__module__}.{type(self).__qualname__}",
+            {
+                "experiment": self.experiment,
+                "site": self.site,
+                "round": self.round,
+                "step": self.step,
+                "model_store_conn_id": self.model_store_conn_id,
+                "poll_interval_s": self.poll_interval_s,
+            },
+        )
+
+    def _check(self) -> tuple[str, str]:
+        """One blocking check (runs in a worker thread)."""
+        if self._store is None:
+            self._store = ModelStoreHook(self.model_store_conn_id).get_conn()
+        return site_outcome(self._store, self.experiment, self.site, self.round, self.step)
+
+    def _event(self, status: str, detail: str) -> TriggerEvent:
+        return TriggerEvent(
+            {
+                "status": status,
+                "detail": detail,
+                "experiment": self.experiment,
+                "site": self.site,
+                "round": self.round,
+                "step": self.step,
+            }
+        )
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        while True:
+            try:
+                status, detail = await asyncio.to_thread(self._check)
+            except (
+                Exception
+            ) as exc:  # reported to the sensor, which fails with it (no retry loop on bad config)
+                self.log.exception("reading the model store failed")
+                yield self._event(ERROR, f"{type(exc).__name__}: {exc}")
+                return
+            if status != WAITING:
+                self.log.info("site %s in step %d: %s (%s)", self.site, self.step, status, detail)
+                yield self._event(status, detail)
+                return
+            self.log.debug("site %s in step %d: waiting, %s", self.site, self.step, detail)
+            await asyncio.sleep(self.poll_interval_s)
