@@ -11,14 +11,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from jipfed.federation import aggregate
 from jipfed.federation.aggregate import (
+    Contribution,
     WeightedMean,
     coordinatewise_median,
     coordinatewise_trimmed_mean,
     mean_weights,
 )
-from jipfed.federation.codec import EncodedUpdate, encode_update, write_update
+from jipfed.federation.codec import EncodedUpdate, encode_update, open_update, write_update
 from jipfed.federation.update import ModelUpdate
+from jipfed.federation.validation import ExpectedUpdate
 
 from .helpers import CONFIG_HASH, EXPERIMENT, t, update
 
@@ -148,36 +151,48 @@ SHAPES = {
 }
 MEASURE = textwrap.dedent(
     """
-    import json, sys
+    import json, sys, threading
     import torch
     torch.set_num_threads(1)
+    from jipfed.federation.aggregate import mean_weights
     from jipfed.federation.codec import open_update
     from jipfed.federation.strategies import FedAvg
     from jipfed.federation.validation import ExpectedUpdate
 
     root, experiment, config_hash = sys.argv[1], sys.argv[2], sys.argv[3]
-    shapes, counts = json.loads(sys.argv[4]), json.loads(sys.argv[5])
+    shapes, n, mode = json.loads(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
     g = {name: torch.zeros(shape) for name, shape in shapes.items()}
     g["bn.num_batches_tracked"] = torch.tensor(0)
 
-    def peak_rss():
+    def status(key):
         with open("/proc/self/status") as fh:
-            return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM"))
+            return next(int(line.split()[1]) * 1024 for line in fh if line.startswith(key))
 
-    results = {}
-    for n in counts:  # the test runs one count per process
-        with open("/proc/self/clear_refs", "w") as fh:  # reset the peak RSS (VmHWM) to the current RSS
-            fh.write("5")
-        base = peak_rss()
-        sources = [
-            open_update(f"{root}/site-{i}", ExpectedUpdate.from_weights(
-                g, experiment=experiment, round=1, site=f"site-{i}", config_hash=config_hash))
-            for i in range(n)
-        ]
+    anon_peak, stop = [status("RssAnon")], threading.Event()
+
+    def sample():  # there is no peak counter for anonymous memory: sample it every millisecond
+        while not stop.wait(0.001):
+            anon_peak[0] = max(anon_peak[0], status("RssAnon"))
+
+    with open("/proc/self/clear_refs", "w") as fh:  # reset the peak RSS (VmHWM) to the current RSS
+        fh.write("5")
+    base, anon_base = status("VmHWM"), status("RssAnon")
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    sources = [
+        open_update(f"{root}/site-{i}", ExpectedUpdate.from_weights(
+            g, experiment=experiment, round=1, site=f"site-{i}", config_hash=config_hash))
+        for i in range(n)
+    ]
+    if mode == "fedavg":  # the strategy: a generator of updates, streamed site by site
         new = FedAvg().aggregate(g, sources, round=1)
-        results[n] = {"extra": peak_rss() - base, "sums": {k: float(v.double().sum()) for k, v in new.items()}}
-        del sources, new
-    print(json.dumps(results))
+    else:  # the list itself: one pass over all sites, or passes of 2
+        new = mean_weights(g, sources, sites_per_pass=None if mode == "single" else 2)
+    stop.set()
+    sampler.join()
+    anon = max(anon_peak[0], status("RssAnon")) - anon_base
+    sums = {k: float(v.double().sum()) for k, v in new.items()}
+    print(json.dumps({"extra": status("VmHWM") - base, "anon": anon, "sums": sums}))
     """
 )
 
@@ -199,17 +214,33 @@ def site_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str
     return root, base
 
 
-def test_streaming_peak_memory_is_bounded_and_flat_in_sites(
-    site_files: tuple[Path, dict[str, torch.Tensor]],
+@pytest.mark.parametrize("mode", ["fedavg", "single", "passes-of-2"])
+def test_peak_memory_is_bounded_and_flat_in_sites(
+    site_files: tuple[Path, dict[str, torch.Tensor]], mode: str
 ) -> None:
-    """Validate + FedAvg 4 or 16 lazily read sites in a fresh process; its peak RSS is measured."""
+    """Validate + average 4 or 16 lazily read sites in a fresh process; its peak RSS is measured.
+
+    ``fedavg`` streams site by site; ``single`` reads all files in one pass, so VmHWM counts every
+    file's mapped pages (page cache, not new memory) while anonymous memory stays one model;
+    ``passes-of-2`` maps two files at a time.
+    """
     root, base = site_files
     model_bytes = sum(x.numel() * 4 for x in base.values())
     # one fresh process per count (run side by side): freed memory kept by the allocator would
     # otherwise hide the second measurement
     procs = {
         n: subprocess.Popen(
-            [sys.executable, "-c", MEASURE, str(root), EXPERIMENT, CONFIG_HASH, json.dumps(SHAPES), f"[{n}]"],
+            [
+                sys.executable,
+                "-c",
+                MEASURE,
+                str(root),
+                EXPERIMENT,
+                CONFIG_HASH,
+                json.dumps(SHAPES),
+                str(n),
+                mode,
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -220,13 +251,246 @@ def test_streaming_peak_memory_is_bounded_and_flat_in_sites(
     for n, proc in procs.items():
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err[-2000:]
-        results[n] = json.loads(out.strip().splitlines()[-1])[str(n)]
+        results[n] = json.loads(out.strip().splitlines()[-1])
+    mapped = {"fedavg": 1, "passes-of-2": 2}  # files mapped at once; "single": all n
     for n, res in results.items():
         # what was measured is right: the mean of (i % 4 + 1) * base over i < n (n = 4k) is 2.5 * base
         for name, x in base.items():
             assert res["sums"][name] == pytest.approx(float(x.double().sum()) * 2.5, rel=1e-4, abs=1e-2)
         assert res["sums"]["bn.num_batches_tracked"] == 3  # integer buffer: max, not a mean
-        assert res["extra"] < 3 * model_bytes, f"{n} sites: peak +{res['extra'] / model_bytes:.2f} x model"
-    growth = results[16]["extra"] - results[4]["extra"]
-    assert growth < 0.5 * model_bytes, f"peak grew by {growth / model_bytes:.2f} x model from 4 to 16 sites"
-    print({n: round(res["extra"] / model_bytes, 2) for n, res in results.items()})
+        ratio, anon = res["extra"] / model_bytes, res["anon"] / model_bytes
+        assert anon < 1.5, f"{mode}, {n} sites: anonymous memory +{anon:.2f} x model"
+        assert ratio < mapped.get(mode, n) + 1.5, f"{mode}, {n} sites: peak +{ratio:.2f} x model"
+    growth = (results[16]["extra"] - results[4]["extra"]) / model_bytes
+    anon_growth = (results[16]["anon"] - results[4]["anon"]) / model_bytes
+    assert anon_growth < 0.5, f"{mode}: anonymous memory grew by {anon_growth:.2f} x model from 4 to 16 sites"
+    if mode != "single":
+        assert growth < 0.5, f"{mode}: peak grew by {growth:.2f} x model from 4 to 16 sites"
+    print(
+        mode,
+        {
+            n: (round(r["extra"] / model_bytes, 2), round(r["anon"] / model_bytes, 2))
+            for n, r in results.items()
+        },
+    )
+
+
+# ---- cache-blocked passes ------------------------------------------------------------------------
+
+
+def _reference_mean(
+    sites: list[dict[str, torch.Tensor]], weights: list[float], deltas: list[bool], g: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The site-by-site arithmetic written out: acc = w0 x0; acc += wi xi; acc += W_delta g; acc /= W."""
+    out = {}
+    for name, x0 in sites[0].items():
+        if not x0.is_floating_point():
+            values = [g[name] + s[name] if d else s[name] for s, d in zip(sites, deltas, strict=True)]
+            out[name] = torch.stack(values).amax(dim=0)
+            continue
+        acc = x0.to(torch.promote_types(x0.dtype, torch.float32), copy=True).mul_(weights[0])
+        for site, w in zip(sites[1:], weights[1:], strict=True):
+            acc.add_(site[name], alpha=w)
+        w_delta = sum(w for w, d in zip(weights, deltas, strict=True) if d)
+        if w_delta:
+            acc.add_(g[name], alpha=w_delta)
+        out[name] = acc.div_(sum(weights)).to(x0.dtype)
+    return out
+
+
+def _model(seed: int) -> dict[str, torch.Tensor]:
+    """Tensors spanning several chunks (with a tail), a 0-d tensor, float16, float64 and an integer buffer."""
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        "big": torch.randn(7, 501, generator=gen),  # 3507 elements: 4 chunks of 1000 + tail
+        "scalar": torch.randn((), generator=gen),
+        "half": torch.randn(2500, generator=gen).half(),
+        "double": torch.randn(33, generator=gen, dtype=torch.float64),
+        "steps": torch.tensor([seed, 10 - seed]),
+    }
+
+
+@pytest.fixture
+def small_chunks(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """1000-element chunks so that small tensors cross chunk boundaries; one thread: exact comparisons."""
+    monkeypatch.setattr(aggregate, "CHUNK_ELEMENTS", 1000)
+    monkeypatch.setattr(aggregate, "SORT_CHUNK_ELEMENTS", 700)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("sites_per_pass", [None, 1, 2, 3])
+def test_passes_equal_the_site_by_site_arithmetic_bit_for_bit(
+    small_chunks: None, sites_per_pass: int | None
+) -> None:
+    """One pass, passes of k sites and the stream run the same operations per element: equal results."""
+    g = _model(0)
+    sites = [_model(i) for i in range(1, 6)]
+    deltas = [False, True, False, True, True]
+    weights = [3.0, 1.0, 7.0, 2.0, 5.0]
+    ups = [
+        update(s, site=f"s{i}", kind="delta" if d else "weights", n_samples=int(w))
+        for i, (s, d, w) in enumerate(zip(sites, deltas, weights, strict=True))
+    ]
+    expected = _reference_mean(sites, weights, deltas, g)
+    as_list = mean_weights(g, ups, sites_per_pass=sites_per_pass)
+    streamed = mean_weights(g, iter(ups), sites_per_pass=sites_per_pass)
+    for name, want in expected.items():
+        assert as_list[name].dtype == want.dtype and as_list[name].shape == want.shape, name
+        assert torch.equal(as_list[name], want), name
+        assert torch.equal(streamed[name], want), name
+    # and the arithmetic is the mean: float64 reference within float32 rounding
+    exact = sum(
+        w * (s["big"].double() + (g["big"].double() if d else 0))
+        for s, w, d in zip(sites, weights, deltas, strict=True)
+    )
+    assert torch.allclose(as_list["big"].double(), exact / sum(weights), atol=1e-6)
+
+
+def test_single_pass_over_lazy_files_equals_in_memory(tmp_path: Path, small_chunks: None) -> None:
+    """Memory-mapped sites (one lockstep pass over each file), in-memory sites and a reordered site agree."""
+    g = _model(0)
+    sites = [_model(i) for i in range(1, 5)]
+    ups = [update(s, site=f"s{i}", kind="weights", n_samples=i + 1) for i, s in enumerate(sites)]
+    lazy = []
+    for u in ups:
+        write_update(tmp_path / u.site, encode_update(u))
+        expected = ExpectedUpdate.from_weights(
+            g, experiment=EXPERIMENT, round=1, site=u.site, config_hash=CONFIG_HASH
+        )
+        lazy.append(open_update(tmp_path / u.site, expected))
+    in_memory = mean_weights(g, ups)
+    from_files = mean_weights(g, lazy)
+    reordered = [
+        ups[0],
+        update(dict(reversed(list(sites[1].items()))), site="s1", kind="weights", n_samples=2),
+        *ups[2:],
+    ]
+    by_key = mean_weights(g, reordered)
+    for name in g:
+        assert torch.equal(from_files[name], in_memory[name]), name
+        assert torch.equal(by_key[name], in_memory[name]), name
+
+
+def test_weighted_mean_groups_and_result_with_last() -> None:
+    g = {"w": t(10, 20)}
+    acc = WeightedMean()
+    acc.add_group([Contribution({"w": t(1, 2)}, 1.0), Contribution({"w": t(3, 4)}, 1.0)])
+    out = acc.result([Contribution({"w": t(0, 0)}, 2.0, g)])  # a delta: the site's model is g
+    # (1 + 3 + 2 * 10) / 4 = 6 ; (2 + 4 + 2 * 20) / 4 = 11.5
+    assert torch.equal(out["w"], t(6, 11.5))
+    assert acc.count == 3 and acc.total_weight == 4.0
+    one_pass = WeightedMean().result([Contribution({"w": t(1, 2)}, 1.0), Contribution({"w": t(3, 4)}, 3.0)])
+    assert torch.equal(one_pass["w"], t(2.5, 3.5))
+    with pytest.raises(ValueError, match="at least one"):
+        WeightedMean().add_group([])
+    with pytest.raises(ValueError, match="nothing to average"):
+        WeightedMean().result([])
+
+
+def test_weighted_mean_failures_leave_no_half_added_state() -> None:
+    acc = WeightedMean()
+    acc.add({"a": t(1), "b": t(2)}, 1.0)
+    # a bad weight anywhere in the group is refused before any tensor is touched
+    with pytest.raises(ValueError, match="weight must be"):
+        acc.add_group([Contribution({"a": t(5), "b": t(5)}, 1.0), Contribution({"a": t(5), "b": t(5)}, -1.0)])
+    with pytest.raises(ValueError, match="share one base"):
+        acc.add_group(
+            [
+                Contribution({"a": t(5), "b": t(5)}, 1.0, {"a": t(0), "b": t(0)}),
+                Contribution({"a": t(5), "b": t(5)}, 1.0, {"a": t(0), "b": t(0)}),
+            ]
+        )
+    with pytest.raises(ValueError, match="tensor 'a' is"):  # the first tensor: nothing was added yet
+        acc.add({"a": t(3, 4), "b": t(4)}, 1.0)
+    acc.add({"a": t(3), "b": t(4)}, 1.0)
+    out = acc.result()
+    assert torch.equal(out["a"], t(2)) and torch.equal(out["b"], t(3)) and acc.count == 2
+    # a mismatch in the second tensor comes after the first was accumulated: the accumulator is dead
+    dead = WeightedMean()
+    dead.add({"a": t(1), "b": t(2)}, 1.0)
+    with pytest.raises(ValueError, match="tensor 'b' is"):
+        dead.add({"a": t(3), "b": t(1, 2)}, 1.0)
+    with pytest.raises(RuntimeError, match="failed part-way"):
+        dead.result()
+
+
+def test_mean_weights_rejects_bad_sites_per_pass() -> None:
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="sites_per_pass"):
+            mean_weights({"w": t(1)}, [update({"w": t(1)})], sites_per_pass=bad)  # type: ignore[arg-type]
+
+
+# ---- sorting network and chunked robust reducers ----------------------------------------------
+
+
+@pytest.mark.parametrize("n", range(1, 13))
+def test_sorting_network_sorts_every_zero_one_input(n: int) -> None:
+    """0-1 principle: a comparator network that sorts all 2^n zero-one inputs sorts every input."""
+    codes = torch.arange(1 << n)
+    rows = [((codes >> i) & 1).float() for i in range(n)]
+    want = torch.sort(torch.stack(rows), dim=0).values  # before: sort_rows overwrites the rows' buffers
+    ordered, spare = aggregate.sort_rows(rows, torch.empty(1 << n))
+    assert torch.equal(torch.stack(ordered), want)
+    assert spare.shape == (1 << n,)
+
+
+def test_sorting_network_with_ties_and_many_inputs() -> None:
+    gen = torch.Generator().manual_seed(3)
+    for n in (17, 33, 64):
+        rows = [torch.randint(-3, 4, (500,), generator=gen).float() for _ in range(n)]
+        want = torch.sort(torch.stack(rows), dim=0).values
+        ordered, _ = aggregate.sort_rows(rows, torch.empty(500))
+        assert torch.equal(torch.stack(ordered), want), n
+
+
+def _reference_robust(
+    g: dict[str, torch.Tensor], ups: list[ModelUpdate], reduce: str, beta: float = 0.0
+) -> dict[str, torch.Tensor]:
+    """The definition: stack the deltas of each float tensor, sort across sites, reduce, add global."""
+    out = {}
+    for name, x in g.items():
+        if not x.is_floating_point():
+            continue
+        deltas = torch.stack(
+            [u.tensors[name].float() - (x.float() if u.kind == "weights" else 0) for u in ups]
+        )
+        ordered = torch.sort(deltas, dim=0).values
+        n = len(ups)
+        if reduce == "median":
+            red = ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+        else:
+            k = int(beta * n)
+            red = ordered[k : n - k].double().mean(dim=0).float()
+        out[name] = (red + x.float()).to(x.dtype)
+    return out
+
+
+@pytest.mark.parametrize("network_max", [64, 3])  # 3: the torch.sort path for more sites than that
+@pytest.mark.parametrize("n_sites", [5, 8])
+def test_chunked_median_and_trimmed_mean_match_the_definition(
+    small_chunks: None, monkeypatch: pytest.MonkeyPatch, network_max: int, n_sites: int
+) -> None:
+    monkeypatch.setattr(aggregate, "NETWORK_MAX_SITES", network_max)
+
+    def site(seed: int) -> dict[str, torch.Tensor]:
+        tensors = _model(seed)
+        del tensors["double"]
+        return tensors
+
+    g = site(0)
+    # odd sites send weights, even ones deltas (then their values are the deltas themselves)
+    ups = [update(site(i), site=f"s{i}", kind="weights" if i % 2 else "delta") for i in range(1, n_sites + 1)]
+    for name, want in _reference_robust(g, ups, "median").items():
+        got = coordinatewise_median(g, ups)[name]
+        assert got.dtype == want.dtype
+        assert torch.allclose(
+            got.float(), want.float(), atol=2e-3 if want.dtype == torch.float16 else 1e-6
+        ), name
+    for name, want in _reference_robust(g, ups, "trimmed", beta=0.25).items():
+        got = coordinatewise_trimmed_mean(g, ups, beta=0.25)[name]
+        assert torch.allclose(
+            got.float(), want.float(), atol=2e-3 if want.dtype == torch.float16 else 1e-5
+        ), name
