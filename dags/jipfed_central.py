@@ -31,6 +31,7 @@ has finished (experiments therefore run one step at a time, one after the other)
 from __future__ import annotations
 
 import datetime as dt
+import os
 
 from jipfed.operators.central import (
     AggregateStepOperator,
@@ -53,6 +54,10 @@ DAG_ID = "jipfed_central"
 
 #: Kaapana's workflow form (the same params); Kaapana reads it from here and from default_args.
 ui_forms = kaapana_ui_forms()
+#: Seconds between checks for a site's update; None = about 1 % of the round timeout (1-30 s).
+POLL_INTERVAL_S = (
+    float(os.environ["JIPFED_POLL_INTERVAL_S"]) if os.environ.get("JIPFED_POLL_INTERVAL_S") else None
+)
 
 
 @dag(
@@ -63,7 +68,14 @@ ui_forms = kaapana_ui_forms()
     max_active_runs=1,
     render_template_as_native_obj=True,
     params={name: Param(**spec) for name, spec in {**PARAMS, **CHAIN_PARAMS}.items()},
-    default_args={"retries": 0, "ui_visible": True, "ui_forms": ui_forms},
+    # Every task is idempotent (state in the store): retries ride out a crashed worker or scheduler.
+    # Kaapana reads ui_visible / ui_forms from default_args.
+    default_args={
+        "retries": 2,
+        "retry_delay": dt.timedelta(seconds=5),
+        "ui_visible": True,
+        "ui_forms": ui_forms,
+    },
     doc_md=__doc__,
     tags=["jipfed", "federated-learning", "central"],
 )
@@ -78,7 +90,11 @@ def jipfed_central() -> None:
         task_id="dispatch_to_site", experiment=experiment, step=step
     ).expand(site=dispatch.output)
     collect = CollectUpdateSensor.partial(
-        task_id="collect_update", experiment=experiment, step=step, trigger_rule=TriggerRule.NONE_FAILED
+        task_id="collect_update",
+        experiment=experiment,
+        step=step,
+        poll_interval_s=POLL_INTERVAL_S,
+        trigger_rule=TriggerRule.NONE_FAILED,
     ).expand(site=dispatch.output)
     # Trigger rule all_done also runs it when the run has no step or `start` failed: it pulls the XComs
     # itself (a missing one is None with native rendering, where an XComArg fails) and skips on None.
@@ -95,7 +111,9 @@ def jipfed_central() -> None:
     next_step = NextStepOperator(task_id="next_step", experiment=experiment, step=step)
     final = FinalizeOperator(task_id="finalize", experiment=experiment)
 
-    route >> dispatch >> to_sites >> collect >> aggregate >> metrics >> route_next >> [next_step, final]
+    # The report is written beside the next step's trigger, off the rounds' critical path.
+    route >> dispatch >> to_sites >> collect >> aggregate >> [metrics, route_next]
+    route_next >> [next_step, final]
     route >> route_next
 
 

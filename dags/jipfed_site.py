@@ -14,6 +14,7 @@ Composition only; the operators live in ``jipfed.operators``. See ``DOC`` for th
 from __future__ import annotations
 
 import datetime as dt
+import os
 
 from jipfed.operators.compat import DAG, BaseOperator, Param, chain
 from jipfed.operators.sensors.central_work import CentralWorkSensor
@@ -35,8 +36,10 @@ from jipfed.operators.site import (
 START_DATE = dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc)
 TAGS = ["jipfed", "federated-learning", "site"]
 #: Pull mode: seconds between polls of the central, and idle seconds after which a run ends (skipped).
-POLL_INTERVAL_S = 30
+POLL_INTERVAL_S = float(os.environ.get("JIPFED_POLL_INTERVAL_S", "30"))
 IDLE_TIMEOUT_S = 3600
+#: Every task is safe to re-run (caches, write-once upload): one retry rides out a worker crash.
+DEFAULT_ARGS = {"retries": 1, "retry_delay": dt.timedelta(seconds=5)}
 
 DOC = """
 ### JIP Federated site DAG
@@ -75,7 +78,9 @@ def site_chain(work: BaseOperator, *, site_variable: str, hosted_site: str | Non
     )
     upload = UploadUpdateOperator(task_id="upload_update", input_operator=train, **after_work)
     cleanup = CleanupRunFolderOperator(task_id="cleanup", **site)
-    chain(work, cohort, fetch, convert, preprocess, model, train, upload, cleanup)
+    # The model download runs beside the (cached) data preparation; both feed the training.
+    chain(work, cohort, fetch, convert, preprocess, train, upload, cleanup)
+    chain(work, model, train)
 
 
 def site_dags(hosted_site: str | None) -> list[DAG]:
@@ -90,6 +95,7 @@ def site_dags(hosted_site: str | None) -> list[DAG]:
         start_date=START_DATE,
         catchup=False,
         max_active_runs=1,  # runs share the site's caches and its preprocessed index
+        default_args=DEFAULT_ARGS,
         tags=TAGS,
         doc_md=doc,
         params={
@@ -110,6 +116,7 @@ def site_dags(hosted_site: str | None) -> list[DAG]:
         catchup=False,
         max_active_runs=1,
         is_paused_upon_creation=True,
+        default_args=DEFAULT_ARGS,
         tags=[*TAGS, "pull"],
         doc_md=doc,
     ) as pull:

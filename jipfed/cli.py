@@ -14,7 +14,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pacs": ("jipfed.commands.pacs", "run a local Orthanc PACS / upload DICOM over STOW-RS"),
     "prepare": ("jipfed.commands.prepare", "site data pipeline: cohort, fetch, convert, preprocess"),
     "simulate": ("jipfed.commands.simulate", "run a federated experiment with N sites in one process"),
-    "demo": ("jipfed.commands.demo", "run the federated demo on the embedded defaults"),
+    "demo": ("jipfed.commands.demo", "federated demo: 3 sites with their own PACS, rounds run by Airflow"),
+    "pipeline-demo": (
+        "jipfed.commands.pipeline_demo",
+        "site data pipeline demo on 3 PACS, then in-process FL",
+    ),
     "site-token": ("jipfed.commands.site_token", "print a site's token for the central endpoint"),
 }
 

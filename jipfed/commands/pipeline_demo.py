@@ -1,4 +1,4 @@
-"""``jipfed demo``: a federated demo on synthetic sites, each with its own PACS.
+"""``jipfed pipeline-demo``: the site data pipeline on synthetic sites with their own PACS, no Airflow.
 
 Steps: write a synthetic multi-site data set (``jipfed synth``) → start one Orthanc per site and
 upload the site's DICOM over STOW-RS → prepare every site (cohort over QIDO-RS, fetch over
@@ -47,15 +47,15 @@ class PassResult:
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``demo`` and its options."""
     parser = subparsers.add_parser(
-        "demo",
-        help="run the site data pipeline end to end on synthetic sites",
+        "pipeline-demo",
+        help="run the site data pipeline end to end on synthetic sites, then in-process FL",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--workdir",
         type=Path,
-        default=Path("demo-output"),
+        default=Path("demo-output/pipeline"),
         help="where everything is kept (default %(default)s)",
     )
     parser.add_argument("--sites", type=positive_int, default=3, help="number of sites (default %(default)s)")

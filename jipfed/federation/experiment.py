@@ -176,7 +176,9 @@ class ExperimentConfig:
                 raise ValueError(f"{where}: datasets[{site!r}] must be a non-empty string, got {selector!r}")
         object.__setattr__(self, "datasets", datasets)
         if self.transport not in DISPATCH_TRANSPORTS:
-            raise ValueError(f"{where}: transport must be one of {DISPATCH_TRANSPORTS}, got {self.transport!r}")
+            raise ValueError(
+                f"{where}: transport must be one of {DISPATCH_TRANSPORTS}, got {self.transport!r}"
+            )
         self.make_strategy()  # unknown strategy names and bad kwargs fail now, not in round 5
 
     @property

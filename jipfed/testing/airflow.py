@@ -309,7 +309,7 @@ class AirflowStandalone:
         """Logs of the run's failed task instances, for error messages."""
         parts = []
         for ti in self.client.list_task_instances(dag_id, run_id):
-            if ti["state"] in ("failed", "upstream_failed"):
+            if ti["state"] == "failed" and ti["try_number"] >= 1:
                 text = self.client.get_task_log(
                     dag_id, run_id, ti["task_id"], max(1, ti["try_number"]), map_index=ti["map_index"]
                 )

@@ -14,6 +14,7 @@ from jipfed.operators.compat import (
     TriggerRule,
 )
 
+from jipfed.federation.dispatch import dispatch_step
 from jipfed.federation.rounds import QuorumNotMet, aggregate_step, load_config
 from jipfed.storage.state import ExperimentStore
 
@@ -50,6 +51,7 @@ class AggregateStepOperator(BaseOperator):
         experiment: str,
         step: Any,
         model_store_conn_id: str = DEFAULT_STORE_CONN_ID,
+        dispatch_next: bool = True,
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("trigger_rule", TriggerRule.ALL_DONE)
@@ -57,6 +59,7 @@ class AggregateStepOperator(BaseOperator):
         self.experiment = experiment
         self.step = step
         self.model_store_conn_id = model_store_conn_id
+        self.dispatch_next = dispatch_next
 
     def execute(self, context: Context) -> dict[str, Any]:
         if self.step is None:
@@ -79,4 +82,25 @@ class AggregateStepOperator(BaseOperator):
         for site, reason in record.get("missing_reasons", {}).items():
             self.log.warning("%s: missing %s: %s", here, site, reason)
         self.log.info("%s: weighted metrics %s (n_samples %s)", here, record["metrics"], record["n_samples"])
+        if self.dispatch_next:
+            self._dispatch_next(exp_store, step)
         return record
+
+    def _dispatch_next(self, exp_store: ExperimentStore, step: int) -> None:
+        """Open the next step for pulling sites now, while this run does its bookkeeping.
+
+        The next central run finds it dispatched (``dispatch_step`` is idempotent) and collects it;
+        pulling sites start a few seconds earlier instead of after this run and the next one's
+        first tasks. Push sites are triggered by the next run's dispatch tasks as usual.
+        """
+        config, _ = load_config(exp_store)
+        if config.transport != "pull" or step + 1 >= config.make_plan().n_steps:
+            return
+        if exp_store.load_state().next_step != step + 1:  # a re-run of an older step: nothing to open
+            return
+        dispatch = dispatch_step(exp_store, step + 1)
+        self.log.info(
+            "%s: next step dispatched for pulling sites (deadline %s)",
+            where(self.experiment, step + 1, dispatch.ticket.round),
+            dispatch.deadline.isoformat(),
+        )

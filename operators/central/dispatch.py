@@ -12,7 +12,13 @@ from jipfed.operators.central._common import (
     step_number,
     where,
 )
-from jipfed.operators.compat import AirflowNotFoundException, AirflowSkipException, BaseOperator, Context
+from jipfed.operators.compat import (
+    AirflowException,
+    AirflowNotFoundException,
+    AirflowSkipException,
+    BaseOperator,
+    Context,
+)
 from jipfed.operators.hooks import AirflowApiHook
 
 from jipfed.airflow_rest import AirflowRestError
@@ -145,6 +151,11 @@ class DispatchToSiteOperator(BaseOperator):
             dag_id = hook.dag_id(self.site_dag_id)
             run = hook.trigger_dag_run(dag_id, conf=conf, run_id=run_id, exist_ok=True)
         except (AirflowRestError, AirflowNotFoundException, ValueError) as exc:
+            transient = isinstance(exc, AirflowRestError) and (
+                exc.status_code is None or exc.status_code >= 500
+            )
+            if transient and context["ti"].try_number <= (self.retries or 0):
+                raise AirflowException(f"{here}: push failed, retrying: {exc}") from exc  # e.g. a busy DB
             reason = f"central could not push the step to the site (connection {conn_id!r}): {exc}"
             stored = report_site_failure(
                 exp_store, self.site, dispatch.ticket.round, step, reason, source="central"

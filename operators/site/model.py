@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -160,6 +161,11 @@ def upload_update(
     try:
         return client.put_update(ticket.experiment, ticket.round, payload, manifest_json)
     except CentralRefused as exc:
+        if exc.code == "duplicate":  # an earlier try of this task delivered it (write-once at the central)
+            logging.getLogger(__name__).warning(
+                "%s: the central already holds this round's update: %s", where, exc.detail
+            )
+            return json.loads(manifest_json)
         raise AirflowFailException(
             f"{where}: the central refused the update ({exc.code}): {exc.detail}"
         ) from exc

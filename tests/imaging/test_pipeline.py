@@ -18,7 +18,7 @@ import torch
 from test_convert import truth_affine, truth_in_nifti_grid
 
 from jipfed.cli import main as cli_main
-from jipfed.commands.demo import PassResult, format_table
+from jipfed.commands.pipeline_demo import PassResult, format_table
 from jipfed.commands.prepare import PASSWORD_ENV, add_parser, config_from_args
 from jipfed.imaging.convert import case_key_for
 from jipfed.imaging.dicomweb import upload_folder

@@ -1,0 +1,121 @@
+"""Orchestration overhead per round in a real Airflow with 3 sites (issue 4's goal: <= 5 s).
+
+Runs :class:`jipfed.localfed.LocalFederation` (3 Orthancs, ``airflow standalone``, the plugin
+endpoint, hosted site DAGs), warms the sites' data caches with a 1-round experiment, then runs
+``--rounds`` rounds for each transport and reads every run's task instances from the REST API:
+
+* round wall time: from the dispatch of round r to the dispatch of round r+1 (the times the
+  central stored in the dispatch records; the last round: to the end of its aggregation), so
+  everything between two rounds counts: collect, aggregate, report, the next central run;
+* slowest site's training time: the longest ``train_local`` task that started in the round;
+* overhead = wall - slowest training.
+
+Usage: ``.venv/bin/python benchmarks/orchestration.py [--rounds 4] [--transports pull push]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from jipfed.localfed import CENTRAL_DAG, LocalFederation
+
+TRAIN_TASK = "train_local"
+PARAMS = {
+    "model_size": "tiny",
+    "local_epochs": 1,
+    "learning_rate": 0.003,
+    "batch_size": 2,
+    "round_timeout_s": 900,
+}
+
+
+def _time(text: str | None) -> datetime | None:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")) if text else None
+
+
+def task_instances(fed: LocalFederation, dag_id: str) -> list[dict[str, Any]]:
+    """Every task instance of ``dag_id`` (all runs)."""
+    runs = fed.client.request("GET", f"/api/v2/dags/{dag_id}/dagRuns", params={"limit": 1000})["dag_runs"]
+    return [ti for run in runs for ti in fed.client.list_task_instances(dag_id, run["dag_run_id"])]
+
+
+def duration(ti: dict[str, Any]) -> float:
+    start, end = _time(ti.get("start_date")), _time(ti.get("end_date"))
+    return (end - start).total_seconds() if start and end else 0.0
+
+
+def measure(fed: LocalFederation, experiment: str, transport: str) -> list[dict[str, Any]]:
+    """Per round: wall time between consecutive dispatches, slowest training, overhead."""
+    exp_store = fed.experiment_store(experiment)
+    history = exp_store.load_state().history
+    dispatched = [_time(exp_store.load_dispatch(r.round, r.step)["dispatched_at"]) for r in history]
+    central = [
+        ti for ti in task_instances(fed, CENTRAL_DAG) if ti["task_id"] == "aggregate" and ti["end_date"]
+    ]
+    site_dags = [site.site_dag if transport == "push" else site.pull_dag for site in fed.sites]
+    trains = [ti for dag in site_dags for ti in task_instances(fed, dag) if ti["task_id"] == TRAIN_TASK]
+    rows = []
+    for index, begin in enumerate(dispatched):
+        if index + 1 < len(dispatched):
+            end = dispatched[index + 1]
+        else:  # the last round ends when its aggregation does
+            end = max(_time(ti["end_date"]) for ti in central if _time(ti["start_date"]) > begin)
+        in_round = [ti for ti in trains if ti["start_date"] and begin <= _time(ti["start_date"]) < end]
+        slowest = max((duration(ti) for ti in in_round), default=0.0)
+        wall = (end - begin).total_seconds()
+        rows.append(
+            {
+                "round": index,
+                "sites_trained": len(in_round),
+                "wall_s": wall,
+                "slowest_train_s": slowest,
+                "overhead_s": wall - slowest,
+            }
+        )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--transports", nargs="+", default=["pull", "push"], choices=["pull", "push"])
+    parser.add_argument("--workdir", type=Path, default=None)
+    args = parser.parse_args()
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="jipfed-orch-"))
+    with LocalFederation(workdir, n_sites=3, cases_per_site=4, shape=(48, 48, 32), progress=False) as fed:
+        for transport in args.transports:
+            fed.enable_sites(transport)
+            warm = f"warm-{transport}"
+            fed.trigger({**PARAMS, "experiment": warm, "rounds": 1, "transport": transport})
+            fed.wait(warm, 900)
+            name = f"bench-{transport}"
+            fed.trigger({**PARAMS, "experiment": name, "rounds": args.rounds, "transport": transport})
+            fed.wait(name, 900 * args.rounds)
+            rows = measure(fed, name, transport)
+            print(f"\n== {transport}: {args.rounds} rounds, 3 sites ==")
+            keys = list(rows[0])
+            print("  ".join(f"{k:>18}" for k in keys))
+            for row in rows:
+                print(
+                    "  ".join(
+                        f"{row[k]:>18.2f}" if isinstance(row[k], float) else f"{row[k]:>18}" for k in keys
+                    )
+                )
+            overheads = [r["overhead_s"] for r in rows]
+            print(
+                f"overhead per round: median {statistics.median(overheads):.2f} s, mean {statistics.mean(overheads):.2f} s, "
+                f"max {max(overheads):.2f} s (goal <= 5 s: {'PASS' if statistics.median(overheads) <= 5 else 'MISS'})"
+            )
+            for site in fed.sites:
+                fed.client.set_paused(site.site_dag if transport == "push" else site.pull_dag, True)
+
+
+if __name__ == "__main__":
+    main()
