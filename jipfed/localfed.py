@@ -210,6 +210,8 @@ class LocalFederation:
             "JIPFED_POLL_INTERVAL_S": "1",
             # The scheduler looks for schedulable tasks every 0.2 s when idle (default 1 s).
             "AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME": "0.2",
+            # After a crash, tasks that were running are noticed (and retried) after 60 s, not 300 s.
+            "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "60",
         }
         for site in self.sites:
             pacs = site.pacs.pacs_config

@@ -123,7 +123,7 @@ def test_an_update_after_the_round_timeout_is_refused(fed: LocalFederation) -> N
     fed.enable_sites("pull")
     hosted = [s.site_id for s in fed.sites]
     exp_store = run_experiment(
-        fed, name, rounds=1, transport="pull", sites=[*hosted, late], min_sites=3, round_timeout_s=40
+        fed, name, rounds=1, transport="pull", sites=[*hosted, late], min_sites=3, round_timeout_s=75
     )
     record = exp_store.load_aggregate(0)
     assert record["included"] == hosted and record["missing"] == [late]
