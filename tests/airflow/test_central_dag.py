@@ -394,8 +394,8 @@ EXPECTED_TASKS = {
     "dispatch_step": ("DispatchStepOperator", "all_success", ["collect_update", "dispatch_to_site"]),
     "dispatch_to_site": ("DispatchToSiteOperator", "all_success", ["collect_update"]),
     "collect_update": ("CollectUpdateSensor", "none_failed", ["aggregate"]),
-    "aggregate": ("AggregateStepOperator", "all_done", ["record_metrics"]),
-    "record_metrics": ("RecordMetricsOperator", "all_success", ["route_next"]),
+    "aggregate": ("AggregateStepOperator", "all_done", ["record_metrics", "route_next"]),
+    "record_metrics": ("RecordMetricsOperator", "all_success", []),
     "route_next": (
         "_BranchPythonDecoratedOperator",
         "none_failed_min_one_success",
