@@ -46,15 +46,9 @@ N_CASES, N_SERIES = 3, 5  # 4 MR series + 1 SEG per case
 SHAPE = (32, 32, 16)
 PREPROCESS = {"spacing_mm": [2.0, 2.0, 2.0], "spatial_size": [32, 32, 24]}
 TRAIN = TrainConfig(size="tiny", steps=1, batch_size=2, lr=0.01, amp=False, augment=False)
-CHAIN = [
-    "select_cohort",
-    "fetch_dicom",
-    "convert",
-    "preprocess",
-    "get_global_model",
-    "train_local",
-    "upload_update",
-]
+#: The data preparation path; the model download runs beside it (work → get_global_model → train).
+DATA_CHAIN = ["select_cohort", "fetch_dicom", "convert", "preprocess"]
+CHAIN = [*DATA_CHAIN, "get_global_model", "train_local", "upload_update"]
 
 
 # -- structure (in this process, Airflow 3.3) ------------------------------------------------------
@@ -81,16 +75,22 @@ def dags_of(module: ModuleType) -> dict[str, Any]:
     return {value.dag_id: value for value in vars(module).values() if isinstance(value, DAG)}
 
 
-def linear_order(dag: Any) -> list[str]:
-    """The task ids from the single root along the single downstream edge of each task."""
+def linear_order(dag: Any, skip: str = "get_global_model") -> list[str]:
+    """The task ids from the single root along the downstream edges, ``skip`` (a side branch) left out."""
     [root] = [t for t in dag.tasks if not t.upstream_task_ids]
     order = [root.task_id]
     while True:
-        downstream = dag.get_task(order[-1]).downstream_task_ids
+        downstream = dag.get_task(order[-1]).downstream_task_ids - {skip}
         if not downstream:
             return order
         assert len(downstream) == 1, f"{order[-1]} has several downstream tasks: {downstream}"
         order.append(next(iter(downstream)))
+
+
+def check_model_branch(dag: Any, work_task: str) -> None:
+    """The model download hangs off the work task and feeds the training only."""
+    model = dag.get_task("get_global_model")
+    assert model.upstream_task_ids == {work_task} and model.downstream_task_ids == {"train_local"}
 
 
 def test_site_dags_structure(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -99,8 +99,11 @@ def test_site_dags_structure(monkeypatch: pytest.MonkeyPatch) -> None:
     dags = dags_of(load_dag_module(monkeypatch, None))
     assert sorted(dags) == ["jipfed_site", "jipfed_site_pull"]
     push, pull = dags["jipfed_site"], dags["jipfed_site_pull"]
-    assert linear_order(push) == ["get_work", *CHAIN, "cleanup"]
-    assert linear_order(pull) == ["wait_for_work", *CHAIN, "cleanup"]
+    steps = [*DATA_CHAIN, "train_local", "upload_update", "cleanup"]
+    assert linear_order(push) == ["get_work", *steps]
+    assert linear_order(pull) == ["wait_for_work", *steps]
+    check_model_branch(push, "get_work")
+    check_model_branch(pull, "wait_for_work")
 
     assert push.schedule is None and push.max_active_runs == 1
     assert set(push.params) == {"experiment", "round", "step"}
