@@ -338,7 +338,8 @@ def test_pacs_down_fails_the_run_and_the_central_learns_why(
     assert result["state"] == "failed", result
     tasks = {key.removesuffix("[-1]"): state for key, state in result["tasks"].items()}
     assert (tasks["get_work"], tasks["select_cohort"], tasks["cleanup"]) == ("success", "failed", "success")
-    assert {tasks[t] for t in CHAIN[1:]} == {"upstream_failed"}
+    assert {tasks[t] for t in CHAIN[1:] if t != "get_global_model"} == {"upstream_failed"}
+    assert tasks["get_global_model"] == "success"  # the side branch does not need the PACS
     dispatch = load_dispatch(exp_store, 0, 0)
     assert dispatch is not None
     status, reason = site_status(exp_store, dispatch, SITE)
