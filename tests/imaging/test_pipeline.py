@@ -179,9 +179,9 @@ def test_prepare_site_end_to_end(
 
 
 @pytest.mark.slow
-def test_demo_command(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+def test_pipeline_demo_command(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     argv = [
-        "demo",
+        "pipeline-demo",
         "--sites",
         "2",
         "--cases",
