@@ -7,15 +7,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-import torch
-from training.synth import write_site
+from training.synth import site_trainers
 
 from jipfed.central.app import create_app
 from jipfed.central.serve import serve_in_thread
 from jipfed.storage.base import ModelStore
 from jipfed.storage.local import LocalFolderStore
 from jipfed.testing.s3 import S3TestServer
-from jipfed.training.data import SiteData
 from jipfed.training.local import LocalTrainer
 
 from .helpers import SITES, TRAIN, Central
@@ -28,16 +26,7 @@ def secret() -> str:
 
 @pytest.fixture(scope="module")
 def trainers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, LocalTrainer]:
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("sites")
-    return {
-        site: LocalTrainer(
-            TRAIN,
-            SiteData.from_dir(write_site(root / site, 4, seed=i, size=16, prefix=str(i)), group=site),
-            device="cpu",
-        )
-        for i, site in enumerate(SITES)
-    }
+    return site_trainers(tmp_path_factory.mktemp("sites"), SITES, TRAIN)
 
 
 @pytest.fixture(scope="module")

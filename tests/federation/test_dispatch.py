@@ -6,8 +6,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-import torch
-from training.synth import write_site
+from training.synth import site_trainers
 
 from jipfed.federation.dispatch import (
     DELIVERED,
@@ -36,7 +35,6 @@ from jipfed.federation.site_round import run_site_step
 from jipfed.storage.local import LocalFolderStore
 from jipfed.storage.state import ExperimentStore
 from jipfed.training.config import TrainConfig
-from jipfed.training.data import SiteData
 from jipfed.training.local import LocalTrainer
 
 SITES = ("site-a", "site-b", "site-c")
@@ -45,16 +43,7 @@ TRAIN = TrainConfig(size="tiny", steps=1, batch_size=2, lr=0.01, amp=False, augm
 
 @pytest.fixture(scope="module")
 def trainers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, LocalTrainer]:
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("sites")
-    return {
-        site: LocalTrainer(
-            TRAIN,
-            SiteData.from_dir(write_site(root / site, 4, seed=i, size=16, prefix=str(i)), group=site),
-            device="cpu",
-        )
-        for i, site in enumerate(SITES)
-    }
+    return site_trainers(tmp_path_factory.mktemp("sites"), SITES, TRAIN)
 
 
 def started(tmp_path: Path, name: str = "exp1", **overrides) -> ExperimentStore:

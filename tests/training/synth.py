@@ -49,3 +49,21 @@ def write_site(
         index.append({"case_key": key, "file": f"{key}.npz", "grade": grade})
     (root / "index.json").write_text(json.dumps(index))
     return root
+
+
+def site_trainers(root: Path, sites: tuple[str, ...], train: object) -> dict[str, object]:
+    """One CPU ``LocalTrainer`` per site over 4 small synthetic cases each (seeded by the site's index)."""
+    import torch
+
+    from jipfed.training.data import SiteData
+    from jipfed.training.local import LocalTrainer
+
+    torch.set_num_threads(1)
+    return {
+        site: LocalTrainer(
+            train,  # type: ignore[arg-type]
+            SiteData.from_dir(write_site(root / site, 4, seed=i, size=16, prefix=str(i)), group=site),
+            device="cpu",
+        )
+        for i, site in enumerate(sites)
+    }
