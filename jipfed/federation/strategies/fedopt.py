@@ -3,11 +3,14 @@
 Reddi, Charles, Zaheer, Garrett, Rush, Konečný, Kumar, McMahan, "Adaptive Federated Optimization",
 ICLR 2021 (https://arxiv.org/abs/2003.00295), Algorithm 2.
 
-Each round the pseudo-gradient is ``delta = mean_w(site models) - global`` (the sample-weighted
-FedAvg mean, where the paper uses the plain mean), and a subclass turns it into the next global
-model with its server state (momentum, moments). State tensors are per float tensor name, in the
-accumulation dtype (float32 for float32 models), named ``<buffer>/<tensor name>``; integer buffers
-take FedAvg's value and have no state. Rounds must increase strictly: aggregating the same round
+Each round the pseudo-gradient is ``delta = mean_w(site deltas)`` (sample-weighted, where the paper
+uses the plain mean; formed from the deltas, so a coordinate no site changed is exactly 0), and a
+subclass turns it into the next global value of every trainable float weight with its server state
+(momentum, moments). Normalisation running statistics and other buffers
+(:func:`~jipfed.federation.strategies.pseudo_gradient.is_buffer`) and integer tensors are never
+stepped by the server optimiser: they take FedAvg's value (``global + delta``) and have no state.
+State tensors are per trainable tensor name, in the accumulation dtype (float32 for float32
+models), named ``<buffer>/<tensor name>``. Rounds must increase strictly: aggregating the same round
 twice would apply the server step twice, so it is refused.
 """
 
@@ -19,7 +22,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from jipfed.federation.aggregate import INTEGER_MODES, accumulation_dtype, mean_weights
+from jipfed.federation.aggregate import INTEGER_MODES, accumulation_dtype
 from jipfed.federation.strategies.base import (
     Strategy,
     StrategyState,
@@ -27,7 +30,8 @@ from jipfed.federation.strategies.base import (
     check_float,
     checked_updates,
 )
-from jipfed.federation.update import UpdateSource
+from jipfed.federation.strategies.pseudo_gradient import is_buffer, mean_delta
+from jipfed.federation.update import UpdateManifest, UpdateSource
 from jipfed.storage.layout import validate_round
 
 
@@ -59,25 +63,31 @@ class FedOpt(Strategy):
         validate_round(round)
         if self._last_round is not None and round <= self._last_round:
             raise ValueError(f"round {round} is not after the last aggregated round {self._last_round}")
-        mean = mean_weights(
+        delta = mean_delta(
             global_weights,
             checked_updates(updates, round),
+            weight=self._site_weight,
             accumulate_dtype=self._dtype,
             integer_mode=self.integer_mode,
         )
         out: dict[str, torch.Tensor] = {}
         for name, g in global_weights.items():
-            x = mean.pop(name)
+            d = delta.pop(name)
             if not g.is_floating_point():
-                out[name] = x
+                out[name] = g + d
                 continue
             dtype = accumulation_dtype(g.dtype, self._dtype)
-            delta = x.to(dtype).sub_(g)  # x is this function's own tensor: safe to overwrite
-            del x
-            out[name] = self._step(name, g.to(dtype), delta).to(g.dtype)
+            if is_buffer(name):
+                out[name] = torch.add(g.to(dtype), d.to(dtype)).to(g.dtype)  # FedAvg's value, no server step
+            else:
+                out[name] = self._step(name, g.to(dtype), d.to(dtype, copy=True)).to(g.dtype)
         self._steps += 1
         self._last_round = round
         return out
+
+    def _site_weight(self, manifest: UpdateManifest) -> float:
+        """A site's weight in the pseudo-gradient (its sample count)."""
+        return float(manifest.n_samples)
 
     def _buffer(self, buffer: str, name: str, like: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
         """State tensor ``buffer/name``, created as ``full_like(like, fill)`` on first use."""
