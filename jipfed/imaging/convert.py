@@ -6,7 +6,11 @@ Input (one study, ``docs/architecture.md``)::
 
 Series are classified by their headers: Modality SEG → the label; MR series → channels by
 SeriesDescription (``channel_map``, case-insensitive exact match); other series are ignored and
-logged. Output::
+logged; stray non-image objects inside a series are left out and reported. Compressed, deflated,
+big-endian and multi-frame (Enhanced MR) series are accepted: every frame is decoded once as a
+check (:mod:`jipfed.imaging.series_check`) and files dcm2niix cannot read are normalised first
+(:mod:`jipfed.imaging.staging`). Skip reasons name the series by number and description; the
+full dcm2niix output goes to the log. Output::
 
     <out_root>/<case_key>/image.nii.gz  4-D (X, Y, Z, C) int16 (float32 when values need it),
                                         C in ``channel_map`` order (FLAIR, T1, T1c, T2)
@@ -41,9 +45,9 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
-import pydicom
 from pydicom.multival import MultiValue
 
+from jipfed.imaging.dicom_io import read_instance, short_error
 from jipfed.imaging.seg_labels import RAS_TO_LPS, SegRejected, seg_label_map, signed_permutation
 from jipfed.imaging.series_check import (
     SeriesInfo,
@@ -52,11 +56,12 @@ from jipfed.imaging.series_check import (
     instance_files,
     is_hidden,
 )
+from jipfed.imaging.staging import stage_series
 
 logger = logging.getLogger(__name__)
 
 #: Bumped whenever the conversion changes meaning, so cached cases are converted again.
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2
 #: Channel → accepted SeriesDescriptions (lower case); the order is the image's channel order.
 DEFAULT_CHANNEL_MAP: Mapping[str, tuple[str, ...]] = {
     "FLAIR": ("flair",),
@@ -85,7 +90,8 @@ class Dcm2niixError(RuntimeError):
 
 @dataclass(frozen=True)
 class ConvertedCase:
-    """One converted (or cached) case; ``ignored`` lists (series folder, reason) left out."""
+    """One converted (or cached) case; ``ignored`` lists (series folder or file, reason) left out:
+    series mapping to no channel, and stray objects (SR, presentation states, ...) in a series."""
 
     case_key: str
     case_dir: Path
@@ -156,20 +162,45 @@ def find_dcm2niix() -> str:
     return found
 
 
-def run_dcm2niix(series_dir: Path, out_dir: Path, name: str, binary: str | None = None) -> Path:
-    """Convert one single-series folder with dcm2niix; return the one .nii.gz it wrote."""
+def run_dcm2niix(
+    series_dir: Path, out_dir: Path, name: str, binary: str | None = None, label: str | None = None
+) -> Path:
+    """Convert one single-series folder with dcm2niix; return the one .nii.gz it wrote.
+
+    On failure the full dcm2niix output goes to the log; the error carries its exit code and its
+    last error or warning line, whole (``label`` names the series, default the folder name).
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     cmd = [binary or find_dcm2niix(), "-z", "y", "-b", "n", "-f", name, "-o", str(out_dir), str(series_dir)]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
-        tail = (proc.stderr.strip() or proc.stdout.strip())[-2000:]
-        raise Dcm2niixError(f"dcm2niix exited with {proc.returncode} on {series_dir.name}: {tail}")
+        logger.warning(
+            "dcm2niix exited with %d on %s; its output:\n%s", proc.returncode, series_dir, proc.stdout + proc.stderr
+        )
+        raise Dcm2niixError(
+            f"dcm2niix exited with {proc.returncode} on {label or series_dir.name}: "
+            f"{dcm2niix_reason(proc.stdout + proc.stderr)}"
+        )
     outputs = sorted(out_dir.glob(f"{name}*.nii.gz"))
     if len(outputs) != 1:
         raise Dcm2niixError(
             f"dcm2niix wrote {[p.name for p in outputs]} for {series_dir.name}, expected one file"
         )
     return outputs[0]
+
+
+def dcm2niix_reason(output: str) -> str:
+    """The last whole error (else warning, else any) line of dcm2niix's output, at most 300 chars."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    for marker in ("error", "warning"):
+        found = [line for line in lines if marker in line.lower()]
+        if found:
+            lines = found
+            break
+    if not lines:
+        return "no output"
+    line = lines[-1]
+    return line if len(line) <= 300 else line[:300].rsplit(" ", 1)[0] + " ..."
 
 
 def convert_case(
@@ -194,6 +225,7 @@ def convert_case(
         return cached
     infos = _check_all(study_dir)
     channels, seg, ignored = _classify(study_dir, infos, lookup, tuple(channel_map))
+    ignored += [(str(info.folder / name), reason) for info in infos for name, reason in info.left_out]
     out_root.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=out_root))
     try:
@@ -209,7 +241,7 @@ def convert_case(
                 },
             )
         except SegRejected as exc:
-            raise CaseRejected(seg.folder, exc.reason) from exc
+            raise CaseRejected(seg.folder, f"{seg.label}: {exc.reason}") from exc
         result = ConvertedCase(
             case_key=key,
             case_dir=out_root / key,
@@ -242,6 +274,7 @@ def convert_cases(
     The report is written to ``<out_root>/reports/convert-<UTC timestamp>.json`` and logged.
     """
     out_root = Path(out_root)
+    _channel_lookup(channel_map)  # a bad channel map is a configuration error: fail before any case
     binary = find_dcm2niix()
     report = ConversionReport(out_root=str(out_root), started=_now())
     seen: set[str] = set()
@@ -256,6 +289,10 @@ def convert_cases(
         except CaseRejected as exc:
             logger.warning("skipping case %s: %s: %s", key, exc.folder, exc.reason)
             report.skipped.append((key, str(exc.folder), exc.reason))
+            continue
+        except Exception as exc:  # noqa: BLE001 - one broken case never stops the batch
+            logger.exception("skipping case %s: unexpected error converting %s", key, study_dir)
+            report.skipped.append((key, str(study_dir), f"unexpected error ({short_error(exc)})"))
             continue
         (report.cached if case.cached else report.converted).append(key)
         report.ignored.extend((key, folder, reason) for folder, reason in case.ignored)
@@ -334,7 +371,7 @@ def _check_all(study_dir: Path) -> list[SeriesInfo]:
         except SeriesRejected as exc:
             raise CaseRejected(exc.folder, exc.reason) from exc
         if info.study_uid != study_dir.name:
-            raise CaseRejected(series_dir, "StudyInstanceUID differs from the study folder name")
+            raise CaseRejected(series_dir, f"{info.label}: StudyInstanceUID differs from the study folder name")
         infos.append(info)
     return infos
 
@@ -350,13 +387,11 @@ def _classify(
         if info.is_segmentation:
             segs.append(info)
         elif channel is None:
-            ignored.append(
-                (str(info.folder), f"{info.modality} series {info.description!r} maps to no channel")
-            )
+            ignored.append((str(info.folder), f"{info.modality} {info.label} maps to no channel"))
             logger.info("ignoring series %s: %s", info.folder, ignored[-1][1])
         elif channel in by_channel:
             raise CaseRejected(
-                info.folder, f"second series for channel {channel} ({by_channel[channel].folder.name})"
+                info.folder, f"{info.label}: second series for channel {channel} ({by_channel[channel].label})"
             )
         else:
             by_channel[channel] = info
@@ -378,21 +413,20 @@ def _convert_channels(
     """Run dcm2niix per channel; return the stacked (X, Y, Z, C) array and the shared affine."""
     arrays: list[nib.Nifti1Image] = []
     for index, info in enumerate(channels):
-        # check_series accepted every file of the folder as an instance of this one series
+        # only the files check_series accepted, each in a transfer syntax dcm2niix reads
+        staged = stage_series(info, work / "stage" / f"c{index}")
         try:
-            img = nib.load(run_dcm2niix(info.folder, work / "nii", f"c{index}", binary))
+            img = nib.load(run_dcm2niix(staged, work / "nii", f"c{index}", binary, label=info.label))
         except Dcm2niixError as exc:
             raise CaseRejected(info.folder, str(exc)) from exc
         if img.ndim != 3:
-            raise CaseRejected(info.folder, f"dcm2niix produced a {img.ndim}-D image")
+            raise CaseRejected(info.folder, f"{info.label}: dcm2niix produced a {img.ndim}-D image")
         _check_grid(info, img)
         if arrays and (
             img.shape != arrays[0].shape
             or not np.allclose(img.affine, arrays[0].affine, rtol=0.0, atol=AFFINE_TOL)
         ):
-            raise CaseRejected(
-                study_dir, f"channel grids differ ({info.folder.name} vs {channels[0].folder.name})"
-            )
+            raise CaseRejected(study_dir, f"channel grids differ ({info.label} vs {channels[0].label})")
         arrays.append(img)
     return _stack(arrays), np.asarray(arrays[0].affine, dtype=float)
 
@@ -401,12 +435,12 @@ def _check_grid(info: SeriesInfo, img: nib.Nifti1Image) -> None:
     """The NIfTI voxels must be the DICOM pixels, only permuted or flipped (no resampling)."""
     geometry = info.geometry
     if geometry is None:
-        raise CaseRejected(info.folder, "no slice geometry")
+        raise CaseRejected(info.folder, f"{info.label}: no slice geometry")
     dicom_shape = np.array([geometry.columns, geometry.rows, geometry.n_slices])
     try:
         mapping = signed_permutation(RAS_TO_LPS @ img.affine, geometry.affine_lps())
     except ValueError as exc:
-        raise CaseRejected(info.folder, f"dcm2niix grid differs from the DICOM grid: {exc}") from exc
+        raise CaseRejected(info.folder, f"{info.label}: dcm2niix grid differs from the DICOM grid: {exc}") from exc
     corners = mapping[:, :3] @ (np.array(img.shape) - 1) + mapping[:, 3]
     span = np.stack([mapping[:, 3], corners])
     if (
@@ -414,7 +448,7 @@ def _check_grid(info: SeriesInfo, img: nib.Nifti1Image) -> None:
         or (span.max(axis=0) >= dicom_shape).any()
         or np.prod(img.shape) != np.prod(dicom_shape)
     ):
-        raise CaseRejected(info.folder, "dcm2niix grid does not cover the DICOM slices one to one")
+        raise CaseRejected(info.folder, f"{info.label}: dcm2niix grid does not cover the DICOM slices one to one")
 
 
 def _stack(images: list[nib.Nifti1Image]) -> np.ndarray:
@@ -434,7 +468,7 @@ def _stack(images: list[nib.Nifti1Image]) -> np.ndarray:
 
 def _grade(info: SeriesInfo) -> str | None:
     """AdmittingDiagnosesDescription (0008,1080) of the study, None when absent or empty."""
-    value = pydicom.dcmread(info.files[0], stop_before_pixels=True).get("AdmittingDiagnosesDescription")
+    value = read_instance(info.files[0], stop_before_pixels=True).get("AdmittingDiagnosesDescription")
     if value is None:
         return None
     text = "\\".join(map(str, value)) if isinstance(value, MultiValue) else str(value)

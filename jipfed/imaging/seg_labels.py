@@ -20,6 +20,16 @@ from pathlib import Path
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian
+
+from jipfed.imaging.dicom_io import (
+    InstanceUnreadable,
+    functional_group,
+    read_instance,
+    short_error,
+    to_explicit_little_endian,
+    transfer_syntax,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -90,10 +100,7 @@ def seg_label_map(
         SegRejected: wrong frame of reference, unknown referenced instances, unsupported
             segmentation type, or frames that do not lie on the image grid.
     """
-    try:
-        seg = hd.seg.segread(seg_file)
-    except (ValueError, TypeError, AttributeError, OSError) as exc:
-        raise SegRejected(f"unreadable SEG ({type(exc).__name__}: {exc})") from exc
+    seg = read_segmentation(seg_file)
     if str(seg.get("FrameOfReferenceUID", "")) != frame_of_reference_uid:
         raise SegRejected("SEG FrameOfReferenceUID differs from the images'")
     unknown = _referenced_instances(seg) - set(source_sop_instance_uids)
@@ -130,6 +137,19 @@ def seg_label_map(
     return label
 
 
+def read_segmentation(seg_file: Path) -> hd.seg.Segmentation:
+    """Read a SEG in any transfer syntax (normalised to Explicit VR Little Endian for highdicom)."""
+    try:
+        ds = read_instance(seg_file)
+        if transfer_syntax(ds) != ExplicitVRLittleEndian:
+            ds = to_explicit_little_endian(ds)
+        return hd.seg.Segmentation.from_dataset(ds, copy=False)
+    except InstanceUnreadable as exc:
+        raise SegRejected(f"unreadable SEG: {exc.reason}") from exc
+    except Exception as exc:  # noqa: BLE001 - highdicom raises many types for a malformed SEG
+        raise SegRejected(f"unreadable SEG ({short_error(exc)})") from exc
+
+
 def _referenced_instances(seg: Dataset) -> set[str]:
     """SOPInstanceUIDs referenced by the SEG (series-level list and per-frame derivation)."""
     uids = {
@@ -145,10 +165,10 @@ def _referenced_instances(seg: Dataset) -> set[str]:
 
 def _group(groups: Dataset, shared: Dataset, keyword: str) -> Dataset:
     """First item of a functional group macro, per-frame taking precedence over shared."""
-    for source in (groups, shared):
-        if keyword in source and len(source[keyword].value):
-            return source[keyword].value[0]
-    raise SegRejected(f"SEG lacks {keyword}")
+    item = functional_group(groups, shared, keyword)
+    if item is None:
+        raise SegRejected(f"SEG lacks {keyword}")
+    return item
 
 
 def _frame_mapping(

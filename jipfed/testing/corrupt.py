@@ -98,10 +98,13 @@ def mixed_orientation(study_dir: Path, *, degrees: float = 5.0) -> Path:
     return series_dir
 
 
-def non_image_instance(study_dir: Path, *, sop_class_uid: str = BASIC_TEXT_SR) -> Path:
-    """Add a non-image instance (default a Basic Text SR) to the first MR series' folder."""
-    series_dir = find_series(study_dir)
-    template = pydicom.dcmread(next(series_dir.iterdir()), stop_before_pixels=True)
+def non_image_instance(
+    study_dir: Path, *, sop_class_uid: str = BASIC_TEXT_SR, series_dir: Path | None = None
+) -> Path:
+    """Add a non-image instance (default a Basic Text SR) to ``series_dir`` (default: the first MR
+    series' folder) as ``zz_<modality>.dcm``."""
+    series_dir = series_dir or find_series(study_dir)
+    template = pydicom.dcmread(min(series_dir.iterdir()), stop_before_pixels=True)
     ds = Dataset()
     for keyword in _COPIED:
         if keyword in template:
@@ -114,7 +117,7 @@ def non_image_instance(study_dir: Path, *, sop_class_uid: str = BASIC_TEXT_SR) -
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.save_as(series_dir / "zz_note.dcm", enforce_file_format=True)
+    ds.save_as(series_dir / f"zz_{ds.Modality.lower()}.dcm", enforce_file_format=True)
     return series_dir
 
 

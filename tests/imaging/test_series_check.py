@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -102,11 +103,16 @@ def test_mixed_orientation(study: Path) -> None:
     assert "mixed ImageOrientationPatient" in rejection(mixed_orientation(study))
 
 
-@pytest.mark.parametrize("sop_class", [None, GRAYSCALE_SOFTCOPY_PS])
-def test_non_image_instance_among_slices(study: Path, sop_class: str | None) -> None:
+@pytest.mark.parametrize(("sop_class", "name"), [(None, "Basic Text SR"), (GRAYSCALE_SOFTCOPY_PS, "Presentation")])
+def test_non_image_instance_among_slices_is_left_out(study: Path, sop_class: str | None, name: str) -> None:
     kwargs = {} if sop_class is None else {"sop_class_uid": sop_class}
-    reason = rejection(non_image_instance(study, **kwargs))
-    assert "non-image SOP class" in reason and "zz_note.dcm" in reason
+    folder = non_image_instance(study, **kwargs)
+    info = check_series(folder)
+    assert info.n_slices == SHAPE[2] and len(info.files) == SHAPE[2]
+    ((file_name, reason),) = info.left_out
+    assert file_name.startswith("zz_") and file_name not in {p.name for p in info.files}
+    assert name in reason and f"left out of {info.label}" in reason
+    assert re.fullmatch(r'series \d+ "(FLAIR|T1|T1c|T2)"', info.label)
 
 
 def test_series_of_a_non_image_storage_class(study: Path) -> None:
@@ -117,7 +123,8 @@ def test_series_of_a_non_image_storage_class(study: Path) -> None:
             "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture
         )
         ds.save_as(path)
-    assert "non-image SOP class Secondary Capture" in rejection(flair)
+    reason = rejection(flair)
+    assert re.match(r'series \d+ "FLAIR": no MR/CT image instances', reason) and "Secondary Capture" in reason
 
 
 @pytest.mark.parametrize(("mode", "expected"), [("truncate", "truncated"), ("garbage", "unreadable")])
