@@ -17,8 +17,6 @@ from jipfed.operators.central._common import DEFAULT_STORE_CONN_ID, open_experim
 from jipfed.operators.central.report import write_report
 from jipfed.operators.compat import BaseOperator, Context, TriggerDagRunOperator
 
-from jipfed.federation.rounds import FINAL_MODEL, MODEL_CARD, finalize
-
 
 def next_run_id(experiment: str, step: int) -> str:
     """Run id of the central run that handles ``step`` (one per experiment and step)."""
@@ -41,6 +39,8 @@ def route_after_start(decision: Mapping[str, Any], *, run_step: str, after_step:
 
 def route_after_step(decision: Mapping[str, Any], *, next_step: str, finalize: str) -> str:
     """Branch after the step: ``next_step`` while steps remain, else ``finalize``."""
+    from jipfed.federation.rounds import finalize
+
     step = decision["step"]
     if step is not None and step + 1 < decision["n_steps"]:
         return next_step
@@ -108,6 +108,8 @@ class FinalizeOperator(BaseOperator):
         self.model_store_conn_id = model_store_conn_id
 
     def execute(self, context: Context) -> dict[str, Any]:
+        from jipfed.federation.rounds import FINAL_MODEL, MODEL_CARD, finalize
+
         exp_store = open_experiment(self.model_store_conn_id, self.experiment)
         card = finalize(exp_store)
         report = write_report(exp_store)

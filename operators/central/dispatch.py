@@ -22,7 +22,6 @@ from jipfed.operators.compat import (
 from jipfed.operators.hooks import AirflowApiHook
 
 from jipfed.airflow_rest import AirflowRestError
-from jipfed.federation.dispatch import dispatch_step, report_site_failure
 
 #: XCom key of the full dispatch record (the return value is the list of selected sites, for mapping).
 DISPATCH_KEY = "dispatch"
@@ -66,6 +65,8 @@ class DispatchStepOperator(BaseOperator):
         self.model_store_conn_id = model_store_conn_id
 
     def execute(self, context: Context) -> list[str]:
+        from jipfed.federation.dispatch import dispatch_step
+
         step = step_number(self.step, self.experiment)
         exp_store = open_experiment(self.model_store_conn_id, self.experiment)
         dispatch = dispatch_step(exp_store, step)
@@ -132,6 +133,8 @@ class DispatchToSiteOperator(BaseOperator):
         self.model_store_conn_id = model_store_conn_id
 
     def execute(self, context: Context) -> dict[str, Any] | None:
+        from jipfed.federation.dispatch import report_site_failure
+
         step = step_number(self.step, self.experiment)
         exp_store = open_experiment(self.model_store_conn_id, self.experiment)
         dispatch = step_dispatch(exp_store, step)

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jipfed.operators.central._common import DEFAULT_STORE_CONN_ID, open_experiment
 from jipfed.operators.compat import AirflowFailException, BaseOperator, Context
 
-from jipfed.central.params import experiment_config, submitted_values
-from jipfed.federation.experiment import ExperimentConfig
-from jipfed.federation.rounds import load_config, start_experiment
 from jipfed.storage.base import ObjectNotFoundError
 from jipfed.storage.state import ConfigConflictError, ExperimentStore, Status
+
+if TYPE_CHECKING:  # the federation modules import torch: only at run time
+    from jipfed.federation.experiment import ExperimentConfig
 
 #: XCom keys of the run's experiment and step (None: no step left); the return value is the full decision.
 EXPERIMENT_KEY, STEP_KEY = "experiment", "step"
@@ -43,6 +43,9 @@ class StartExperimentOperator(BaseOperator):
         self.model_store_conn_id = model_store_conn_id
 
     def execute(self, context: Context) -> dict[str, Any]:
+        from jipfed.central.params import submitted_values
+        from jipfed.federation.rounds import start_experiment
+
         try:
             values = submitted_values(context["params"], context["dag_run"].conf)
             exp_store = open_experiment(self.model_store_conn_id, values.get("experiment"))
@@ -93,6 +96,9 @@ class StartExperimentOperator(BaseOperator):
         }
 
     def _config(self, exp_store: ExperimentStore, values: dict[str, Any], requested: Any) -> ExperimentConfig:
+        from jipfed.central.params import experiment_config
+        from jipfed.federation.rounds import load_config
+
         name = exp_store.experiment
         if requested is None:
             try:

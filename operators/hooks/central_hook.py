@@ -18,32 +18,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from jipfed.operators.compat import BaseHook
-from jipfed.operators.hooks._connection import ConnectionLike, base_url, checked_extras, optional_str
+
+from jipfed.tasks.connections import CENTRAL_EXTRA_FIELDS, central_client, central_client_kwargs
+
+# the connection parsing lives in the core (shared with ``jipfed task`` in a pod); re-exported here
+__all__ = ["CentralHook", "CENTRAL_EXTRA_FIELDS", "central_client", "central_client_kwargs"]
 
 if TYPE_CHECKING:
     from jipfed.central.client import CentralClient
-
-CENTRAL_EXTRA_FIELDS = ("timeout_s", "verify")
-DEFAULT_TIMEOUT_S = 60.0
-
-
-def central_client_kwargs(conn: ConnectionLike) -> dict[str, Any]:
-    """Keyword arguments of ``CentralClient`` read from a Connection (``base_url``, ``token``, ...)."""
-    extras = checked_extras(conn, CENTRAL_EXTRA_FIELDS)
-    token = optional_str(conn.password)
-    if token is None:
-        raise ValueError(f"connection {conn.conn_id!r}: password must hold the site's token for the central")
-    verify = extras.get("verify", True)
-    if not isinstance(verify, (bool, str)):
-        raise ValueError(f"connection {conn.conn_id!r}: verify must be true, false or a CA bundle path")
-    raw_timeout = extras.get("timeout_s", DEFAULT_TIMEOUT_S)
-    try:
-        timeout_s = float(raw_timeout)
-    except (TypeError, ValueError):
-        timeout_s = -1.0
-    if isinstance(raw_timeout, bool) or not timeout_s > 0:
-        raise ValueError(f"connection {conn.conn_id!r}: timeout_s {raw_timeout!r} must be a number > 0")
-    return {"base_url": base_url(conn), "token": token, "timeout_s": timeout_s, "verify": verify}
 
 
 class CentralHook(BaseHook):
@@ -68,7 +50,4 @@ class CentralHook(BaseHook):
 
     def get_conn(self) -> CentralClient:
         """A client of the central endpoint (one per call; it holds no open connection)."""
-        from jipfed.central.client import CentralClient
-
-        kwargs = self.get_client_kwargs()
-        return CentralClient(kwargs.pop("base_url"), kwargs.pop("token"), **kwargs)
+        return central_client(self.get_connection(self.central_conn_id))

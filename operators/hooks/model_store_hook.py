@@ -19,62 +19,11 @@ from __future__ import annotations
 from typing import Any
 
 from jipfed.operators.compat import BaseHook
-from jipfed.operators.hooks._connection import ConnectionLike, checked_extras, optional_str
 
-S3_CONN_TYPES = ("aws", "s3")
-LOCAL_CONN_TYPES = ("fs",)
-S3_EXTRA_FIELDS = (
-    "endpoint_url",
-    "region_name",
-    "bucket",
-    "prefix",
-    "verify",
-    "aws_access_key_id",
-    "aws_secret_access_key",
-)
-DEFAULT_BUCKET = "jipfed"
+from jipfed.tasks.connections import open_model_store, store_config
 
-
-def store_config(conn: ConnectionLike) -> dict[str, Any]:
-    """The object store's location and credentials from a Connection.
-
-    Returns:
-        ``{"kind": "s3", "endpoint_url", "region", "bucket", "prefix", "access_key", "secret_key",
-        "verify"}``
-        (``endpoint_url`` None = AWS) or ``{"kind": "local", "root"}``.
-    """
-    if conn.conn_type in LOCAL_CONN_TYPES:
-        extras = checked_extras(conn, ("path",))
-        root = str(extras.get("path") or "").strip()
-        if not root:
-            raise ValueError(f"connection {conn.conn_id!r}: an fs connection needs extra 'path'")
-        return {"kind": "local", "root": root}
-    if conn.conn_type not in S3_CONN_TYPES:
-        raise ValueError(
-            f"connection {conn.conn_id!r}: conn_type {conn.conn_type!r} is not a model store; "
-            f"use one of {sorted(S3_CONN_TYPES + LOCAL_CONN_TYPES)}"
-        )
-    extras = checked_extras(conn, S3_EXTRA_FIELDS)
-    access_key = optional_str(conn.login) or extras.get("aws_access_key_id") or None
-    secret_key = optional_str(conn.password) or extras.get("aws_secret_access_key") or None
-    if (access_key is None) != (secret_key is None):
-        raise ValueError(f"connection {conn.conn_id!r}: give both access key and secret key, or neither")
-    endpoint_url = extras.get("endpoint_url") or None
-    if endpoint_url is not None and not str(endpoint_url).startswith(("http://", "https://")):
-        raise ValueError(f"connection {conn.conn_id!r}: endpoint_url {endpoint_url!r} is not an http(s) URL")
-    verify = extras.get("verify", True)
-    if not isinstance(verify, (bool, str)):
-        raise ValueError(f"connection {conn.conn_id!r}: verify must be true, false or a CA bundle path")
-    return {
-        "kind": "s3",
-        "endpoint_url": str(endpoint_url).rstrip("/") if endpoint_url else None,
-        "region": extras.get("region_name") or None,
-        "bucket": str(extras.get("bucket") or DEFAULT_BUCKET),
-        "prefix": str(extras.get("prefix") or "").strip("/"),
-        "access_key": access_key,
-        "secret_key": secret_key,
-        "verify": verify,
-    }
+# the connection parsing lives in the core (shared with ``jipfed task`` in a pod); re-exported here
+__all__ = ["ModelStoreHook", "open_model_store", "store_config"]
 
 
 class ModelStoreHook(BaseHook):
@@ -99,7 +48,4 @@ class ModelStoreHook(BaseHook):
 
     def get_conn(self) -> Any:
         """The opened store: ``jipfed.storage.factory.open_store(**self.get_store_config())``."""
-        config = self.get_store_config()
-        from jipfed.storage.factory import open_store
-
-        return open_store(**config)
+        return open_model_store(self.get_connection(self.model_store_conn_id))

@@ -19,66 +19,16 @@ e.g. ``AIRFLOW_CONN_JIPFED_PACS_DEFAULT='{"conn_type": "jipfed_pacs", "host":
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 from jipfed.operators.compat import BaseHook
-from jipfed.operators.hooks._connection import ConnectionLike, base_url, checked_extras, optional_str
+
+from jipfed.tasks.connections import PACS_EXTRA_FIELDS, pacs_config, pacs_config_kwargs
+
+# the connection parsing lives in the core (shared with ``jipfed task`` in a pod); re-exported here
+__all__ = ["PacsHook", "PACS_EXTRA_FIELDS", "pacs_config", "pacs_config_kwargs"]
 
 if TYPE_CHECKING:
     from jipfed.imaging.pacs import PacsConfig
-
-PACS_EXTRA_FIELDS = ("dicomweb_path", "dimse_host", "dimse_port", "called_aet", "calling_aet", "timeout_s")
-DEFAULT_DICOMWEB_PATH = "/dicom-web"
-
-
-def _aet(conn_id: str, key: str, value: Any) -> str:
-    """A DICOM AE title: 1-16 printable ASCII characters, no backslash."""
-    text = str(value).strip()
-    if not 1 <= len(text) <= 16 or not text.isascii() or not text.isprintable() or "\\" in text:
-        raise ValueError(
-            f"connection {conn_id!r}: {key} {value!r} is not a valid AE title (1-16 ASCII chars)"
-        )
-    return text
-
-
-def _port(conn_id: str, value: Any) -> int:
-    try:
-        port = int(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"connection {conn_id!r}: dimse_port {value!r} is not an integer") from None
-    if not 1 <= port <= 65535 or isinstance(value, (bool, float)):
-        raise ValueError(f"connection {conn_id!r}: dimse_port {value!r} is not a port number")
-    return port
-
-
-def pacs_config_kwargs(conn: ConnectionLike) -> dict[str, Any]:
-    """Keyword arguments of ``PacsConfig`` read from a Connection (unset fields keep its defaults)."""
-    extras = checked_extras(conn, PACS_EXTRA_FIELDS)
-    base = base_url(conn)
-    path = str(extras.get("dicomweb_path", DEFAULT_DICOMWEB_PATH)).strip()
-    if path and not path.startswith("/"):
-        path = "/" + path
-    kwargs: dict[str, Any] = {
-        "dicomweb_url": base + path.rstrip("/"),
-        "username": optional_str(conn.login),
-        "password": optional_str(conn.password),
-        "dimse_host": str(extras.get("dimse_host") or urlsplit(base).hostname),
-        "dimse_port": None
-        if extras.get("dimse_port") in (None, "")
-        else _port(conn.conn_id, extras["dimse_port"]),
-    }
-    for key in ("called_aet", "calling_aet"):
-        if extras.get(key) not in (None, ""):
-            kwargs[key] = _aet(conn.conn_id, key, extras[key])
-    if extras.get("timeout_s") not in (None, ""):
-        try:
-            timeout_s = float(extras["timeout_s"])
-        except (TypeError, ValueError):
-            timeout_s = -1.0
-        if not timeout_s > 0:
-            raise ValueError(f"connection {conn.conn_id!r}: timeout_s {extras['timeout_s']!r} must be > 0")
-        kwargs["timeout_s"] = timeout_s
-    return kwargs
 
 
 class PacsHook(BaseHook):
@@ -99,10 +49,4 @@ class PacsHook(BaseHook):
 
     def get_conn(self) -> PacsConfig:
         """The PACS configuration from the Connection."""
-        kwargs = pacs_config_kwargs(self.get_connection(self.pacs_conn_id))
-        from jipfed.imaging.pacs import PacsConfig
-
-        try:
-            return PacsConfig(**kwargs)
-        except ValueError as exc:
-            raise ValueError(f"connection {self.pacs_conn_id!r}: {exc}") from exc
+        return pacs_config(self.get_connection(self.pacs_conn_id))

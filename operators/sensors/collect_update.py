@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jipfed.operators.central._common import (
     DEFAULT_STORE_CONN_ID,
@@ -22,16 +22,10 @@ from jipfed.operators.compat import (
 )
 from jipfed.operators.triggers.site_update import ERROR, SiteUpdateTrigger
 
-from jipfed.federation.dispatch import (
-    DELIVERED,
-    FAILED,
-    TIMED_OUT,
-    WAITING,
-    Dispatch,
-    record_timeout,
-    site_status,
-)
 from jipfed.storage.state import ExperimentStore
+
+if TYPE_CHECKING:  # the federation modules import torch: only at run time
+    from jipfed.federation.dispatch import Dispatch
 
 
 def default_poll_interval(timeout_s: float) -> float:
@@ -105,6 +99,8 @@ class CollectUpdateSensor(BaseSensorOperator):
         }
 
     def execute(self, context: Context) -> dict[str, Any]:
+        from jipfed.federation.dispatch import WAITING, site_status
+
         dispatch = self._dispatch()
         ticket = dispatch.ticket
         if self.site not in ticket.sites:
@@ -138,6 +134,8 @@ class CollectUpdateSensor(BaseSensorOperator):
         return self._finish(super().execute(context))
 
     def poke(self, context: Context) -> PokeReturnValue:
+        from jipfed.federation.dispatch import WAITING, site_status
+
         dispatch = self._dispatch()
         status, detail = site_status(self.exp_store, dispatch, self.site)
         return PokeReturnValue(is_done=status != WAITING, xcom_value=self._event(dispatch, status, detail))
@@ -151,6 +149,8 @@ class CollectUpdateSensor(BaseSensorOperator):
         return self._finish(event)
 
     def _finish(self, event: Mapping[str, Any]) -> dict[str, Any]:
+        from jipfed.federation.dispatch import DELIVERED, FAILED, TIMED_OUT, record_timeout
+
         status, detail = event["status"], str(event["detail"])
         here = where(self.experiment, event["step"], event["round"], self.site)
         if status == DELIVERED:

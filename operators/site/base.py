@@ -1,83 +1,72 @@
 """What every site operator shares: the site identity, the work item, Kaapana-style run folders.
 
-Folder convention (as Kaapana's operators, so ours chain with theirs)::
-
-    <workflow_dir>/<run_id>/                      the run folder (WORKFLOW_DIR/<run_id>), deleted at the end
-    <workflow_dir>/<run_id>/<operator_out_dir>/   batch-level output of one operator (default: its task id)
-    <workflow_dir>/<run_id>/batch/<series>/<operator_out_dir>/   per-series output (BATCH_NAME)
-
 An operator reads from ``operator_in_dir`` (by default the ``operator_out_dir`` of its
-``input_operator``) and returns the path of its main output as its XCom value. The work item
-(the step to answer) is the XCom value of ``work_task_id``. The caches (DICOM, NIfTI,
-preprocessed) live in the identity's ``data_root``, outside the run folder, and outlive it.
+``input_operator``) and returns the path of its main output as its XCom value (see
+:mod:`jipfed.tasks.run` for the folder layout). The work item (the step to answer) is the XCom
+value of ``work_task_id``. The caches (DICOM, NIfTI, preprocessed) live in the identity's
+``data_root``, outside the run folder, and outlive it.
+
+A heavy operator names its ``step`` (``jipfed task <step>``) and runs it through
+:meth:`SiteOperator.run_step`: in this process, or as a pod when the identity's ``execution``
+says so (``jipfed.tasks.execution``); both call the same function of ``jipfed.tasks``.
 """
 
 from __future__ import annotations
 
 import json
-import os
-from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
-from jipfed.operators.compat import AirflowFailException, BaseOperator, Context
-from jipfed.operators.site.identity import IDENTITY_VARIABLE, SiteIdentity, load_identity
+from jipfed.operators.compat import (
+    AirflowException,
+    AirflowFailException,
+    AirflowSkipException,
+    BaseHook,
+    BaseOperator,
+    Context,
+)
+from jipfed.operators.pod import connection_env
+from jipfed.operators.site.identity import IDENTITY_VARIABLE, load_identity
 
-if TYPE_CHECKING:  # the core modules import torch: only at run time, never when the DAG is parsed
+from jipfed.tasks import env
+from jipfed.tasks.connections import EnvConnection
+from jipfed.tasks.errors import TaskError, TaskFailed, TaskSkipped
+from jipfed.tasks.run import BATCH_NAME, SiteRun, make_run, read_json, write_json
+
+if TYPE_CHECKING:
     from jipfed.federation.dispatch import WorkItem
+    from jipfed.tasks.execution import SecretRef
 
-#: Kaapana's name of the folder holding one sub-folder per series of a run.
-BATCH_NAME = "batch"
+__all__ = ["BATCH_NAME", "SiteOperator", "SiteRun", "make_site_run", "read_json", "task_errors", "write_json"]
+
 WORK_TASK_ID = "get_work"
+T = TypeVar("T")
 
 
-@dataclass(frozen=True)
-class SiteRun:
-    """One task's view of its run: who the site is, what it works on, and its folders."""
-
-    identity: SiteIdentity
-    run_dir: Path
-    in_dir: Path | None
-    out_dir: Path
-    work: WorkItem | None
-
-    @property
-    def where(self) -> str:
-        """``site ..., experiment ..., round ..., step ...`` for messages."""
-        text = f"site {self.identity.site_id!r}"
-        if self.work is not None:
-            ticket = self.work.ticket
-            text += f", experiment {ticket.experiment!r}, round {ticket.round}, step {ticket.step}"
-        return text
-
-    def require_work(self) -> WorkItem:
-        if self.work is None:
-            raise AirflowFailException(f"{self.where}: this task needs a work item and has none")
-        return self.work
-
-
-def write_json(path: Path, data: Any) -> Path:
-    """Write ``data`` as JSON, atomically (a reader never sees half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    os.replace(tmp, path)
-    return path
-
-
-def read_json(path: Path, what: str) -> Any:
-    """Read a JSON file an upstream task wrote; fail the task clearly when it is missing."""
+@contextmanager
+def task_errors() -> Iterator[None]:
+    """Turn the task functions' errors into Airflow's: failed for good, retryable, skipped."""
     try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise AirflowFailException(f"{what} not found at {path}: did the upstream task run?") from None
+        yield
+    except TaskSkipped as exc:
+        raise AirflowSkipException(str(exc)) from exc
+    except TaskFailed as exc:
+        raise AirflowFailException(str(exc)) from exc
+    except TaskError as exc:
+        raise AirflowException(str(exc)) from exc
+
+
+def work_data_from_xcom(context: Context, work_task_id: str) -> dict[str, Any] | None:
+    """The work item's dict the task ``work_task_id`` returned in this run (None if it returned none)."""
+    return context["ti"].xcom_pull(task_ids=work_task_id)
 
 
 def work_from_xcom(context: Context, work_task_id: str) -> WorkItem | None:
     """The work item the task ``work_task_id`` returned in this run (None if it returned none)."""
     from jipfed.federation.dispatch import WorkItem
 
-    data = context["ti"].xcom_pull(task_ids=work_task_id)
+    data = work_data_from_xcom(context, work_task_id)
     return None if data is None else WorkItem.from_dict(data)
 
 
@@ -96,18 +85,21 @@ def make_site_run(
         run_dir = identity.run_dir(context["run_id"])
     except ValueError as exc:
         raise AirflowFailException(str(exc)) from exc
-    out_dir = run_dir / operator_out_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
-    work = work_from_xcom(context, work_task_id) if work_task_id else None
-    in_dir = run_dir / operator_in_dir if operator_in_dir else None
-    run = SiteRun(identity=identity, run_dir=run_dir, in_dir=in_dir, out_dir=out_dir, work=work)
-    if work_task_id and work is None:
+    work_data = work_data_from_xcom(context, work_task_id) if work_task_id else None
+    run = make_run(
+        identity,
+        run_dir,
+        operator_in_dir=operator_in_dir,
+        operator_out_dir=operator_out_dir,
+        work_data=work_data,
+    )
+    if work_task_id and work_data is None:
         raise AirflowFailException(f"{run.where}: task {work_task_id!r} returned no work item")
     return run
 
 
 class SiteOperator(BaseOperator):
-    """Base of the site DAG's operators (identity, work item, run folders).
+    """Base of the site DAG's operators (identity, work item, run folders, where a step runs).
 
     Args:
         site_variable: the Airflow Variable holding the site identity (read at run time).
@@ -120,6 +112,10 @@ class SiteOperator(BaseOperator):
     """
 
     ui_color = "#d9ecf2"
+    #: The ``jipfed task`` step this operator runs (None: a light task, always in-process).
+    step: ClassVar[str | None] = None
+    #: The connections its step needs (names in ``jipfed.tasks.env.CONNECTIONS``).
+    connections: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -152,8 +148,82 @@ class SiteOperator(BaseOperator):
             operator_out_dir=self.operator_out_dir,
         )
 
-    def input_path(self, run: SiteRun, name: str) -> Path:
+    def connection(self, run: SiteRun, name: str) -> EnvConnection:
+        """The Airflow Connection the identity names for ``name`` (pacs, central)."""
+        conn_id = {"pacs": run.identity.pacs_conn_id, "central": run.identity.central_conn_id}[name]
+        return EnvConnection.from_connection(BaseHook.get_connection(conn_id))
+
+    def step_env(self, run: SiteRun) -> dict[str, str]:
+        """Variables the step needs beyond the common contract (overridden by train)."""
+        return {}
+
+    def pod_env(self, run: SiteRun, run_id: str) -> tuple[dict[str, str], dict[str, SecretRef]]:
+        """The pod's plain variables and secret references (``jipfed.tasks.env``), paths as the pod sees them.
+
+        Raises:
+            TaskFailed: a path is not on the data volume.
+            AirflowFailException: a connection's secret has no Kubernetes Secret (see ``connection_env``).
+        """
+        identity, execution = run.identity, run.identity.execution
+        volume = execution.data_volume
+        try:
+            pod_identity = {
+                **identity.to_dict(),
+                "data_root": volume.pod_path(str(identity.data_root), f"{run.where}: data_root"),
+                "workflow_dir": volume.pod_path(str(identity.workflow_dir), f"{run.where}: workflow_dir"),
+            }
+            workflow_dir = volume.pod_path(str(run.run_dir), f"{run.where}: the run folder")
+        except ValueError as exc:
+            raise TaskFailed(str(exc)) from exc
+        plain = env.kaapana_env(
+            workflow_dir=workflow_dir,
+            run_id=run_id,
+            dag_id=self.dag_id,
+            task_id=self.task_id,
+            in_dir=run.in_dir.name if run.in_dir is not None else None,
+            out_dir=run.out_dir.name,
+        )
+        plain[env.SITE] = json.dumps(pod_identity, sort_keys=True)
+        if run.work_data is not None:
+            plain[env.WORK] = json.dumps(run.work_data, sort_keys=True)
+        plain.update(self.step_env(run))
+        secrets: dict[str, SecretRef] = {}
+        for name in self.connections:
+            conn_env, conn_secrets = connection_env(
+                self.connection(run, name), name, execution, where=run.where, step=str(self.step)
+            )
+            plain.update(conn_env)
+            secrets.update(conn_secrets)
+        return plain, secrets
+
+    def pod_for(self, run: SiteRun, run_id: str) -> Any:
+        """The pod operator that runs this operator's step for ``run`` (what :meth:`run_step` launches)."""
+        from jipfed.operators.pod import build_pod_operator
+
+        with task_errors():
+            plain, secrets = self.pod_env(run, run_id)
+        return build_pod_operator(
+            task_id=self.task_id,
+            step=str(self.step),
+            execution=run.identity.execution,
+            plain_env=plain,
+            secret_env=secrets,
+        )
+
+    def run_step(self, context: Context, in_process: Callable[[SiteRun], T]) -> T:
+        """Run this operator's step: ``in_process(run)`` here, or ``jipfed task <step>`` as a pod."""
+        from jipfed.operators.pod import launch
+
+        run = self.site_run(context)
+        execution = run.identity.execution
+        if self.step is None or not execution.runs_in_pod(self.step):
+            with task_errors():
+                return in_process(run)
+        pod = self.pod_for(run, context["run_id"])
+        self.log.info("%s: step %r runs as a pod (image %s)", run.where, self.step, execution.image)
+        return launch(pod, context, run.out_dir, run.where)
+
+    def input_path(self, run: SiteRun, name: str) -> Any:
         """``<in dir>/<name>``; fails when the operator has no input folder."""
-        if run.in_dir is None:
-            raise AirflowFailException(f"task {self.task_id!r}: no operator_in_dir / input_operator given")
-        return run.in_dir / name
+        with task_errors():
+            return run.input_path(name)

@@ -17,7 +17,6 @@ from typing import Any
 from jipfed.operators.compat import BaseTrigger, TriggerEvent
 from jipfed.operators.hooks import ModelStoreHook
 
-from jipfed.federation.dispatch import WAITING, load_dispatch, site_status
 from jipfed.storage.base import ModelStore
 from jipfed.storage.state import ExperimentStore
 
@@ -31,6 +30,8 @@ def site_outcome(store: ModelStore, experiment: str, site: str, round_: int, ste
     Raises:
         ValueError: the step has no dispatch record.
     """
+    from jipfed.federation.dispatch import load_dispatch, site_status
+
     exp_store = ExperimentStore(store, experiment)
     dispatch = load_dispatch(exp_store, round_, step)
     if dispatch is None:
@@ -105,6 +106,8 @@ class SiteUpdateTrigger(BaseTrigger):
         )
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
+        from jipfed.federation.dispatch import WAITING
+
         while True:
             try:
                 status, detail = await asyncio.to_thread(self._check)

@@ -18,13 +18,11 @@ from typing import Any
 
 import pytest
 from jipfed.operators.compat import (
-    AirflowException,
     AirflowFailException,
     AirflowSkipException,
     PokeReturnValue,
 )
 from jipfed.operators.sensors.central_work import CentralWorkError, CentralWorkSensor
-from jipfed.operators.site.model import upload_update
 from jipfed.operators.site.work import find_work
 from jipfed.operators.triggers.central_work import CentralWorkTrigger
 
@@ -37,6 +35,8 @@ from jipfed.federation.experiment import ExperimentConfig
 from jipfed.federation.rounds import start_experiment
 from jipfed.storage.local import LocalFolderStore
 from jipfed.storage.state import ExperimentStore
+from jipfed.tasks.errors import TaskError, TaskFailed
+from jipfed.tasks.site_model import upload_update
 from jipfed.testing.airflow import free_port
 from jipfed.training.config import TrainConfig
 
@@ -252,15 +252,15 @@ def test_upload_refusal_fails_with_the_code_and_reason(central: Central) -> None
     [item] = central.client().pending_work()
     where = "site 'site-a', experiment 'exp1', round 0, step 0"
     with pytest.raises(
-        AirflowFailException, match=rf"^{where}: the central refused the update \(rejected\): "
+        TaskFailed, match=rf"^{where}: the central refused the update \(rejected\): "
     ) as refused:
         upload_update(central.client(), item.ticket, b"not a safetensors file", "{}", where=where)
     assert isinstance(refused.value.__cause__, CentralRefused) and exp_store.list_updates(0) == []
-    with pytest.raises(AirflowException, match=f"^{where}: upload failed: ") as unreachable:
+    with pytest.raises(TaskError, match=f"^{where}: upload failed: ") as unreachable:
         upload_update(
             CentralClient(f"http://127.0.0.1:{free_port()}", "t"), item.ticket, b"x", "{}", where=where
         )
-    assert not isinstance(unreachable.value, AirflowFailException)  # retryable
+    assert not isinstance(unreachable.value, TaskFailed)  # retryable
 
 
 # -- a real triggerer (Airflow 3.3 standalone) ---------------------------------------------------------

@@ -1,0 +1,150 @@
+"""The site's model steps: get the global model → train locally → upload the update.
+
+Each function returns what the operator returns as XCom: the path of the file it wrote, or (upload)
+the manifest the central accepted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from jipfed.central.client import CentralClient, CentralError, CentralRefused
+from jipfed.tasks.errors import TaskError, TaskFailed
+from jipfed.tasks.run import SiteRun, read_json, write_json
+from jipfed.tasks.site_data import PREPARED_FILE
+
+if TYPE_CHECKING:
+    from jipfed.federation.rounds import StepTicket
+
+log = logging.getLogger(__name__)
+
+MODEL_PAYLOAD = "model.safetensors"
+MODEL_MANIFEST = "model.json"
+UPDATE_PAYLOAD = "update.safetensors"
+UPDATE_MANIFEST = "update.json"
+
+
+def get_global_model(run: SiteRun, client: CentralClient) -> str:
+    """Download the model the work item's ticket names, check its sha256; write it and its manifest.
+
+    Returns the path of ``model.safetensors``.
+    """
+    ticket = run.require_work().ticket
+    try:
+        payload, manifest = client.get_model(ticket.experiment, ticket.round, ticket.step)
+    except CentralError as exc:
+        raise TaskError(f"{run.where}: cannot get the global model: {exc}") from exc
+    digest = hashlib.sha256(payload).hexdigest()
+    if digest != ticket.model_sha256:
+        raise TaskFailed(
+            f"{run.where}: the model received has sha256 {digest}, the ticket names "
+            f"{ticket.model_sha256}; refusing to train on it"
+        )
+    path = run.out_dir / MODEL_PAYLOAD
+    path.write_bytes(payload)
+    write_json(run.out_dir / MODEL_MANIFEST, manifest)
+    log.info("%s: global model %s (%d bytes, sha256 %s)", run.where, ticket.model_key, len(payload), digest)
+    return str(path)
+
+
+def train_local(run: SiteRun, model_dir: Path, *, evaluate: bool = True) -> str:
+    """Train this site's part of the step on the prepared cases; write the encoded update.
+
+    Reads ``prepared.json`` from the in dir and the model from ``model_dir``; trains with the
+    experiment's ``train`` config via ``run_site_step``; writes ``update.safetensors`` and
+    ``update.json`` (manifest: aggregate numbers only). Returns the path of ``update.json``.
+    """
+    from jipfed.federation.experiment import ExperimentConfig
+    from jipfed.federation.site_round import SiteStepError, run_site_step
+    from jipfed.storage.state import config_hash_of
+    from jipfed.training.data import SiteData
+    from jipfed.training.local import LocalTrainer
+
+    work = run.require_work()
+    ticket = work.ticket
+    prepared = read_json(run.input_path(PREPARED_FILE), f"{run.where}: {PREPARED_FILE}")
+    if not (model_dir / MODEL_PAYLOAD).is_file():
+        raise TaskFailed(f"{run.where}: no model in {model_dir}: did the model task run?")
+    payload = (model_dir / MODEL_PAYLOAD).read_bytes()
+    manifest = read_json(model_dir / MODEL_MANIFEST, f"{run.where}: {MODEL_MANIFEST}")
+    try:
+        config = ExperimentConfig.from_dict(work.config)
+        data = SiteData.from_dir(prepared["preprocessed_dir"], group=run.identity.site_id)
+        trainer = LocalTrainer(config.train, data, device=run.identity.device)
+    except ValueError as exc:
+        raise TaskFailed(f"{run.where}: cannot set up local training: {exc}") from exc
+    log.info(
+        "%s: training %s/%s/%s on %d case(s) (%d train / %d held out), local work %s",
+        run.where,
+        config.train.task,
+        config.train.model,
+        config.train.size,
+        len(data),
+        len(trainer.train_records),
+        len(trainer.val_records),
+        dict(ticket.local_work.get(run.identity.site_id, {})),
+    )
+    started = time.perf_counter()
+    try:
+        encoded = run_site_step(
+            ticket,
+            payload,
+            manifest,
+            trainer,
+            run.identity.site_id,
+            ticket.experiment,
+            config_hash_of(work.config),
+            evaluate=evaluate,
+        )
+    except SiteStepError as exc:
+        raise TaskFailed(f"{run.where}: {exc}") from exc
+    (run.out_dir / UPDATE_PAYLOAD).write_bytes(encoded.payload)
+    path = run.out_dir / UPDATE_MANIFEST
+    path.write_text(encoded.manifest.to_json())
+    log.info(
+        "%s: trained in %.1f s; update %d bytes, metrics %s",
+        run.where,
+        time.perf_counter() - started,
+        len(encoded.payload),
+        json.dumps(dict(encoded.manifest.metrics)),
+    )
+    return str(path)
+
+
+def upload_update(
+    client: CentralClient, ticket: StepTicket, payload: bytes, manifest_json: str, *, where: str
+) -> dict[str, Any]:
+    """PUT the update for ``ticket``'s round; returns the manifest the central accepted.
+
+    Raises:
+        TaskFailed: the central refused it (409; the message holds code and reason).
+        TaskError: the upload failed otherwise (retryable).
+    """
+    try:
+        return client.put_update(ticket.experiment, ticket.round, payload, manifest_json)
+    except CentralRefused as exc:
+        if exc.code == "duplicate":  # an earlier try of this task delivered it (write-once at the central)
+            log.warning("%s: the central already holds this round's update: %s", where, exc.detail)
+            return json.loads(manifest_json)
+        raise TaskFailed(f"{where}: the central refused the update ({exc.code}): {exc.detail}") from exc
+    except CentralError as exc:
+        raise TaskError(f"{where}: upload failed: {exc}") from exc
+
+
+def upload(run: SiteRun, client: CentralClient) -> dict[str, Any]:
+    """Upload the update in the in dir to the central; returns the manifest the central accepted."""
+    ticket = run.require_work().ticket
+    payload_path = run.input_path(UPDATE_PAYLOAD)
+    manifest_path = run.input_path(UPDATE_MANIFEST)
+    if not payload_path.is_file() or not manifest_path.is_file():
+        raise TaskFailed(f"{run.where}: no update in {payload_path.parent}: did training run?")
+    accepted = upload_update(
+        client, ticket, payload_path.read_bytes(), manifest_path.read_text(), where=run.where
+    )
+    log.info("%s: update accepted by the central (sha256 %s)", run.where, accepted.get("sha256"))
+    return accepted
