@@ -8,6 +8,8 @@ the global model on every site's held-out cases and writes::
     <workdir>/metrics.json     per-round rows: global (case-weighted mean over sites) and per site
     <workdir>/metrics.csv      the same, one line per round and scope
     <workdir>/<metric>.png     the global and per-site curve of the primary metric per round
+    <workdir>/personalised.json  with ``personalize_epochs``: per site, the final global model's
+                               and the site's fine-tuned (personalised) model's held-out scores
 
 (also copied under the experiment's ``final/report/``). Calling it again on the same workdir
 resumes an interrupted run from the last completed step.
@@ -48,12 +50,14 @@ from jipfed.storage.local import LocalFolderStore
 from jipfed.storage.state import ExperimentStore, StepRecord
 from jipfed.training.config import TrainConfig
 from jipfed.training.data import SiteData, pooled_data
+from jipfed.training.fit import FitSettings
 from jipfed.training.local import LocalTrainer
 
 logger = logging.getLogger(__name__)
 
 METRICS_JSON = "metrics.json"
 METRICS_CSV = "metrics.csv"
+PERSONALISED_JSON = "personalised.json"
 
 
 def primary_metric(task: str) -> str:
@@ -73,6 +77,8 @@ class SimulationResult:
         metrics_json, metrics_csv, plot: files written under the workdir.
         seconds: wall-clock time spent on the experiment, summed over resumed calls.
         metric: the primary metric's name.
+        personalised: site → ``{"global": metrics, "personalised": metrics}`` on the site's
+            held-out cases (empty unless ``personalize_epochs``).
     """
 
     experiment: str
@@ -84,6 +90,7 @@ class SimulationResult:
     plot: Path
     seconds: float
     metric: str = "dice_mean"
+    personalised: Mapping[str, Mapping[str, Mapping[str, float]]] = field(default_factory=dict)
 
     def curve(self, metric: str | None = None) -> list[float]:
         """The global value of ``metric`` (default: the primary one) per round, round 0 first."""
@@ -136,6 +143,41 @@ def evaluate_sites(
     return {"global": reporting.weighted_mean(per_site), "sites": per_site}
 
 
+def personalise(
+    trainers: Mapping[str, LocalTrainer],
+    weights: Mapping[str, torch.Tensor],
+    epochs: int,
+    *,
+    round: int,
+    fit: FitSettings | None = None,
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Fine-tune ``weights`` for ``epochs`` epochs at every site on its own training cases.
+
+    Returns site → ``{"global": scores of weights, "personalised": scores of the fine-tuned model}``
+    on the site's held-out cases. Only the local learning-rate scale and site-local entries of
+    ``fit`` apply (no proximal, SCAFFOLD or FedDyn terms: the site trains for itself).
+    """
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"personalisation epochs must be an integer >= 1, got {epochs!r}")
+    plain = FitSettings(
+        mu=0.0,
+        lr_scale=fit.lr_scale if fit else 1.0,
+        local_patterns=fit.local_patterns if fit else (),
+    )
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for site, trainer in trainers.items():
+        if not trainer.val_records:
+            continue
+        base = trainer.config
+        trainer.config = replace(base, epochs=epochs, steps=None)
+        try:
+            tuned = trainer.train(weights, round=round, fit=plain).weights
+        finally:
+            trainer.config = base
+        out[site] = {"global": trainer.evaluate(weights), "personalised": trainer.evaluate(tuned)}
+    return out
+
+
 def _global_weights(exp_store: ExperimentStore, round_: int) -> dict[str, torch.Tensor]:
     payload, manifest_data = exp_store.load_global(round_)
     manifest = UpdateManifest.from_dict(manifest_data)
@@ -166,6 +208,7 @@ def simulate(
     *,
     evaluate_local: bool = False,
     device: str | None = None,
+    personalize_epochs: int = 0,
 ) -> SimulationResult:
     """Run ``config``'s whole plan in this process with one trainer per site.
 
@@ -176,6 +219,9 @@ def simulate(
         progress: show a tqdm bar per round with the current primary metric.
         evaluate_local: sites also score their trained local model (``val_*`` in the manifests).
         device: torch device of the trainers (None: CUDA when available).
+        personalize_epochs: after the last round every site fine-tunes the final global model
+            for this many epochs on its own data; both scores per site go to
+            ``personalised.json`` and :attr:`SimulationResult.personalised` (0 = off).
 
     Returns:
         :class:`SimulationResult`.
@@ -248,6 +294,14 @@ def simulate(
     finally:
         bar.close()
     ordered = [rows[r] for r in sorted(rows)]
+    personalised: dict[str, Any] = {}
+    if personalize_epochs:
+        fit = FitSettings.from_config(config.make_strategy().configure_fit(config.rounds))
+        final_weights = _global_weights(exp_store, config.rounds)
+        personalised = personalise(trainers, final_weights, personalize_epochs, round=config.rounds, fit=fit)
+        reporting.write_json(
+            workdir / PERSONALISED_JSON, {"epochs": personalize_epochs, "sites": personalised}
+        )
     final_scores = {k: v for k, v in ordered[-1]["global"].items() if isinstance(v, float)}
     card = finalize(exp_store, evaluation={f"heldout_{k}": v for k, v in final_scores.items()})
     final_report = report()
@@ -276,6 +330,7 @@ def simulate(
         plot=plot,
         seconds=seconds,
         metric=metric,
+        personalised=personalised,
     )
 
 

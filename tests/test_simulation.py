@@ -153,3 +153,41 @@ def test_cli_rejects_a_data_folder_without_sites(tmp_path: Path) -> None:
     simulate_cmd.add_parser(parser.add_subparsers())
     args = parser.parse_args(["simulate", "--data", str(tmp_path), "--out", str(tmp_path / "out")])
     assert args.run(args) == 2
+
+
+@pytest.mark.parametrize(
+    ("strategy", "kwargs"),
+    [
+        ("scaffold", {}),
+        ("fednova", {}),
+        ("feddyn", {"alpha": 0.01}),
+        ("fedbn", {"local_patterns": ["model.0.*"]}),
+        (
+            "fedadam",
+            {
+                "server_lr_schedule": {"kind": "cosine", "rounds": 3},
+                "local_lr_schedule": {"kind": "exp", "gamma": 0.5},
+            },
+        ),
+    ],
+)
+def test_heterogeneity_methods_learn_through_the_protocol(
+    sites: dict[str, SiteData], tmp_path: Path, strategy: str, kwargs: dict
+) -> None:
+    config = ExperimentConfig(
+        name=f"het-{strategy}", sites=SITES, rounds=3, train=TRAIN, strategy=strategy, strategy_kwargs=kwargs
+    )
+    result = simulate(sites, config, tmp_path, progress=False, personalize_epochs=1)
+    curve = result.curve()
+    assert result.final > curve[0] + 0.3, curve
+    assert [r.included for r in result.history] == [tuple(sorted(SITES))] * 3  # every update validated
+    assert set(result.personalised) == set(SITES)
+    for scores in result.personalised.values():
+        assert 0.0 <= scores["personalised"]["dice_mean"] <= 1.0
+    saved = json.loads((tmp_path / "personalised.json").read_text())
+    assert saved["epochs"] == 1 and set(saved["sites"]) == set(SITES)
+    if strategy == "scaffold":
+        final = ExperimentStore(LocalFolderStore(tmp_path / "store"), config.name)
+        manifest = final.load_global(3)[1]
+        names = [t["name"] if isinstance(t, dict) else t for t in manifest["tensors"]]
+        assert any(str(name).startswith("control/") for name in names), names[:3]

@@ -144,7 +144,9 @@ PARAMS: dict[str, dict[str, Any]] = {
         "enum": sorted(STRATEGIES),
         "default": "fedavg",
         "title": "Strategy",
-        "description": "Server aggregation strategy (the cyclic plan takes fedavg or fedprox).",
+        "description": "Server aggregation strategy (the cyclic plan takes fedavg or fedprox). For "
+        "heterogeneous sites: fednova (unequal local steps), scaffold (control variates), feddyn "
+        "(dynamic regulariser), fedbn (normalisation layers stay at the sites).",
         "section": _FEDERATION,
     },
     "strategy_kwargs": {
@@ -152,7 +154,9 @@ PARAMS: dict[str, dict[str, Any]] = {
         "default": {},
         "title": "Strategy settings",
         "description": 'Keyword arguments of the strategy, e.g. {"eta": 0.05} for fedadam or {"mu": 0.01} '
-        "for fedprox; empty = the strategy's defaults.",
+        "for fedprox; empty = the strategy's defaults. FedAvg- and FedOpt-family strategies also take "
+        '"local_patterns" (names kept at the sites, e.g. ["*norm*"]) and "local_lr_schedule", FedOpt-family '
+        '"server_lr_schedule" (e.g. {"kind": "cosine", "rounds": 40, "final": 0.1}).',
         "section": _FEDERATION,
     },
     "plan": {

@@ -80,6 +80,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--min-sites", type=positive_int, help="quorum (default: every site)")
     parser.add_argument("--val-fraction", type=float, default=0.2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--personalize-epochs",
+        type=int,
+        default=0,
+        metavar="N",
+        help="after training, each site fine-tunes the global model for N epochs; prints both scores per site",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(run=run)
     return parser
@@ -189,8 +196,18 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         logger.error("%s", exc)
         return 2
-    result = simulate(sites, config, args.out, progress=not args.no_progress)
+    if args.personalize_epochs < 0:
+        logger.error("--personalize-epochs must be >= 0, got %d", args.personalize_epochs)
+        return 2
+    result = simulate(
+        sites, config, args.out, progress=not args.no_progress, personalize_epochs=args.personalize_epochs
+    )
     print(format_table(list(result.rows), result.metric))
+    for site, scores in result.personalised.items():
+        print(
+            f"site {site}: global {result.metric} {scores['global'][result.metric]:.4f}, "
+            f"personalised {scores['personalised'][result.metric]:.4f}"
+        )
     print(f"\nmetrics: {result.metrics_json}\n         {result.metrics_csv}\nplot:    {result.plot}")
     print(
         f"final model: {args.out / 'store' / 'experiments' / config.name / 'final'}  ({result.seconds:.0f} s)"

@@ -19,14 +19,21 @@ import torch
 
 from jipfed.federation.codec import EncodedUpdate, decode_update, encode_update
 from jipfed.federation.rounds import StepTicket
-from jipfed.federation.update import ModelUpdate, UpdateManifest, spec_of
+from jipfed.federation.update import (
+    ModelUpdate,
+    UpdateManifest,
+    control_name,
+    control_specs,
+    spec_of,
+    split_controls,
+)
 from jipfed.federation.validation import ExpectedUpdate, UpdateRejected
+from jipfed.training.fit import FIT_KEYS, FitSettings
 from jipfed.training.local import LocalResult, LocalTrainer
 
 logger = logging.getLogger(__name__)
 
-#: Keys of ``StepTicket.fit_config`` the site understands (keyword arguments of ``LocalTrainer.train``).
-FIT_KEYS = ("mu",)
+__all__ = ["FIT_KEYS", "SiteStepError", "run_site_step", "site_metrics", "update_tensors", "verify_global"]
 
 
 class SiteStepError(Exception):
@@ -81,14 +88,14 @@ def _train(
         raise SiteStepError(
             f"round {ticket.round}: local work for {site_id!r} must be epochs or steps, got {work}"
         )
-    fit = dict(ticket.fit_config)
-    bad = sorted(set(fit) - set(FIT_KEYS))
-    if bad:
-        raise SiteStepError(f"round {ticket.round}: unsupported fit settings {bad} (known: {list(FIT_KEYS)})")
+    try:
+        fit = FitSettings.from_config(ticket.fit_config)
+    except ValueError as exc:
+        raise SiteStepError(f"round {ticket.round}: {exc}") from None
     base = trainer.config
     trainer.config = replace(base, epochs=work.get("epochs"), steps=work.get("steps"))
     try:
-        return trainer.train(start, mu=fit.get("mu"), round=ticket.round)
+        return trainer.train(start, round=ticket.round, fit=fit)
     finally:
         trainer.config = base
 
@@ -114,6 +121,28 @@ def site_metrics(
             if math.isfinite(value):
                 metrics[f"{prefix}{name}"] = float(value)
     return metrics
+
+
+def update_tensors(
+    result: LocalResult, start: Mapping[str, torch.Tensor], kind: str, local_names: frozenset[str]
+) -> dict[str, torch.Tensor]:
+    """What the site sends: per weight of ``start`` the delta (``kind="delta"``) or the trained value.
+
+    Site-local entries go back unchanged (a zero delta): they never leave the site. With SCAFFOLD
+    (``result.controls``) the control corrections follow as ``control/<weight>``, one per trainable
+    float weight (zero for site-local ones).
+    """
+    model, _ = split_controls(start)
+    trained = {n: start[n] if n in local_names else result.weights[n] for n in model}
+    tensors = {n: trained[n] - model[n] for n in model} if kind == "delta" else dict(trained)
+    if result.controls:
+        for name in control_specs(spec_of(model)):
+            weight = name[len(control_name("")) :]
+            change = result.controls.get(weight)
+            tensors[name] = (
+                torch.zeros_like(model[weight]) if change is None else change.to(model[weight].dtype)
+            )
+    return tensors
 
 
 def run_site_step(
@@ -161,10 +190,7 @@ def run_site_step(
     evaluation = None
     if evaluate and trainer.val_records:
         evaluation = trainer.evaluate(result.weights)
-    if ticket.kind == "delta":
-        tensors = {name: result.weights[name] - start[name] for name in start}
-    else:
-        tensors = {name: result.weights[name] for name in start}
+    tensors = update_tensors(result, start, ticket.kind, trainer.local_names)
     update = ModelUpdate.build(
         tensors,
         experiment=experiment,

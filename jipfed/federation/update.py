@@ -14,6 +14,7 @@ encoded.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import json
 import math
 import re
@@ -32,6 +33,10 @@ ENCODINGS = ("fp32", "fp16", "int8")
 GLOBAL_SITE = "global"
 #: Suffix of the per-tensor scale that int8 encoding adds to the payload; reserved in tensor names.
 SCALE_SUFFIX = ".__scale__"
+#: Prefix of control-variate tensors (SCAFFOLD): ``control/<weight name>`` travels beside the weight.
+CONTROL_PREFIX = "control/"
+#: State-dict entries that are buffers, not trainable weights (normalisation running statistics).
+BUFFER_PATTERNS = ("*running_mean", "*running_var", "*num_batches_tracked")
 MANIFEST_VERSION = 1
 
 DTYPES: Mapping[str, torch.dtype] = MappingProxyType(
@@ -70,6 +75,39 @@ def validate_tensor_name(name: str) -> str:
     if name.endswith(SCALE_SUFFIX):
         raise ValueError(f"tensor name {name!r} ends with the reserved suffix {SCALE_SUFFIX!r}")
     return name
+
+
+def is_buffer(name: str, patterns: tuple[str, ...] = BUFFER_PATTERNS) -> bool:
+    """True when ``name`` matches one of the (fnmatch) ``patterns`` of non-trainable buffers."""
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+
+
+def is_control(name: str) -> bool:
+    """True for a control-variate tensor name (``control/<weight name>``)."""
+    return name.startswith(CONTROL_PREFIX)
+
+
+def control_name(name: str) -> str:
+    """The control-variate tensor name of weight ``name``."""
+    return CONTROL_PREFIX + name
+
+
+def split_controls(
+    tensors: Mapping[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``(model tensors, control variates keyed by their weight's name)``."""
+    model = {n: t for n, t in tensors.items() if not is_control(n)}
+    controls = {n[len(CONTROL_PREFIX) :]: t for n, t in tensors.items() if is_control(n)}
+    return model, controls
+
+
+def control_specs(model: Mapping[str, TensorSpec]) -> dict[str, TensorSpec]:
+    """Specs of the control variates that may travel with ``model``: one per trainable float weight."""
+    return {
+        control_name(n): spec
+        for n, spec in model.items()
+        if spec.is_floating and not is_control(n) and not is_buffer(n)
+    }
 
 
 def validate_sha256(value: str, what: str) -> str:

@@ -19,6 +19,8 @@ from jipfed.federation.update import (
     KINDS,
     TensorSpec,
     UpdateManifest,
+    control_specs,
+    is_control,
     spec_of,
     validate_sha256,
 )
@@ -145,7 +147,14 @@ def check_manifest(manifest: UpdateManifest, expected: ExpectedUpdate) -> None:
 def check_specs(
     got: Mapping[str, TensorSpec], want: Mapping[str, TensorSpec], site: str, round: int, *, what: str
 ) -> None:
-    """Exactly the expected tensor names, each with the expected shape and dtype."""
+    """Exactly the expected tensor names, each with the expected shape and dtype.
+
+    Control variates (SCAFFOLD, ``control/<weight>``) the expectation does not list yet (the
+    round-0 model carries none) are accepted only as a complete set, one per trainable float
+    weight, each with its weight's shape and dtype.
+    """
+    if any(is_control(n) for n in got) and not any(is_control(n) for n in want):
+        want = {**want, **control_specs(want)}
     missing = [n for n in want if n not in got]
     extra = [n for n in got if n not in want]
     if missing or extra:
@@ -187,7 +196,12 @@ def check_finite(name: str, tensor: torch.Tensor, site: str, round: int) -> None
 def delta_sq_norm(
     name: str, tensor: torch.Tensor, kind: str, reference: Mapping[str, torch.Tensor] | None
 ) -> float:
-    """Squared L2 norm of one float tensor's delta (``tensor`` itself for kind delta), in float64."""
+    """Squared L2 norm of one float tensor's delta (``tensor`` itself for kind delta), in float64.
+
+    Control variates are not model changes: they count 0.
+    """
+    if is_control(name):
+        return 0.0
     if kind == "weights":
         if reference is None:
             raise ValueError("bounding the delta norm of a 'weights' update needs ExpectedUpdate.reference")

@@ -16,19 +16,22 @@ running statistics persist in the trainer between rounds (persist them across pr
 from __future__ import annotations
 
 import copy
+import fnmatch
 import hashlib
 import logging
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from jipfed.federation.strategies.fedprox import proximal_term
+from jipfed.federation.update import is_buffer, split_controls
 from jipfed.training.config import TrainConfig
 from jipfed.training.data import CaseDataset, SiteData, load_case, make_loader
+from jipfed.training.fit import FitSettings
 from jipfed.training.metrics import RegionDice, classification_metrics
 from jipfed.training.models import build_model, check_input_size, shared_parameter_names
 
@@ -47,6 +50,8 @@ class LocalResult:
             0 when mu = 0), ``mu``, ``epochs`` (passes, fractional in step mode).
         steps: optimiser steps taken.
         seconds: wall-clock time of the training loop.
+        controls: SCAFFOLD only: the site's control correction ``c_i+ - c_i`` per trainable
+            shared weight (zero for site-local entries); empty otherwise.
     """
 
     weights: dict[str, torch.Tensor]
@@ -54,6 +59,7 @@ class LocalResult:
     metrics: dict[str, float]
     steps: int
     seconds: float
+    controls: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def _derive_seed(seed: int, round_: int | None) -> int:
@@ -91,6 +97,11 @@ class LocalTrainer:
         check_input_size(config, self.in_channels, tuple(image.shape[1:]))
         self.model = build_model(config, in_channels=self.in_channels).to(self.device)
         self.shared_names = shared_parameter_names(self.model, config.bn_policy)
+        #: shared entries this site keeps for itself (FedBN-style ``local_patterns``); never overwritten
+        self.local_names: frozenset[str] = frozenset()
+        #: SCAFFOLD's site control ``c_i`` and FedDyn's linearised gradient ``g_i``: site state
+        self.site_control: dict[str, torch.Tensor] = {}
+        self.dyn_gradient: dict[str, torch.Tensor] = {}
         self._use_amp = config.amp and self.device.type == "cuda"
         self._parallel = (
             self.device.type == "cuda" and self.device.index is None and torch.cuda.device_count() > 1
@@ -122,12 +133,14 @@ class LocalTrainer:
         self._load_into(self.model, weights, shared_only=False)
 
     def _load_into(self, model: nn.Module, weights: Mapping[str, torch.Tensor], *, shared_only: bool) -> None:
+        """Copy ``weights`` into ``model``; control variates are ignored, site-local entries kept."""
+        weights, _ = split_controls(weights)
         state = model.state_dict()
         unknown = sorted(set(weights) - set(state))
         missing = sorted(set(self.shared_names) - set(weights))
         if unknown or missing:
             raise ValueError(f"weights do not fit the model: missing {missing[:5]}, unknown {unknown[:5]}")
-        names = self.shared_names if shared_only else list(weights)
+        names = [n for n in self.shared_names if n not in self.local_names] if shared_only else list(weights)
         with torch.no_grad():
             for name in names:
                 src, dst = weights[name], state[name]
@@ -136,6 +149,42 @@ class LocalTrainer:
                 if src.is_floating_point() and not torch.isfinite(src).all():
                     raise ValueError(f"{name}: contains NaN or inf")
                 dst.copy_(src.to(dst.device, dst.dtype))
+
+    def site_state(self) -> dict[str, torch.Tensor]:
+        """What the site must keep between rounds besides its data (CPU copies, for safetensors).
+
+        ``local/<name>``: site-local entries (FedBN-style), ``control/<name>``: SCAFFOLD's ``c_i``,
+        ``dyn/<name>``: FedDyn's ``g_i``. A site that builds a new trainer every round restores
+        it with :meth:`load_site_state`. None of it is sent to the central.
+        """
+        state = self.model.state_dict()
+        out = {f"local/{n}": state[n].detach().to("cpu", copy=True) for n in sorted(self.local_names)}
+        for prefix, tensors in (("control/", self.site_control), ("dyn/", self.dyn_gradient)):
+            out.update({prefix + n: t.detach().to("cpu", copy=True) for n, t in tensors.items()})
+        return out
+
+    def load_site_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Restore :meth:`site_state` output; ValueError naming an entry that does not fit the model."""
+        params = dict(self.model.named_parameters())
+        local, control, dyn = {}, {}, {}
+        for key, tensor in state.items():
+            prefix, sep, name = key.partition("/")
+            target = {"local": local, "control": control, "dyn": dyn}.get(prefix) if sep else None
+            known = name in self.shared_names if prefix == "local" else name in params
+            if target is None or not known:
+                raise ValueError(f"site state entry {key!r} does not fit this model")
+            like = self.model.state_dict()[name] if prefix == "local" else params[name]
+            if tuple(tensor.shape) != tuple(like.shape):
+                raise ValueError(
+                    f"site state entry {key!r}: shape {tuple(tensor.shape)} != {tuple(like.shape)}"
+                )
+            target[name] = tensor.to(like.device, like.dtype)
+        with torch.no_grad():
+            model_state = self.model.state_dict()
+            for name, tensor in local.items():
+                model_state[name].copy_(tensor)
+        self.local_names = frozenset(local)
+        self.site_control, self.dyn_gradient = control, dyn
 
     def _wrapped(self, model: nn.Module) -> nn.Module:
         return nn.DataParallel(model) if self._parallel else model
@@ -153,18 +202,40 @@ class LocalTrainer:
         bce = nn.BCEWithLogitsLoss()
         return lambda logits, target: dice(logits, target) + bce(logits, target)
 
-    def _optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    def _optimizer(self, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
         cfg = self.config
         if cfg.optimizer == "adam":
-            return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+            return torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay)
         if cfg.optimizer == "adamw":
-            return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+            return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=cfg.weight_decay)
+
+    def _set_local_names(self, patterns: tuple[str, ...], global_weights: Mapping[str, torch.Tensor]) -> None:
+        """Adopt the site-local entries matching ``patterns``; the first time, they start from the global model's values."""
+        if not patterns:
+            return  # no (new) patterns: entries adopted in earlier rounds stay local
+        names = frozenset(n for n in self.shared_names if any(fnmatch.fnmatchcase(n, p) for p in patterns))
+        if names and not self.local_names:
+            self._load_into(self.model, global_weights, shared_only=True)
+        self.local_names = names
+
+    def _controlled(self) -> dict[str, nn.Parameter]:
+        """Trainable shared parameters that carry SCAFFOLD controls / FedDyn state (not site-local)."""
+        return {
+            n: p
+            for n, p in self.model.named_parameters()
+            if p.requires_grad and n in self.shared_names and n not in self.local_names and not is_buffer(n)
+        }
 
     # -- contract ----------------------------------------------------------------------------
 
     def train(
-        self, global_weights: Mapping[str, torch.Tensor], *, mu: float | None = None, round: int | None = None
+        self,
+        global_weights: Mapping[str, torch.Tensor],
+        *,
+        mu: float | None = None,
+        round: int | None = None,
+        fit: FitSettings | None = None,
     ) -> LocalResult:
         """Train from ``global_weights`` for ``config.epochs`` passes or ``config.steps`` steps.
 
@@ -173,11 +244,17 @@ class LocalTrainer:
                 statistics in it are ignored under ``bn_policy="local"``.
             mu: FedProx weight; None = ``config.fedprox_mu``; 0 = plain local training.
             round: round number, mixed into the seed so rounds draw different shuffles / flips.
+            fit: the round's settings from the strategy (learning-rate scale, site-local
+                entries, SCAFFOLD, FedDyn; its ``mu`` is used when ``mu`` is None). With SCAFFOLD
+                the server control is read from ``global_weights``' ``control/<weight>`` entries
+                (absent = 0).
 
         Returns:
             :class:`LocalResult` with the shared entries after training.
         """
         cfg = self.config
+        fit = fit or FitSettings()
+        mu = fit.mu if mu is None else mu
         mu = cfg.fedprox_mu if mu is None else mu
         if not math.isfinite(mu) or mu < 0:
             raise ValueError(f"mu must be a finite number >= 0, got {mu}")
@@ -185,12 +262,15 @@ class LocalTrainer:
         dataset = CaseDataset(self.train_records, cfg.task, augment=cfg.augment, seed=seed)
         if len(dataset) == 0:
             raise ValueError("no training cases at this site (after the split / grade filter)")
+        self._set_local_names(fit.local_patterns, global_weights)
         self._load_into(self.model, global_weights, shared_only=True)
         loader = make_loader(dataset, cfg.batch_size, shuffle=True, seed=seed, num_workers=cfg.num_workers)
         total = cfg.steps if cfg.steps is not None else cfg.epochs * len(loader)
         params = [p for p in self.model.parameters() if p.requires_grad]
         anchor = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
-        optimizer = self._optimizer(params)
+        lr = cfg.lr * fit.lr_scale
+        optimizer = self._optimizer(params, lr)
+        drift = _DriftCorrection(self, global_weights, fit, anchor, lr)
         scaler = torch.amp.GradScaler("cuda", enabled=self._use_amp)
         loss_fn = self._loss_fn()
         net = self._wrapped(self.model)
@@ -220,12 +300,14 @@ class LocalTrainer:
                         prox = proximal_term(self.model, anchor, mu)
                         loss = loss + prox
                         prox_sum += float(prox.detach())
+                    loss = drift.regularised(loss)
                     value = float(task_loss.detach())
                     if not math.isfinite(value) or not math.isfinite(float(loss.detach())):
                         raise FloatingPointError(f"non-finite loss {value} at step {step} (round {round})")
                     scaler.scale(loss).backward()
                     scaler.step(optimizer)
                     scaler.update()
+                    drift.after_step()
                     losses.append(value)
                     last_pass.append(value)
                     step += 1
@@ -241,6 +323,7 @@ class LocalTrainer:
                 )
                 epoch += 1
         seconds = time.perf_counter() - start
+        controls = drift.finish(step)
         state = self.model.state_dict()
         weights = {n: state[n].detach().to("cpu", copy=True) for n in self.shared_names}
         metrics = {
@@ -250,9 +333,15 @@ class LocalTrainer:
             "proximal": prox_sum / len(losses),
             "mu": float(mu),
             "epochs": step / len(loader),
+            "lr": lr,
         }
         return LocalResult(
-            weights=weights, n_samples=len(dataset), metrics=metrics, steps=step, seconds=seconds
+            weights=weights,
+            n_samples=len(dataset),
+            metrics=metrics,
+            steps=step,
+            seconds=seconds,
+            controls=controls,
         )
 
     @torch.no_grad()
@@ -307,3 +396,67 @@ class LocalTrainer:
     def train_keys(self) -> list[str]:
         """Case keys of the training split."""
         return [r.case_key for r in self.train_records]
+
+
+class _DriftCorrection:
+    """SCAFFOLD's control-variate correction and FedDyn's dynamic regulariser for one local round.
+
+    SCAFFOLD corrects every optimiser step by ``-lr (c - c_i)`` after the optimiser's own step
+    (for plain SGD the same as correcting the gradient; with Adam the correction stays in the
+    units of a step, which option II's ``c_i+ = c_i - c + (x - y) / (K lr)`` measures). FedDyn adds
+    ``-<g_i, w> + alpha / 2 ||w - w_global||^2`` to the loss.
+    """
+
+    def __init__(
+        self,
+        trainer: LocalTrainer,
+        global_weights: Mapping[str, torch.Tensor],
+        fit: FitSettings,
+        anchor: Mapping[str, torch.Tensor],
+        lr: float,
+    ) -> None:
+        self.trainer, self.fit, self.anchor, self.lr = trainer, fit, anchor, lr
+        self.params = trainer._controlled() if fit.scaffold or fit.feddyn_alpha > 0 else {}
+        self.correction: dict[str, torch.Tensor] = {}
+        if fit.scaffold:
+            _, server = split_controls(global_weights)
+            for name, p in self.params.items():
+                c = server[name].to(p.device, p.dtype) if name in server else torch.zeros_like(p)
+                c_i = trainer.site_control.get(name)
+                self.correction[name] = c if c_i is None else c - c_i.to(p.device)
+        if fit.feddyn_alpha > 0:
+            for name, p in self.params.items():
+                trainer.dyn_gradient.setdefault(name, torch.zeros_like(p.detach()))
+
+    def regularised(self, loss: torch.Tensor) -> torch.Tensor:
+        alpha = self.fit.feddyn_alpha
+        if alpha <= 0:
+            return loss
+        terms = [
+            0.5 * alpha * torch.sum((p - self.anchor[n]) ** 2) - torch.sum(self.trainer.dyn_gradient[n] * p)
+            for n, p in self.params.items()
+        ]
+        return loss + torch.stack(terms).sum() if terms else loss
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        for name, corr in self.correction.items():
+            self.params[name].sub_(corr, alpha=self.lr)
+
+    @torch.no_grad()
+    def finish(self, steps: int) -> dict[str, torch.Tensor]:
+        """Update the site state after ``steps`` steps; SCAFFOLD's control corrections (CPU) by name."""
+        trainer, out = self.trainer, {}
+        if self.fit.feddyn_alpha > 0:
+            for name, p in self.params.items():
+                trainer.dyn_gradient[name].sub_(p - self.anchor[name], alpha=self.fit.feddyn_alpha)
+        if self.fit.scaffold and steps:
+            for name, p in self.params.items():
+                # c_i+ - c_i = -c + (x - y) / (K lr), with c - c_i = correction
+                c_i = trainer.site_control.get(name)
+                c_i = torch.zeros_like(p) if c_i is None else c_i.to(p.device)
+                server = self.correction[name] + c_i
+                change = (self.anchor[name] - p) / (steps * self.lr) - server
+                trainer.site_control[name] = c_i + change
+                out[name] = change.detach().to("cpu", copy=True)
+        return out

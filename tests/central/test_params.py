@@ -210,3 +210,20 @@ def test_airflow_params_built_from_the_schema_validate_the_same_way() -> None:
         Param(**PARAMS["strategy"]).resolve("fedsgd")
     with pytest.raises(ParamValidationError):
         Param(**PARAMS["sites"]).resolve(["site-a", "no/slash"])
+
+
+@pytest.mark.parametrize(
+    ("strategy", "kwargs"),
+    [
+        ("scaffold", {"server_lr": 1.0}),
+        ("fednova", {"server_lr_schedule": {"kind": "cosine", "rounds": 5, "final": 0.1}}),
+        ("feddyn", {"alpha": 0.01}),
+        ("fedbn", {"local_patterns": ["*norm*"]}),
+        ("fedavg", {"local_lr_schedule": {"kind": "step", "every": 2, "gamma": 0.5}}),
+    ],
+)
+def test_the_form_builds_the_heterogeneity_strategies(strategy: str, kwargs: dict) -> None:
+    assert strategy in PARAMS["strategy"]["enum"]
+    config = experiment_config({"strategy": strategy, "strategy_kwargs": kwargs})
+    assert config.strategy == strategy
+    assert config.make_strategy().config() == {**config.make_strategy().config(), **kwargs}

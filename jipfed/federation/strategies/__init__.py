@@ -15,14 +15,35 @@ from jipfed.federation.strategies.fedadagrad import FedAdagrad
 from jipfed.federation.strategies.fedadam import FedAdam
 from jipfed.federation.strategies.fedavg import FedAvg
 from jipfed.federation.strategies.fedavgm import FedAvgM
+from jipfed.federation.strategies.fedbn import FedBN
+from jipfed.federation.strategies.feddyn import FedDyn
+from jipfed.federation.strategies.fednova import FedNova
 from jipfed.federation.strategies.fedopt import FedOpt
 from jipfed.federation.strategies.fedprox import FedProx, proximal_term
 from jipfed.federation.strategies.fedyogi import FedYogi
 from jipfed.federation.strategies.median import Median
+from jipfed.federation.strategies.scaffold import Scaffold
+from jipfed.federation.strategies.schedules import Schedule
 from jipfed.federation.strategies.trimmed_mean import TrimmedMean
 
 STRATEGIES: Mapping[str, type[Strategy]] = MappingProxyType(
-    {cls.name: cls for cls in (FedAvg, FedProx, FedAvgM, FedAdagrad, FedAdam, FedYogi, Median, TrimmedMean)}
+    {
+        cls.name: cls
+        for cls in (
+            FedAvg,
+            FedProx,
+            FedAvgM,
+            FedAdagrad,
+            FedAdam,
+            FedYogi,
+            Median,
+            TrimmedMean,
+            FedNova,
+            Scaffold,
+            FedDyn,
+            FedBN,
+        )
+    }
 )
 
 
@@ -48,10 +69,15 @@ __all__ = [
     "FedAdam",
     "FedAvg",
     "FedAvgM",
+    "FedBN",
+    "FedDyn",
+    "FedNova",
     "FedOpt",
     "FedProx",
     "FedYogi",
     "Median",
+    "Scaffold",
+    "Schedule",
     "Strategy",
     "StrategyState",
     "TrimmedMean",

@@ -26,6 +26,7 @@ class FedAdagrad(_AdaptiveFedOpt):
         tau: float = 1e-9,
         accumulate_dtype: str | None = None,
         integer_mode: str = "max",
+        **options: Any,
     ) -> None:
         super().__init__(
             eta=eta,
@@ -34,6 +35,7 @@ class FedAdagrad(_AdaptiveFedOpt):
             tau=tau,
             accumulate_dtype=accumulate_dtype,
             integer_mode=integer_mode,
+            **options,
         )
 
     def _second_moment(self, v: torch.Tensor, delta_sq: torch.Tensor) -> None:

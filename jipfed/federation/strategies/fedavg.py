@@ -13,6 +13,7 @@ import torch
 
 from jipfed.federation.aggregate import INTEGER_MODES, mean_weights
 from jipfed.federation.strategies.base import Strategy, accumulate_dtype_of, checked_updates
+from jipfed.federation.strategies.site_options import SiteOptions
 from jipfed.federation.update import UpdateSource
 from jipfed.storage.layout import validate_round
 
@@ -23,11 +24,20 @@ class FedAvg(Strategy):
     Args:
         accumulate_dtype: ``None`` (float32, or float64 for float64 models), ``"float32"``, ``"float64"``.
         integer_mode: integer buffers: ``"max"`` over sites or the ``"first"`` site's value.
+        local_patterns, local_lr_schedule: see :mod:`~jipfed.federation.strategies.site_options`.
     """
 
     name: ClassVar[str] = "fedavg"
 
-    def __init__(self, *, accumulate_dtype: str | None = None, integer_mode: str = "max") -> None:
+    def __init__(
+        self,
+        *,
+        accumulate_dtype: str | None = None,
+        integer_mode: str = "max",
+        local_patterns: list[str] | None = None,
+        local_lr_schedule: dict[str, Any] | None = None,
+    ) -> None:
+        self.site_options = SiteOptions.build(local_patterns, local_lr_schedule)
         self._dtype = accumulate_dtype_of(accumulate_dtype)
         if integer_mode not in INTEGER_MODES:
             raise ValueError(f"integer_mode must be one of {INTEGER_MODES}, got {integer_mode!r}")
@@ -45,5 +55,12 @@ class FedAvg(Strategy):
             integer_mode=self.integer_mode,
         )
 
+    def configure_fit(self, round: int) -> dict[str, Any]:
+        return {**super().configure_fit(round), **self.site_options.fit(round)}
+
     def config(self) -> dict[str, Any]:
-        return {"accumulate_dtype": self.accumulate_dtype, "integer_mode": self.integer_mode}
+        return {
+            "accumulate_dtype": self.accumulate_dtype,
+            "integer_mode": self.integer_mode,
+            **self.site_options.config(),
+        }

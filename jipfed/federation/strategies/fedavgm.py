@@ -30,14 +30,17 @@ class FedAvgM(FedOpt):
         momentum: float = 0.9,
         accumulate_dtype: str | None = None,
         integer_mode: str = "max",
+        **options: Any,
     ) -> None:
-        super().__init__(eta=server_lr, accumulate_dtype=accumulate_dtype, integer_mode=integer_mode)
+        super().__init__(
+            eta=server_lr, accumulate_dtype=accumulate_dtype, integer_mode=integer_mode, **options
+        )
         self.momentum = check_float(momentum, "momentum", low=0.0, high=1.0, high_open=True)
 
     def _step(self, name: str, g: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         v = self._buffer("momentum", name, delta)
         v.mul_(self.momentum).add_(delta)
-        return torch.add(g, v, alpha=self.eta)
+        return torch.add(g, v, alpha=self._lr)
 
     def config(self) -> dict[str, Any]:
         cfg = super().config()

@@ -31,6 +31,8 @@ from jipfed.federation.strategies.base import (
     checked_updates,
 )
 from jipfed.federation.strategies.pseudo_gradient import is_buffer, mean_delta
+from jipfed.federation.strategies.schedules import Schedule
+from jipfed.federation.strategies.site_options import SiteOptions
 from jipfed.federation.update import UpdateManifest, UpdateSource
 from jipfed.storage.layout import validate_round
 
@@ -42,12 +44,27 @@ class FedOpt(Strategy):
         eta: server learning rate (> 0).
         accumulate_dtype: as for FedAvg; also the dtype of the state and of the server step.
         integer_mode: as for FedAvg.
+        server_lr_schedule: :class:`~jipfed.federation.strategies.schedules.Schedule` spec scaling
+            ``eta`` per round (None = constant).
+        local_patterns, local_lr_schedule: see :mod:`~jipfed.federation.strategies.site_options`.
     """
 
     buffers: ClassVar[tuple[str, ...]]
 
-    def __init__(self, *, eta: float, accumulate_dtype: str | None = None, integer_mode: str = "max") -> None:
+    def __init__(
+        self,
+        *,
+        eta: float,
+        accumulate_dtype: str | None = None,
+        integer_mode: str = "max",
+        server_lr_schedule: dict[str, Any] | None = None,
+        local_patterns: list[str] | None = None,
+        local_lr_schedule: dict[str, Any] | None = None,
+    ) -> None:
         self.eta = check_float(eta, "eta", low=0.0, low_open=True)
+        self.server_lr = Schedule.from_spec(server_lr_schedule, "server_lr_schedule")
+        self.site_options = SiteOptions.build(local_patterns, local_lr_schedule)
+        self._lr = self.eta
         self._dtype = accumulate_dtype_of(accumulate_dtype)
         if integer_mode not in INTEGER_MODES:
             raise ValueError(f"integer_mode must be one of {INTEGER_MODES}, got {integer_mode!r}")
@@ -63,6 +80,7 @@ class FedOpt(Strategy):
         validate_round(round)
         if self._last_round is not None and round <= self._last_round:
             raise ValueError(f"round {round} is not after the last aggregated round {self._last_round}")
+        self._lr = self.eta * (1.0 if self.server_lr is None else self.server_lr.factor(round))
         delta = mean_delta(
             global_weights,
             checked_updates(updates, round),
@@ -105,8 +123,14 @@ class FedOpt(Strategy):
     def _step(self, name: str, g: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         """New value of float tensor ``name`` from global ``g`` and pseudo-gradient ``delta`` (may be overwritten)."""
 
+    def configure_fit(self, round: int) -> dict[str, Any]:
+        return {**super().configure_fit(round), **self.site_options.fit(round)}
+
     def config(self) -> dict[str, Any]:
-        return {"eta": self.eta, "accumulate_dtype": self.accumulate_dtype, "integer_mode": self.integer_mode}
+        out = {"eta": self.eta, "accumulate_dtype": self.accumulate_dtype, "integer_mode": self.integer_mode}
+        if self.server_lr is not None:
+            out["server_lr_schedule"] = self.server_lr.to_spec()
+        return {**out, **self.site_options.config()}
 
     def state_dict(self) -> StrategyState:
         tensors = {
@@ -157,8 +181,9 @@ class _AdaptiveFedOpt(FedOpt):
         tau: float,
         accumulate_dtype: str | None = None,
         integer_mode: str = "max",
+        **options: Any,
     ) -> None:
-        super().__init__(eta=eta, accumulate_dtype=accumulate_dtype, integer_mode=integer_mode)
+        super().__init__(eta=eta, accumulate_dtype=accumulate_dtype, integer_mode=integer_mode, **options)
         self.beta1 = check_float(beta1, "beta1", low=0.0, high=1.0, high_open=True)
         self.beta2 = check_float(beta2, "beta2", low=0.0, high=1.0, high_open=True)
         self.tau = check_float(tau, "tau", low=0.0, low_open=True)
@@ -174,7 +199,7 @@ class _AdaptiveFedOpt(FedOpt):
         delta_sq = delta.mul_(delta)
         self._second_moment(v, delta_sq)
         denom = torch.sqrt(v, out=delta_sq).add_(self.tau)
-        return torch.addcdiv(g, m, denom, value=self.eta)
+        return torch.addcdiv(g, m, denom, value=self._lr)
 
     def config(self) -> dict[str, Any]:
         return {**super().config(), "beta1": self.beta1, "beta2": self.beta2, "tau": self.tau}

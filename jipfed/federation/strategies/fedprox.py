@@ -43,9 +43,14 @@ class FedProx(FedAvg):
     name: ClassVar[str] = "fedprox"
 
     def __init__(
-        self, *, mu: float = 0.01, accumulate_dtype: str | None = None, integer_mode: str = "max"
+        self,
+        *,
+        mu: float = 0.01,
+        accumulate_dtype: str | None = None,
+        integer_mode: str = "max",
+        **site_options: Any,
     ) -> None:
-        super().__init__(accumulate_dtype=accumulate_dtype, integer_mode=integer_mode)
+        super().__init__(accumulate_dtype=accumulate_dtype, integer_mode=integer_mode, **site_options)
         self.mu = check_float(mu, "mu", low=0.0)
 
     def configure_fit(self, round: int) -> dict[str, Any]:

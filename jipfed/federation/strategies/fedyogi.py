@@ -7,7 +7,7 @@ Reddi et al., "Adaptive Federated Optimization", ICLR 2021 (https://arxiv.org/ab
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -28,6 +28,7 @@ class FedYogi(_AdaptiveFedOpt):
         tau: float = 1e-3,
         accumulate_dtype: str | None = None,
         integer_mode: str = "max",
+        **options: Any,
     ) -> None:
         super().__init__(
             eta=eta,
@@ -36,6 +37,7 @@ class FedYogi(_AdaptiveFedOpt):
             tau=tau,
             accumulate_dtype=accumulate_dtype,
             integer_mode=integer_mode,
+            **options,
         )
 
     def _second_moment(self, v: torch.Tensor, delta_sq: torch.Tensor) -> None:

@@ -10,21 +10,14 @@ them local, in which case they are not in the exchanged state at all).
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import torch
 
 from jipfed.federation.aggregate import WeightedMean
-from jipfed.federation.update import UpdateManifest, UpdateSource
+from jipfed.federation.update import BUFFER_PATTERNS, UpdateManifest, UpdateSource, is_buffer
 
-#: State-dict entries that are buffers, not trainable weights (BatchNorm / InstanceNorm running stats).
-BUFFER_PATTERNS = ("*running_mean", "*running_var", "*num_batches_tracked")
-
-
-def is_buffer(name: str, patterns: Iterable[str] = BUFFER_PATTERNS) -> bool:
-    """True when ``name`` matches one of the (fnmatch) ``patterns`` of non-trainable buffers."""
-    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+__all__ = ["BUFFER_PATTERNS", "is_buffer", "mean_delta", "site_delta"]
 
 
 class _Delta(Mapping[str, torch.Tensor]):

@@ -18,9 +18,13 @@ def test_registry_names_every_strategy() -> None:
         "fedadam",
         "fedavg",
         "fedavgm",
+        "fedbn",
+        "feddyn",
+        "fednova",
         "fedprox",
         "fedyogi",
         "median",
+        "scaffold",
         "trimmed_mean",
     ]
     for name, cls in STRATEGIES.items():
