@@ -166,6 +166,19 @@ def exit_code(pod: k8s.V1Pod | None) -> int | None:
     return None
 
 
+def clear_failure(pod: k8s.V1Pod, step: str) -> AirflowException | None:
+    """The exception to raise for a failed ``pod``: its clear message, failing for good on exit 2 or 3.
+
+    None when the pod's state names no known cause (the provider's own error is kept then).
+    """
+    message = pod_failure_message(pod, step)
+    if message is None:
+        return None
+    if exit_code(pod) in (EXIT_FAILED, EXIT_USAGE):
+        return AirflowFailException(message)
+    return AirflowException(message)
+
+
 @cache
 def pod_operator_class() -> type:
     """:class:`JipfedPodOperator` (built on first use: the provider is imported only in pod mode)."""
@@ -187,12 +200,10 @@ def pod_operator_class() -> type:
                     current = self.pod_manager.read_pod(remote_pod or pod)
                 except Exception:  # noqa: BLE001 - deleted or unreachable: keep what we have
                     self.log.debug("could not re-read pod %s", getattr(pod, "metadata", None))
-                message = pod_failure_message(current, self.step) if current is not None else None
-                if message is None:
+                error = clear_failure(current, self.step) if current is not None else None
+                if error is None:
                     raise
-                if exit_code(current) in (EXIT_FAILED, EXIT_USAGE):
-                    raise AirflowFailException(message) from exc
-                raise AirflowException(message) from exc
+                raise error from exc
 
     JipfedPodOperator.__name__ = JipfedPodOperator.__qualname__ = "JipfedPodOperator"
     return JipfedPodOperator

@@ -7,7 +7,7 @@ Variable ``jipfed_central`` (``{"execution": {...}}``). The DAG files never chan
     {"mode": "pod",                                  # default "in_process"
      "image": "registry.example/jipfed-worker:0.1.0",
      "namespace": "jipfed",                          # default: the Kubernetes connection's
-     "pod_steps": ["fetch", "convert", "preprocess", "train", "upload", "aggregate"],
+     "pod_steps": ["cohort", "fetch", "convert", "preprocess", "model", "train", "upload", "aggregate"],
      "resources": {"requests": {"cpu": "1", "memory": "4Gi"}, "limits": {"memory": "8Gi"}},
      "gpu": 0, "node_selector": {}, "tolerations": [],
      "steps": {"train": {"gpu": 1, "resources": {...}, "node_selector": {...}, "tolerations": [...]}},
@@ -35,8 +35,9 @@ MODES = ("in_process", "pod")
 SITE_STEPS = ("cohort", "fetch", "convert", "preprocess", "model", "train", "upload")
 CENTRAL_STEPS = ("aggregate",)
 STEPS = SITE_STEPS + CENTRAL_STEPS
-#: The steps that go to a pod in pod mode unless ``pod_steps`` says otherwise.
-DEFAULT_POD_STEPS = ("fetch", "convert", "preprocess", "train", "upload", "aggregate")
+#: The steps that go to a pod in pod mode unless ``pod_steps`` says otherwise: all of them, so that
+#: Airflow's own workers need neither torch nor the DICOM stack for them.
+DEFAULT_POD_STEPS = STEPS
 #: Secrets a pod may need: config name -> the environment variable ``jipfed task`` reads.
 SECRET_ENV = {
     "pacs_password": "JIPFED_PACS_PASSWORD",
