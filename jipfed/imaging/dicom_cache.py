@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from jipfed.cohort.model import SeriesRef
-from jipfed.imaging.dicomweb import fetch_series_wado, query_series
+from jipfed.imaging.dicomweb import fetch_series_wado, query_series, series_copies
 from jipfed.imaging.dimse import fetch_series_cget
 from jipfed.imaging.pacs import PacsConfig, PacsError
 
@@ -156,12 +156,15 @@ class DicomCache:
             shutil.rmtree(leftover, ignore_errors=True)
         temp = Path(tempfile.mkdtemp(prefix=f".{ref.series_uid}.partial-", dir=final.parent))
         try:
-            count = fetch_one(config, ref, temp)
-            files = sorted(temp.glob("*.dcm"))
-            if count != expected or len(files) != expected:
-                raise PacsError(
-                    f"series {ref.series_uid}: fetched {count} instances ({len(files)} files), expected {expected}"
-                )
+            try:
+                count = fetch_one(config, ref, temp)
+                files = sorted(temp.glob("*.dcm"))
+                if count != expected or len(files) != expected:
+                    raise PacsError(
+                        f"series {ref.series_uid}: fetched {count} instances ({len(files)} files), expected {expected}"
+                    )
+            except PacsError as exc:
+                raise _explain_split(config, ref, exc) from exc
             marker = {
                 "study_uid": ref.study_uid,
                 "series_uid": ref.series_uid,
@@ -179,6 +182,21 @@ class DicomCache:
         finally:
             if temp.exists():
                 shutil.rmtree(temp, ignore_errors=True)
+
+
+def _explain_split(config: PacsConfig, ref: SeriesRef, error: PacsError) -> PacsError:
+    """The fetch error, or a clearer one when the PACS files the series under several patients or
+    studies (WADO-RS then answers 404, C-GET returns more instances than QIDO-RS counted)."""
+    try:
+        copies = series_copies(config, ref.series_uid)
+    except PacsError:
+        return error
+    if copies < 2:
+        return error
+    return PacsError(
+        f'series "{ref.description}" ({ref.series_uid}) is split across {copies} patients or studies in the '
+        f"PACS (PatientID or StudyInstanceUID differs between its instances): fix it there; fetch said: {error}"
+    )
 
 
 def _count_in_pacs(config: PacsConfig, ref: SeriesRef) -> int:

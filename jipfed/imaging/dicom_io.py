@@ -39,6 +39,8 @@ DCM2NIIX_SYNTAXES = frozenset(
     }
 )
 _MESSAGE_CHARS = 160
+#: Attributes every instance must have; missing ones mean a damaged or truncated file.
+REQUIRED = ("SOPClassUID", "SOPInstanceUID")
 
 
 class InstanceUnreadable(Exception):
@@ -51,32 +53,45 @@ class InstanceUnreadable(Exception):
 
 
 def short_error(exc: BaseException) -> str:
-    """``Type: first line of the message`` (at most 160 characters, cut at a word)."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    """``Type: message`` on one line, at most 160 characters (cut at a word); a message that only
+    introduces a list (pydicom: "... all available plugins:") is followed by the list."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = lines[0] if lines else ""
+    if text.endswith(":") and len(lines) > 1:
+        text = "; ".join(lines[1:])
     if len(text) > _MESSAGE_CHARS:
         text = text[:_MESSAGE_CHARS].rsplit(" ", 1)[0] + " ..."
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def read_instance(path: Path, *, stop_before_pixels: bool = False) -> Dataset:
-    """Read one DICOM file; raise :class:`InstanceUnreadable` for any parse error.
-
-    pydicom stops silently at a premature end of file; a file that ends inside an element is
-    reported as truncated here (its data set is not trusted).
-    """
+def read_instance(
+    path: Path, *, stop_before_pixels: bool = False, required: tuple[str, ...] = REQUIRED
+) -> Dataset:
+    """Read one DICOM file; raise :class:`InstanceUnreadable` for any parse error, a file that ends
+    inside an element (pydicom only warns), or a data set without the ``required`` attributes
+    (pydicom stops silently where a damaged element, e.g. a bad VR, derails the parser)."""
     path = Path(path)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
-            # values are parsed lazily: touch them now so a bad VR fails here, not later
+            # values are parsed lazily: touch them now so a bad value fails here, not later
             for element in ds.iterall():
                 _ = element.value
     except Exception as exc:  # noqa: BLE001 - any parser error is a property of the file
         logger.debug("cannot read %s", path, exc_info=True)
         raise InstanceUnreadable(path, f"unreadable ({short_error(exc)})") from exc
+    notes = [str(w.message).split(" in file ")[0] for w in caught]
+    if any(note.startswith("End of file reached") for note in notes):
+        raise InstanceUnreadable(path, "truncated file (it ends inside an element)")
     if "TransferSyntaxUID" not in getattr(ds, "file_meta", FileMetaDataset()):
         raise InstanceUnreadable(path, "no transfer syntax in the file meta information (not a DICOM file?)")
+    missing = [keyword for keyword in required if keyword not in ds]
+    if missing:
+        hint = f"; parser: {notes[0][:_MESSAGE_CHARS]}" if notes else ""
+        raise InstanceUnreadable(
+            path, f"damaged or truncated file, the data set lacks {', '.join(missing)}{hint}"
+        )
     return ds
 
 

@@ -18,13 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import pydicom
 import requests
 from dicomweb_client.api import DICOMwebClient
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
+from pydicom.filebase import DicomBytesIO
 
 from jipfed.cohort.model import SeriesRef, check_uid
+from jipfed.imaging.dicom_io import InstanceUnreadable, read_instance, short_error
 from jipfed.imaging.pacs import PacsConfig, PacsError
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,10 @@ _SAFE_QUERY_CHARS = re.compile(r"[A-Za-z0-9\-._~!$'()*,;:@/^?]")
 QUERY_PAGE_SIZE = 1000
 UPLOAD_BATCH_SIZE = 50
 UPLOAD_BATCH_BYTES = 64 * 1024 * 1024
+#: Attributes an instance needs to be stored (a file without them is damaged; not sent).
+_STOW_REQUIRED = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+#: WADO-RS media type asking for every instance as stored (no transcoding by the PACS).
+AS_STORED = (("application/dicom", "*"),)
 #: STOW-RS answers that blame the request's content (an instance), not the PACS or our credentials.
 _INSTANCE_ERROR_STATUSES = (400, 409, 415, 422)
 
@@ -55,17 +59,20 @@ class UploadReport:
         files: DICOM files found.
         stored: Instances the PACS acknowledged (re-sending a stored instance counts as stored).
         failed: ``(SOPInstanceUID, reason)`` for instances the PACS refused or did not acknowledge.
-        skipped: Paths of files that are not DICOM (or have no SOPInstanceUID); not sent.
+        skipped: Paths of files that are not DICOM (no ``DICM`` marker); not sent.
+        unreadable: ``(path, reason)`` of DICOM files that cannot be read (damaged, truncated, no
+            SOP/study/series UIDs) or encoded again; not sent, the others are.
     """
 
     files: int
     stored: int
     failed: tuple[tuple[str, str], ...] = ()
     skipped: tuple[str, ...] = ()
+    unreadable: tuple[tuple[str, str], ...] = ()
 
     @property
     def ok(self) -> bool:
-        return not self.failed and self.stored == self.files
+        return not self.failed and not self.unreadable and self.stored == self.files
 
 
 # -- shared plumbing ------------------------------------------------------------------------------
@@ -136,40 +143,50 @@ def upload_files(
     if batch_size < 1 or batch_bytes < 1:
         raise ValueError(f"batch_size and batch_bytes must be >= 1, got {batch_size}, {batch_bytes}")
     skipped: list[str] = []
+    unreadable: list[tuple[str, str]] = []
     failed: list[tuple[str, str]] = []
     files = stored = 0
     with make_session(config) as session:
         client = make_client(config, session)
-        for batch in _batches(paths, batch_size, batch_bytes, skipped):
+        for batch in _batches(paths, batch_size, batch_bytes, skipped, unreadable):
             files += len(batch)
             batch_stored, batch_failed = _store_batch(config, client, batch)
             stored += batch_stored
             failed += batch_failed
-    report = UploadReport(files=files, stored=stored, failed=tuple(failed), skipped=tuple(skipped))
+    report = UploadReport(
+        files=files, stored=stored, failed=tuple(failed), skipped=tuple(skipped), unreadable=tuple(unreadable)
+    )
     log.info(
-        "STOW-RS to %s: %d of %d instances stored, %d failed, %d non-DICOM files skipped",
+        "STOW-RS to %s: %d of %d instances stored, %d failed, %d unreadable, %d non-DICOM files skipped",
         config.dicomweb_url,
         report.stored,
         report.files,
         len(report.failed),
+        len(report.unreadable),
         len(report.skipped),
     )
     return report
 
 
 def _batches(
-    paths: Iterable[str | Path], batch_size: int, batch_bytes: int, skipped: list[str]
+    paths: Iterable[str | Path],
+    batch_size: int,
+    batch_bytes: int,
+    skipped: list[str],
+    unreadable: list[tuple[str, str]],
 ) -> Iterator[list[Dataset]]:
     batch: list[Dataset] = []
     size = 0
     for path in paths:
-        try:
-            ds = pydicom.dcmread(path)
-        except (InvalidDicomError, EOFError):
+        if not has_dicom_marker(Path(path)):
             skipped.append(str(path))
             continue
-        if "SOPInstanceUID" not in ds:
-            skipped.append(str(path))
+        try:
+            ds = read_instance(Path(path), required=_STOW_REQUIRED)
+            _encodable(ds, Path(path))
+        except InstanceUnreadable as exc:
+            log.warning("not uploading %s: %s", path, exc.reason)
+            unreadable.append((str(path), exc.reason))
             continue
         file_size = Path(path).stat().st_size
         if batch and (len(batch) >= batch_size or size + file_size > batch_bytes):
@@ -179,6 +196,24 @@ def _batches(
         size += file_size
     if batch:
         yield batch
+
+
+def has_dicom_marker(path: Path) -> bool:
+    """Whether the file has the DICOM Part 10 marker ``DICM`` after its 128-byte preamble."""
+    try:
+        with path.open("rb") as handle:
+            handle.seek(128)
+            return handle.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def _encodable(ds: Dataset, path: Path) -> None:
+    """Raise :class:`InstanceUnreadable` unless pydicom can encode ``ds`` again (as STOW-RS does)."""
+    try:
+        ds.save_as(DicomBytesIO(), enforce_file_format=True)
+    except Exception as exc:  # noqa: BLE001 - any encoder failure is a property of the file
+        raise InstanceUnreadable(path, f"cannot be encoded again ({short_error(exc)})") from exc
 
 
 def _store_batch(
@@ -261,6 +296,15 @@ def query_series(config: PacsConfig, **filters: str) -> list[SeriesRef]:
     return refs
 
 
+def series_copies(config: PacsConfig, series_uid: str) -> int:
+    """How many series entries the PACS holds under this SeriesInstanceUID: more than one when the
+    series is split across patients or studies (Orthanc files it once per patient and study)."""
+    check_uid(series_uid, "SeriesInstanceUID")
+    with make_session(config) as session:
+        url = f"{config.dicomweb_url}/series?SeriesInstanceUID={series_uid}&includefield={QUERY_TAGS['StudyInstanceUID']}"
+        return len(_get_json(config, session, url))
+
+
 def quote_qido_value(value: str) -> str:
     """A query value Orthanc reads as meant: safe characters as they are, all others as ``?``."""
     if not value:
@@ -309,7 +353,9 @@ def _series_ref(item: dict) -> SeriesRef:
 
 # -- WADO-RS ------------------------------------------------------------------------------------
 def fetch_series_wado(config: PacsConfig, ref: SeriesRef, dest_dir: str | Path) -> int:
-    """Fetch every instance of ``ref`` over WADO-RS into ``dest_dir`` as ``<SOPInstanceUID>.dcm``.
+    """Fetch every instance of ``ref`` over WADO-RS into ``dest_dir`` as ``<SOPInstanceUID>.dcm``,
+    in the transfer syntax the PACS stored it in (``transfer-syntax=*``: a PACS that cannot
+    transcode JPEG 2000 would fail the default Explicit VR Little Endian request).
 
     Returns the number of instances written. Raises PacsError when the PACS fails (files already
     written stay; the fetch cache writes into a temp folder and discards it).
@@ -317,14 +363,27 @@ def fetch_series_wado(config: PacsConfig, ref: SeriesRef, dest_dir: str | Path) 
     dest = Path(dest_dir)
     dest.mkdir(parents=True, exist_ok=True)
     count = 0
+    action = f"WADO-RS of series {ref.series_uid}"
     with make_session(config) as session:
         client = make_client(config, session)
         try:
-            for ds in client.iter_series(ref.study_uid, ref.series_uid):
+            for ds in client.iter_series(ref.study_uid, ref.series_uid, media_types=AS_STORED):
                 uid = check_uid(str(ds.SOPInstanceUID), "SOPInstanceUID")
                 ds.save_as(dest / f"{uid}.dcm", enforce_file_format=True)
                 count += 1
-        except (requests.RequestException, ValueError) as exc:
-            raise pacs_error(config, f"WADO-RS of series {ref.series_uid}", exc) from exc
+        except requests.HTTPError as exc:
+            if exc.response is not None and exc.response.status_code == 404:
+                raise PacsError(
+                    f"PACS at {config.dicomweb_url}: {action} answered HTTP 404; the series is not "
+                    "under its study there (deleted, or split across patients or studies in the PACS?)"
+                ) from exc
+            raise pacs_error(config, action, exc) from exc
+        except requests.RequestException as exc:
+            raise pacs_error(config, action, exc) from exc
+        except Exception as exc:  # noqa: BLE001 - a damaged instance in the answer: this series fails
+            raise PacsError(
+                f"PACS at {config.dicomweb_url}: {action}: instance {count + 1} cannot be read "
+                f"({short_error(exc)})"
+            ) from exc
     log.debug("WADO-RS %s: %d instances of series %s", config.dicomweb_url, count, ref.series_uid)
     return count

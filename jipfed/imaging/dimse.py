@@ -2,7 +2,10 @@
 
 C-GET returns the instances over the same association, so the SCU must offer a storage context
 (with the SCP role) for every SOP class it will receive, and handle C-STORE (field-notes.md:
-without the Segmentation Storage context Orthanc fails the SEG with 0xC000).
+without the Segmentation Storage context Orthanc fails the SEG with 0xC000). Image classes are
+offered in every common transfer syntax, one context each, so instances arrive as stored (a PACS
+may be unable to transcode, e.g. JPEG 2000); stray objects (SR, presentation states, RT,
+secondary captures) are accepted too and left out later by the series check.
 """
 
 from __future__ import annotations
@@ -11,13 +14,40 @@ import logging
 from pathlib import Path
 
 from pydicom.dataset import Dataset
+from pydicom.uid import (
+    JPEG2000,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
 from pynetdicom import AE, build_role, evt
 from pynetdicom.events import Event
 from pynetdicom.sop_class import (
+    BasicTextSRStorage,
+    ComprehensiveSRStorage,
     CTImageStorage,
+    EncapsulatedPDFStorage,
     EnhancedCTImageStorage,
     EnhancedMRImageStorage,
+    EnhancedSRStorage,
+    GrayscaleSoftcopyPresentationStateStorage,
+    KeyObjectSelectionDocumentStorage,
+    LegacyConvertedEnhancedCTImageStorage,
+    LegacyConvertedEnhancedMRImageStorage,
     MRImageStorage,
+    RTDoseStorage,
+    RTPlanStorage,
+    RTStructureSetStorage,
+    SecondaryCaptureImageStorage,
     SegmentationStorage,
     StudyRootQueryRetrieveInformationModelGet,
 )
@@ -28,14 +58,50 @@ from jipfed.imaging.pacs import PacsConfig, PacsError
 
 log = logging.getLogger(__name__)
 
-#: Storage SOP classes offered for C-GET (each needs one presentation context with the SCP role).
-STORAGE_SOP_CLASSES = (
+#: Image storage classes a series may hold; each is offered once per transfer syntax below, so the
+#: PACS sends every instance as stored (no transcoding, which it may not be able to do).
+IMAGE_STORAGE_SOP_CLASSES = (
     MRImageStorage,
     EnhancedMRImageStorage,
+    LegacyConvertedEnhancedMRImageStorage,
     CTImageStorage,
     EnhancedCTImageStorage,
+    LegacyConvertedEnhancedCTImageStorage,
     SegmentationStorage,
 )
+#: Transfer syntaxes offered for image storage (one presentation context each).
+IMAGE_TRANSFER_SYNTAXES = (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    RLELossless,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    JPEGLosslessSV1,
+    JPEGLossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+)
+#: Stray objects an image series may hold (received, then left out by the series check): offered
+#: with the uncompressed syntaxes in one context each, so C-GET does not fail on them.
+OTHER_STORAGE_SOP_CLASSES = (
+    BasicTextSRStorage,
+    EnhancedSRStorage,
+    ComprehensiveSRStorage,
+    KeyObjectSelectionDocumentStorage,
+    GrayscaleSoftcopyPresentationStateStorage,
+    SecondaryCaptureImageStorage,
+    RTStructureSetStorage,
+    RTPlanStorage,
+    RTDoseStorage,
+    EncapsulatedPDFStorage,
+)
+#: Every storage SOP class offered for C-GET (each needs the SCP role).
+STORAGE_SOP_CLASSES = IMAGE_STORAGE_SOP_CLASSES + OTHER_STORAGE_SOP_CLASSES
+_UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian)
 _PENDING = (Status.PENDING, 0xFF01)
 _FAILURE_OUT_OF_RESOURCES = 0xA702
 
@@ -68,8 +134,11 @@ def fetch_series_cget(config: PacsConfig, ref: SeriesRef, dest_dir: str | Path) 
     ae = AE(ae_title=config.calling_aet)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = config.timeout_s
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
-    for sop_class in STORAGE_SOP_CLASSES:
-        ae.add_requested_context(sop_class)
+    for sop_class in IMAGE_STORAGE_SOP_CLASSES:
+        for syntax in IMAGE_TRANSFER_SYNTAXES:
+            ae.add_requested_context(sop_class, [syntax])
+    for sop_class in OTHER_STORAGE_SOP_CLASSES:
+        ae.add_requested_context(sop_class, list(_UNCOMPRESSED))
     roles = [build_role(sop_class, scp_role=True) for sop_class in STORAGE_SOP_CLASSES]
 
     assoc = ae.associate(
@@ -107,7 +176,8 @@ def fetch_series_cget(config: PacsConfig, ref: SeriesRef, dest_dir: str | Path) 
         raise PacsError(
             f"{where}: C-GET of series {ref.series_uid} ended with status 0x{status.Status:04X} "
             f"({status.get('NumberOfFailedSuboperations', '?')} failed, "
-            f"{status.get('NumberOfCompletedSuboperations', '?')} completed)"
+            f"{status.get('NumberOfCompletedSuboperations', '?')} completed; a failed instance is of a SOP "
+            "class or transfer syntax we do not accept, or the PACS could not read it: see the PACS log)"
         )
     log.debug("C-GET %s: %d instances of series %s", where, len(received), ref.series_uid)
     return len(set(received))

@@ -157,7 +157,7 @@ def check_series(folder: Path) -> SeriesInfo:
     datasets, unreadable = [], []
     for path in files:
         try:
-            datasets.append((path, _read(path)))
+            datasets.append((path, read_instance(path, required=_REQUIRED)))
         except InstanceUnreadable as exc:
             unreadable.append(exc)
     label = series_label(datasets[0][1]) if datasets else "series of unreadable files"
@@ -219,17 +219,6 @@ def check_series(folder: Path) -> SeriesInfo:
         transfer_syntaxes=tuple(str(transfer_syntax(ds)) for _, ds in ordered),
         left_out=left_out,
     )
-
-
-def _read(path: Path) -> Dataset:
-    """Read one instance; any parse error, or a header without the identifying UIDs, is a defect."""
-    ds = read_instance(path)
-    missing = [keyword for keyword in _REQUIRED if keyword not in ds]
-    if missing:
-        raise InstanceUnreadable(
-            path, f"incomplete header, no {', '.join(missing)} (damaged or truncated file)"
-        )
-    return ds
 
 
 def _check_one_series(folder: Path, label: str, datasets: list[Dataset]) -> None:

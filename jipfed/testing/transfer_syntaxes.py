@@ -87,7 +87,7 @@ def encode(ds: Dataset, syntax: UID) -> Dataset:
         return _gdcm_encode(ds, syntax)
     if syntax.is_compressed:
         try:
-            ds.compress(syntax)
+            ds.compress(syntax, generate_instance_uid=False)
         except (RuntimeError, NotImplementedError, ValueError) as exc:
             raise EncoderMissing(f"{syntax.name}: {exc}") from exc
         return ds
@@ -296,8 +296,8 @@ def split_patients(case_dir: Path, channel: str) -> Path:
 DEFECTS: dict[str, tuple[Callable[[Path, str], Path], tuple[str, ...], str]] = {
     "truncated": (truncate, ("explicit_le", "rle", "jpeg2000"), "truncated"),
     "short_fragment": (short_fragment, ("rle", "jpeg_ls", "jpeg2000"), "damaged"),
-    "bad_vr": (bad_vr, ("explicit_le",), "unreadable"),
-    "damaged_deflate": (damaged_deflate, ("deflated",), "unreadable"),
+    "bad_vr": (bad_vr, ("explicit_le",), "damaged or truncated file"),
+    "damaged_deflate": (damaged_deflate, ("deflated",), "damaged or truncated file"),
     "split_patients": (split_patients, ("explicit_le",), "split across 2 patients"),
 }
 

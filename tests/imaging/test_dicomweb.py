@@ -69,16 +69,18 @@ def test_upload_report(pacs: OrthancServer, tiny_folder: Path) -> None:
     assert report.ok
 
 
-def test_upload_reports_the_rejected_instance(pacs: OrthancServer, tmp_path: Path) -> None:
-    """Orthanc answers HTTP 400 to a whole STOW-RS request when one instance lacks a mandatory tag."""
+def test_upload_reports_the_damaged_instance(pacs: OrthancServer, tmp_path: Path) -> None:
+    """An instance without SeriesInstanceUID (Orthanc would answer HTTP 400 to its whole STOW-RS
+    request) is reported as unreadable and not sent; the others are stored."""
     written = write_sample_dataset(tmp_path, n_cases=1, study_description="BAD UPLOAD", seed=10)
     bad = written[0].files[1]
     ds = pydicom.dcmread(bad)
     del ds.SeriesInstanceUID
     ds.save_as(bad)
     report = upload_folder(pacs.pacs_config, tmp_path)
-    assert report.failed == ((str(ds.SOPInstanceUID), "rejected with HTTP 400"),)
-    assert (report.files, report.stored, report.ok) == (9, 8, False)
+    ((path, reason),) = report.unreadable
+    assert path == str(bad) and "lacks SeriesInstanceUID" in reason
+    assert (report.files, report.stored, report.failed, report.ok) == (8, 8, (), False)
     found = query_series(pacs.pacs_config, StudyDescription="BAD UPLOAD")
     assert sorted(r.n_instances for r in found) == [1, 3, 4]
 
