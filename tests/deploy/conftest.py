@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -16,3 +17,10 @@ AF2_PYTHON = REPO / ".venv-af2" / "bin" / "python"
 def jipfed_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The jip-federated wheel built from this checkout."""
     return build_wheel(tmp_path_factory.mktemp("wheel"))
+
+
+def isolated_env(**extra: str) -> dict[str, str]:
+    """This environment without PYTHONPATH and without any pip configuration (index, find-links,
+    constraints), so a subprocess sees only what it installs itself."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_") and k != "PYTHONPATH"}
+    return {**env, "PIP_CONFIG_FILE": os.devnull, "PIP_DISABLE_PIP_VERSION_CHECK": "1", **extra}

@@ -245,3 +245,33 @@ def test_dag_installer_job_runs_our_installer_image(charts: dict[str, Path]) -> 
     (job,) = [d for d in manifests(charts[name], ROLE_VALUES[name]) if d["kind"] == "Job"]
     image = job["spec"]["template"]["spec"]["containers"][0]["image"]
     assert image == "registry.hospital.local/kaapana/jipfed-installer:0.6.0"
+
+
+def test_official_airflow_chart_values_for_the_central() -> None:
+    """helm/airflow-values/central.yaml (the official chart cannot be fetched here: the keys were
+    checked once against its values.schema.json; this checks what our suite and Kubernetes need)."""
+    values = yaml.safe_load((REPO / "helm" / "airflow-values" / "central.yaml").read_text())
+    assert values["executor"] == "KubernetesExecutor"
+    dockerfile = (REPO / "containers" / "airflow" / "Dockerfile").read_text()
+    assert f"ARG AIRFLOW_VERSION={values['airflowVersion']}\n" in dockerfile, "chart and image must agree"
+    assert values["images"]["airflow"]["tag"] not in ("", "latest")
+
+    assert all(set(item) == {"name", "value"} for item in values["env"])
+    env = {item["name"]: item["value"] for item in values["env"]}
+    settings = CentralSettings.from_dict(json.loads(env["AIRFLOW_VAR_JIPFED_CENTRAL"]))
+    assert settings.execution.runs_in_pod("aggregate")
+    assert settings.execution.data_volume.pod_path(settings.workflow_dir, "workflow_dir").startswith(
+        settings.execution.data_volume.mount_path)
+    assert not any(word in name for name in env for word in ("SECRET", "PASSWORD", "TOKEN", "AIRFLOW_CONN_"))
+    assert all(set(item) == {"envName", "secretName", "secretKey"} for item in values["secret"])
+
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "airflow-worker"},
+           "spec": {"securityContext": values["securityContexts"]["pod"], "volumes": values["volumes"],
+                    "containers": [{"name": "base", "image": "x:1", "volumeMounts": values["volumeMounts"],
+                                    "securityContext": values["securityContexts"]["container"],
+                                    "resources": values["workers"]["resources"]}]}}
+    kubernetes_validate.validate(pod, KUBERNETES_VERSION, strict=True)
+    claims = {v["persistentVolumeClaim"]["claimName"] for v in values["volumes"]}
+    assert settings.execution.data_volume.claim in claims
+    for component in ("scheduler", "apiServer", "dagProcessor", "triggerer", "workers"):
+        assert {"requests", "limits"} <= set(values[component]["resources"]), component

@@ -6,7 +6,6 @@ No Docker engine exists here, so images are linted and their build contexts stag
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from jipfed.packaging.context import IMAGES, stage
-from tests.deploy.conftest import AF2_PYTHON, REPO
+from tests.deploy.conftest import AF2_PYTHON, REPO, isolated_env
 
 HADOLINT = Path(sys.executable).with_name("hadolint")
 DOCKERFILES = {image: REPO / "containers" / image / "Dockerfile" for image in IMAGES}
@@ -161,15 +160,14 @@ def test_installer_layout_loads_in_kaapana_airflow(jipfed_wheel: Path, tmp_path:
     registers, the DAGs import ``jipfed.operators`` from the plugins folder, no import error."""
     context = stage("installer", tmp_path / "installer", jipfed_wheel)
     home = tmp_path / "airflow-home"
-    env = {
-        **os.environ,
-        "AIRFLOW_HOME": str(home),
-        "AIRFLOW__CORE__DAGS_FOLDER": str(context / "dags"),
-        "AIRFLOW__CORE__PLUGINS_FOLDER": str(context / "plugins"),
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "false",
-        "AIRFLOW__CORE__UNIT_TEST_MODE": "true",
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home}/airflow.db",
-    }
+    env = isolated_env(
+        AIRFLOW_HOME=str(home),
+        AIRFLOW__CORE__DAGS_FOLDER=str(context / "dags"),
+        AIRFLOW__CORE__PLUGINS_FOLDER=str(context / "plugins"),
+        AIRFLOW__CORE__LOAD_EXAMPLES="false",
+        AIRFLOW__CORE__UNIT_TEST_MODE="true",
+        AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=f"sqlite:///{home}/airflow.db",
+    )
     # .venv-af2 has the suite installed editable; a Kaapana Airflow has not: drop that finder.
     script = (
         "import json, sys\n"
