@@ -24,3 +24,10 @@ def isolated_env(**extra: str) -> dict[str, str]:
     constraints), so a subprocess sees only what it installs itself."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_") and k != "PYTHONPATH"}
     return {**env, "PIP_CONFIG_FILE": os.devnull, "PIP_DISABLE_PIP_VERSION_CHECK": "1", **extra}
+
+
+def airflow_env(home: Path, **extra: str) -> dict[str, str]:
+    """:func:`isolated_env` for an Airflow with its home and SQLite database in ``home``."""
+    return isolated_env(AIRFLOW_HOME=str(home), AIRFLOW__CORE__LOAD_EXAMPLES="false",
+                        AIRFLOW__CORE__UNIT_TEST_MODE="true",
+                        AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=f"sqlite:///{home}/airflow.db", **extra)

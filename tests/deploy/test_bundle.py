@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.deploy.conftest import AF2_PYTHON, isolated_env
+from tests.deploy.conftest import AF2_PYTHON, airflow_env, isolated_env
 
 pytestmark = pytest.mark.slow
 
@@ -82,9 +82,7 @@ def dagbag(bundle: Path, fresh_venv: Path, tmp_path_factory: pytest.TempPathFact
     site = Path(run([str(python), "-c", purelib]).stdout.strip())
     (site / "zz_airflow_2_11.pth").write_text(run([str(AF2_PYTHON), "-c", purelib]).stdout.strip() + "\n")
     work = tmp_path_factory.mktemp("airflow")
-    env = isolated_env(AIRFLOW_HOME=str(work), AIRFLOW__CORE__LOAD_EXAMPLES="false",
-                       AIRFLOW__CORE__UNIT_TEST_MODE="true",
-                       AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=f"sqlite:///{work}/airflow.db")
+    env = airflow_env(work)
     dags = bundle / "images" / "installer" / "dags"
     parse = run([str(python), "-c", DAGBAG_SCRIPT.format(heavy=HEAVY, dags=str(dags))], env=env, cwd=work)
     assert parse.returncode == 0, parse.stderr[-4000:]

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from jipfed.packaging.context import IMAGES, stage
-from tests.deploy.conftest import AF2_PYTHON, REPO, isolated_env
+from tests.deploy.conftest import AF2_PYTHON, REPO, airflow_env
 
 HADOLINT = Path(sys.executable).with_name("hadolint")
 DOCKERFILES = {image: REPO / "containers" / image / "Dockerfile" for image in IMAGES}
@@ -160,14 +160,8 @@ def test_installer_layout_loads_in_kaapana_airflow(jipfed_wheel: Path, tmp_path:
     registers, the DAGs import ``jipfed.operators`` from the plugins folder, no import error."""
     context = stage("installer", tmp_path / "installer", jipfed_wheel)
     home = tmp_path / "airflow-home"
-    env = isolated_env(
-        AIRFLOW_HOME=str(home),
-        AIRFLOW__CORE__DAGS_FOLDER=str(context / "dags"),
-        AIRFLOW__CORE__PLUGINS_FOLDER=str(context / "plugins"),
-        AIRFLOW__CORE__LOAD_EXAMPLES="false",
-        AIRFLOW__CORE__UNIT_TEST_MODE="true",
-        AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=f"sqlite:///{home}/airflow.db",
-    )
+    env = airflow_env(home, AIRFLOW__CORE__DAGS_FOLDER=str(context / "dags"),
+                      AIRFLOW__CORE__PLUGINS_FOLDER=str(context / "plugins"))
     # .venv-af2 has the suite installed editable; a Kaapana Airflow has not: drop that finder.
     script = (
         "import json, sys\n"
