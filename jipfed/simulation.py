@@ -20,6 +20,7 @@ folders through the real data pipeline (synthetic DICOM → NIfTI → preprocess
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -28,7 +29,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm import tqdm
@@ -52,6 +53,9 @@ from jipfed.training.config import TrainConfig
 from jipfed.training.data import SiteData, pooled_data
 from jipfed.training.fit import FitSettings
 from jipfed.training.local import LocalTrainer
+
+if TYPE_CHECKING:
+    from jipfed.imaging.synth.profiles import SiteProfile
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +83,7 @@ class SimulationResult:
         metric: the primary metric's name.
         personalised: site → ``{"global": metrics, "personalised": metrics}`` on the site's
             held-out cases (empty unless ``personalize_epochs``).
+        weights: the final global model (control variates included for SCAFFOLD).
     """
 
     experiment: str
@@ -91,6 +96,7 @@ class SimulationResult:
     seconds: float
     metric: str = "dice_mean"
     personalised: Mapping[str, Mapping[str, Mapping[str, float]]] = field(default_factory=dict)
+    weights: Mapping[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def curve(self, metric: str | None = None) -> list[float]:
         """The global value of ``metric`` (default: the primary one) per round, round 0 first."""
@@ -295,9 +301,9 @@ def simulate(
         bar.close()
     ordered = [rows[r] for r in sorted(rows)]
     personalised: dict[str, Any] = {}
+    final_weights = _global_weights(exp_store, config.rounds)
     if personalize_epochs:
         fit = FitSettings.from_config(config.make_strategy().configure_fit(config.rounds))
-        final_weights = _global_weights(exp_store, config.rounds)
         personalised = personalise(trainers, final_weights, personalize_epochs, round=config.rounds, fit=fit)
         reporting.write_json(
             workdir / PERSONALISED_JSON, {"epochs": personalize_epochs, "sites": personalised}
@@ -331,6 +337,7 @@ def simulate(
         seconds=seconds,
         metric=metric,
         personalised=personalised,
+        weights=final_weights,
     )
 
 
@@ -405,24 +412,31 @@ def prepare_synthetic_sites(
     heterogeneous: bool = True,
     seed: int = 0,
     progress: bool = True,
+    profiles: Sequence[SiteProfile] | None = None,
 ) -> dict[str, Path]:
     """Synthetic DICOM → NIfTI → preprocessed cases, one folder per site; returns site → folder.
 
     Uses the site pipeline's own modules (``jipfed.imaging.synth``, ``.convert``, ``.preprocess``);
     every stage is cached, so a second call reuses the work. ``shape`` is the synthetic scan's
-    (rows, cols, slices); ``spatial_size`` / ``spacing_mm`` the preprocessed grid.
+    (rows, cols, slices); ``spatial_size`` / ``spacing_mm`` the preprocessed grid. ``profiles``
+    replaces ``default_site_profiles(n_sites, cases_per_site, heterogeneous)`` (e.g.
+    :func:`jipfed.imaging.synth.profiles.heterogeneity_profiles`).
     """
     from jipfed.imaging.convert import convert_cases
     from jipfed.imaging.preprocess import PreprocessConfig, preprocess_cases
     from jipfed.imaging.synth import default_site_profiles, write_dataset
 
     out = Path(out)
-    profiles = default_site_profiles(n_sites, cases_per_site, heterogeneous=heterogeneous)
     synth_root = out / "synth"
-    marker = (
-        synth_root
-        / f".done-{shape[0]}x{shape[1]}x{shape[2]}-{seed}-{n_sites}-{cases_per_site}-{heterogeneous}"
-    )
+    if profiles is None:
+        profiles = default_site_profiles(n_sites, cases_per_site, heterogeneous=heterogeneous)
+        marker = (
+            synth_root
+            / f".done-{shape[0]}x{shape[1]}x{shape[2]}-{seed}-{n_sites}-{cases_per_site}-{heterogeneous}"
+        )
+    else:
+        digest = hashlib.sha256(json.dumps([p.to_dict() for p in profiles], sort_keys=True).encode())
+        marker = synth_root / f".done-{shape[0]}x{shape[1]}x{shape[2]}-{seed}-{digest.hexdigest()[:12]}"
     if not marker.exists():
         write_dataset(synth_root, profiles, shape=shape, seed=seed, progress=progress)
         marker.touch()

@@ -191,3 +191,25 @@ def test_heterogeneity_methods_learn_through_the_protocol(
         manifest = final.load_global(3)[1]
         names = [t["name"] if isinstance(t, dict) else t for t in manifest["tensors"]]
         assert any(str(name).startswith("control/") for name in names), names[:3]
+
+
+def test_heterogeneity_profiles_span_the_grid() -> None:
+    from jipfed.imaging.synth.profiles import heterogeneity_profiles
+
+    strong = heterogeneity_profiles("strong", smallest=3)
+    sizes = [p.n_cases for p in strong]
+    assert len(strong) == 4 and max(sizes) >= 8 * min(sizes)
+    assert {p.field_strength_t for p in strong} == {1.5, 3.0}
+    assert len({p.orientation for p in strong}) == 4
+    assert max(p.hgg_fraction for p in strong) - min(p.hgg_fraction for p in strong) >= 0.5
+    homogeneous = heterogeneity_profiles("homogeneous", smallest=3)
+    assert len({(p.n_cases, p.intensity_scale, p.orientation) for p in homogeneous}) == 1
+    assert sum(p.n_cases for p in heterogeneity_profiles("default", smallest=3)) == 18
+    with pytest.raises(ValueError, match="setting must be one of"):
+        heterogeneity_profiles("extreme")
+
+
+def test_simulation_result_carries_the_final_global_model(fedavg_run: SimulationResult) -> None:
+    store = ExperimentStore(LocalFolderStore(fedavg_run.metrics_json.parent / "store"), fedavg_run.experiment)
+    assert store.has_global(len(fedavg_run.rows) - 1)
+    assert fedavg_run.weights and all(torch.isfinite(t).all() for t in fedavg_run.weights.values())

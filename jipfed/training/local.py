@@ -21,7 +21,7 @@ import hashlib
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -30,7 +30,7 @@ from torch import nn
 from jipfed.federation.strategies.fedprox import proximal_term
 from jipfed.federation.update import is_buffer, split_controls
 from jipfed.training.config import TrainConfig
-from jipfed.training.data import CaseDataset, SiteData, load_case, make_loader
+from jipfed.training.data import CaseDataset, CaseRecord, SiteData, load_case, make_loader
 from jipfed.training.fit import FitSettings
 from jipfed.training.metrics import RegionDice, classification_metrics
 from jipfed.training.models import build_model, check_input_size, shared_parameter_names
@@ -345,13 +345,19 @@ class LocalTrainer:
         )
 
     @torch.no_grad()
-    def evaluate(self, weights: Mapping[str, torch.Tensor] | None = None) -> dict[str, float]:
+    def evaluate(
+        self, weights: Mapping[str, torch.Tensor] | None = None, records: Sequence[CaseRecord] | None = None
+    ) -> dict[str, float]:
         """Score ``weights`` (None = the trainer's current model) on this site's held-out cases.
+
+        ``records`` scores other cases instead (e.g. a test split no setting was tuned on).
 
         The trainer's own model is not changed. Returns ``loss`` (mean per case), ``n_cases`` and
         dice_wt, dice_tc, dice_et, dice_mean (segmentation) or auc, accuracy (classification).
         """
-        dataset = CaseDataset(self.val_records, self.config.task, augment=False)
+        dataset = CaseDataset(
+            self.val_records if records is None else list(records), self.config.task, augment=False
+        )
         if len(dataset) == 0:
             raise ValueError("no held-out cases at this site (val_fraction = 0 or too few cases)")
         model = self.model

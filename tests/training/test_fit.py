@@ -112,3 +112,12 @@ def test_site_state_round_trips_into_a_new_trainer(site: SiteData) -> None:
     assert all(torch.equal(a.controls[n], b.controls[n]) for n in a.controls)
     with pytest.raises(ValueError, match="'control/nope' does not fit"):
         fresh.load_site_state({"control/nope": torch.zeros(1)})
+
+
+def test_evaluate_scores_other_records_when_given(site: SiteData) -> None:
+    trainer = _trainer(site)
+    weights = trainer.get_weights()
+    held_out = trainer.evaluate(weights)
+    on_train = trainer.evaluate(weights, records=trainer.train_records)
+    assert held_out["n_cases"] == len(trainer.val_records)
+    assert on_train["n_cases"] == len(trainer.train_records) != held_out["n_cases"]

@@ -278,3 +278,108 @@ def _split(total: int, weights: Sequence[float]) -> list[int]:
     for i in order[: total - sum(counts)]:
         counts[i] += 1
     return counts
+
+
+#: Settings of :func:`heterogeneity_profiles`, from identical sites to one large centre and small,
+#: very different ones.
+HETEROGENEITY_SETTINGS = ("homogeneous", "default", "strong")
+
+#: The strong setting's sites: (relative size, scanner / population). Sizes 8 : 2 : 1.5 : 1; field
+#: strengths 3 / 1.5 / 3 / 1.5 T; four orientations; HGG share 0.85 / 0.2 / 0.6 / 0.35; intensity
+#: scales 3200 / 500 / 1800 / 800 with bias 0.08 - 0.25 and noise 0.03 - 0.08.
+_STRONG: tuple[tuple[float, dict[str, Any]], ...] = (
+    (
+        8.0,
+        dict(
+            manufacturer="Synthetic Imaging",
+            model_name="Phantom MR 3T",
+            field_strength_t=3.0,
+            intensity_scale=3200.0,
+            bias_strength=0.08,
+            noise_level=0.03,
+            pixel_spacing_mm=(1.8, 1.8),
+            slice_thickness_mm=2.4,
+            orientation="axial",
+            tumour_radius_mm=(12.0, 20.0),
+            hgg_fraction=0.85,
+            enhancing_fraction=(0.5, 0.8),
+            enhancement=(0.6, 1.2),
+        ),
+    ),
+    (
+        2.0,
+        dict(
+            manufacturer="Virtual Magnetics",
+            model_name="VM Aura 1.5",
+            field_strength_t=1.5,
+            intensity_scale=500.0,
+            bias_strength=0.25,
+            noise_level=0.08,
+            pixel_spacing_mm=(2.4, 2.4),
+            slice_thickness_mm=3.2,
+            orientation="sagittal",
+            tumour_radius_mm=(6.0, 11.0),
+            hgg_fraction=0.2,
+            enhancing_fraction=(0.15, 0.35),
+            enhancement=(0.1, 0.4),
+        ),
+    ),
+    (
+        1.5,
+        dict(
+            manufacturer="Phantom Systems",
+            model_name="PS Horizon",
+            field_strength_t=3.0,
+            intensity_scale=1800.0,
+            bias_strength=0.15,
+            noise_level=0.05,
+            pixel_spacing_mm=(2.0, 2.0),
+            slice_thickness_mm=2.6,
+            orientation="coronal",
+            tumour_radius_mm=(9.0, 16.0),
+            hgg_fraction=0.6,
+            enhancing_fraction=(0.3, 0.6),
+            enhancement=(0.3, 0.9),
+        ),
+    ),
+    (
+        1.0,
+        dict(
+            manufacturer="Synthetic Imaging",
+            model_name="Phantom MR 1.5T",
+            field_strength_t=1.5,
+            intensity_scale=800.0,
+            bias_strength=0.2,
+            noise_level=0.065,
+            pixel_spacing_mm=(2.2, 2.2),
+            slice_thickness_mm=3.0,
+            orientation="oblique",
+            tumour_radius_mm=(7.0, 13.0),
+            hgg_fraction=0.35,
+            enhancing_fraction=(0.2, 0.5),
+            enhancement=(0.2, 0.7),
+        ),
+    ),
+)
+
+
+def heterogeneity_profiles(setting: str, smallest: int = 4) -> list[SiteProfile]:
+    """Profiles of one of :data:`HETEROGENEITY_SETTINGS`.
+
+    ``homogeneous``: 3 identical default sites of ``2 * smallest`` cases; ``default``: the 3
+    heterogeneous :func:`default_site_profiles` with the same total; ``strong``: 4 sites of
+    ``8 / 2 / 1.5 / 1 x smallest`` cases (size skew 1:8) with different field strengths,
+    intensity scales, bias, noise, spacing, orientations, tumour sizes and grade mixes.
+    """
+    if isinstance(smallest, bool) or not isinstance(smallest, int) or smallest < 1:
+        raise ValueError(f"smallest must be an integer >= 1, got {smallest!r}")
+    if setting == "homogeneous":
+        return default_site_profiles(3, 2 * smallest, heterogeneous=False)
+    if setting == "default":
+        return default_site_profiles(3, 2 * smallest, heterogeneous=True)
+    if setting != "strong":
+        raise ValueError(f"setting must be one of {HETEROGENEITY_SETTINGS}, got {setting!r}")
+    return [
+        replace(SiteProfile(site_id=site_id(i), n_cases=max(1, round(weight * smallest))), **style)
+        for i, (weight, style) in enumerate(_STRONG)
+    ]
