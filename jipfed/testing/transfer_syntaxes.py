@@ -82,7 +82,8 @@ class Variant:
 
 # -- encoding -------------------------------------------------------------------------------------
 def encode(ds: Dataset, syntax: UID) -> Dataset:
-    """``ds`` (Explicit VR Little Endian, as synth writes it) re-encoded in ``syntax``, in place."""
+    """``ds`` (Explicit VR Little Endian, as synth writes it) re-encoded in ``syntax``: changed in
+    place, except for JPEG lossless (a new data set, from gdcm); use the returned one."""
     if syntax == JPEGLosslessSV1:
         return _gdcm_encode(ds, syntax)
     if syntax.is_compressed:
@@ -177,7 +178,7 @@ def reencode_case(case_dir: Path, out_root: Path, variant: str, syntax: UID) -> 
         ds = pydicom.dcmread(path)
         remap_uids(ds, variant)
         try:
-            encode(ds, syntax)
+            ds = encode(ds, syntax)
         except EncoderMissing:
             if str(ds.Modality) != "SEG":
                 raise
@@ -225,10 +226,13 @@ def _middle_slice(case_dir: Path, channel: str) -> Path:
 
 
 def truncate(case_dir: Path, channel: str) -> Path:
-    """Cut the middle slice of ``channel`` to 3/4 of its size (inside the pixel data)."""
+    """Cut the middle slice of ``channel`` in the middle of its pixel data (a little endian file)."""
     path = _middle_slice(case_dir, channel)
     data = path.read_bytes()
-    path.write_bytes(data[: len(data) * 3 // 4])
+    at = data.rfind(struct.pack("<HH", 0x7FE0, 0x0010))
+    if at < 0:
+        raise ValueError(f"{path}: no little endian PixelData element to cut")
+    path.write_bytes(data[: at + (len(data) - at) // 2])
     return path
 
 
