@@ -20,27 +20,17 @@ from typing import Any, ClassVar
 
 import torch
 
-from jipfed.federation.strategies.fedopt import FedOpt
+from jipfed.federation.strategies.fedopt import ServerSGD
 from jipfed.federation.update import UpdateManifest, UpdateSource
 
 
-class FedNova(FedOpt):
+class FedNova(ServerSGD):
     """Args: ``server_lr`` (> 0, default 1.0) and the :class:`FedOpt` options."""
 
     name: ClassVar[str] = "fednova"
-    buffers: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(
-        self,
-        *,
-        server_lr: float = 1.0,
-        accumulate_dtype: str | None = None,
-        integer_mode: str = "max",
-        **options: Any,
-    ) -> None:
-        super().__init__(
-            eta=server_lr, accumulate_dtype=accumulate_dtype, integer_mode=integer_mode, **options
-        )
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self._sums = [0.0, 0.0, 0.0]  # sum n_i, sum n_i / tau_i, sum n_i * tau_i of the current round
 
     def aggregate(
@@ -67,7 +57,3 @@ class FedNova(FedOpt):
         total, per_step, weighted_steps = self._sums
         scale = (weighted_steps / total) * (per_step / total)
         return torch.add(g, delta, alpha=self._lr * scale)
-
-    def config(self) -> dict[str, Any]:
-        cfg = super().config()
-        return {"server_lr": cfg.pop("eta"), **cfg}

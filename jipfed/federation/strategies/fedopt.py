@@ -203,3 +203,31 @@ class _AdaptiveFedOpt(FedOpt):
 
     def config(self) -> dict[str, Any]:
         return {**super().config(), "beta1": self.beta1, "beta2": self.beta2, "tau": self.tau}
+
+
+class ServerSGD(FedOpt):
+    """Plain server SGD ``x = x + server_lr * delta``: the base of FedNova and SCAFFOLD.
+
+    Args: ``server_lr`` (> 0, default 1.0) and the :class:`FedOpt` options.
+    """
+
+    buffers: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(
+        self,
+        *,
+        server_lr: float = 1.0,
+        accumulate_dtype: str | None = None,
+        integer_mode: str = "max",
+        **options: Any,
+    ) -> None:
+        super().__init__(
+            eta=server_lr, accumulate_dtype=accumulate_dtype, integer_mode=integer_mode, **options
+        )
+
+    def _step(self, name: str, g: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        return torch.add(g, delta, alpha=self._lr)
+
+    def config(self) -> dict[str, Any]:
+        cfg = super().config()
+        return {"server_lr": cfg.pop("eta"), **cfg}

@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 import torch
 
 from jipfed.federation.aggregate import WeightedMean
-from jipfed.federation.strategies.fedopt import FedOpt
+from jipfed.federation.strategies.fedopt import ServerSGD
 from jipfed.federation.update import (
     UpdateManifest,
     UpdateSource,
@@ -42,23 +42,10 @@ class _ModelPart:
     tensors: Mapping[str, torch.Tensor]
 
 
-class Scaffold(FedOpt):
+class Scaffold(ServerSGD):
     """Args: ``server_lr`` (> 0, default 1.0) and the :class:`FedOpt` options."""
 
     name: ClassVar[str] = "scaffold"
-    buffers: ClassVar[tuple[str, ...]] = ()
-
-    def __init__(
-        self,
-        *,
-        server_lr: float = 1.0,
-        accumulate_dtype: str | None = None,
-        integer_mode: str = "max",
-        **options: Any,
-    ) -> None:
-        super().__init__(
-            eta=server_lr, accumulate_dtype=accumulate_dtype, integer_mode=integer_mode, **options
-        )
 
     def configure_fit(self, round: int) -> dict[str, Any]:
         return {**super().configure_fit(round), "scaffold": True}
@@ -88,10 +75,3 @@ class Scaffold(FedOpt):
             new = mean_correction[name] if c is None else c + mean_correction[name]
             out[control_name(name)] = new
         return out
-
-    def _step(self, name: str, g: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        return torch.add(g, delta, alpha=self._lr)
-
-    def config(self) -> dict[str, Any]:
-        cfg = super().config()
-        return {"server_lr": cfg.pop("eta"), **cfg}
