@@ -1,7 +1,7 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint
+.PHONY: setup demo test lint lock
 setup:
 	@bash scripts/setup.sh
 
@@ -13,3 +13,7 @@ test: setup
 
 lint: setup
 	$(BIN)/ruff check .
+
+# Re-resolve the pinned sets in requirements/ (see scripts/lock.py); commit the changed *.txt.
+lock:
+	python3 scripts/lock.py

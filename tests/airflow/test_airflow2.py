@@ -1,4 +1,4 @@
-"""The operators and DAG files on Airflow 2.11, in .venv-af2 (created by scripts/setup-airflow2.sh)."""
+"""The operators and DAG files on Airflow 2.11, in .venv-af2 (created by scripts/setup.sh)."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ RunInAirflow2 = Callable[..., Any]
 def af2_python() -> Path:
     if not AF2_PYTHON.exists():
         pytest.fail(
-            f"{AF2_PYTHON} is missing: create the Airflow 2.11 venv with `bash scripts/setup-airflow2.sh` "
+            f"{AF2_PYTHON} is missing: create the Airflow 2.11 venv with `make setup` "
             "(`make test` runs it)",
             pytrace=False,
         )

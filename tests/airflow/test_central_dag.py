@@ -416,7 +416,7 @@ def test_dag_imports_and_has_the_same_shape_on_airflow_3_and_2(
     airflow_major: int, af3_home: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     if airflow_major == 2 and not AF2_PYTHON.exists():
-        pytest.fail(f"{AF2_PYTHON} is missing: run scripts/setup-airflow2.sh", pytrace=False)
+        pytest.fail(f"{AF2_PYTHON} is missing: run `make setup` (scripts/setup.sh)", pytrace=False)
     python = Path(sys.executable) if airflow_major == 3 else AF2_PYTHON
     home = af3_home if airflow_major == 3 else tmp_path_factory.mktemp("af2-home")
     assert DAG_ID in check_dag_folder(python, DAG_FILE.parent, home=home)

@@ -165,7 +165,7 @@ print(json.dumps({"errors": plugins_manager.import_errors, "fastapi_apps": getat
 
 def test_plugin_loads_on_airflow2_and_registers_nothing(tmp_path: Path) -> None:
     if not AF2_PYTHON.exists():
-        pytest.fail(f"{AF2_PYTHON} is missing: create it with `bash scripts/setup-airflow2.sh`")
+        pytest.fail(f"{AF2_PYTHON} is missing: create it with `make setup` (scripts/setup.sh)")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW__", "AIRFLOW_CONN_"))}
     env.update({"AIRFLOW_HOME": str(tmp_path), "AIRFLOW__CORE__LOAD_EXAMPLES": "False"})
     done = subprocess.run(

@@ -161,7 +161,7 @@ def test_dag_folder_imports_on_airflow3_and_airflow2(tmp_path: Path) -> None:
 
 def require(python: Path) -> Path:
     if not python.exists():
-        pytest.fail(f"{python} is missing: `make setup` / scripts/setup-airflow2.sh create it", pytrace=False)
+        pytest.fail(f"{python} is missing: `make setup` (scripts/setup.sh) creates it", pytrace=False)
     return python
 
 
