@@ -193,9 +193,10 @@ def _explain_split(config: PacsConfig, ref: SeriesRef, error: PacsError) -> Pacs
         return error
     if copies < 2:
         return error
+    log.warning("fetch of series %s failed: %s", ref.series_uid, error)
     return PacsError(
-        f'series "{ref.description}" ({ref.series_uid}) is split across {copies} patients or studies in the '
-        f"PACS (PatientID or StudyInstanceUID differs between its instances): fix it there; fetch said: {error}"
+        f'series "{ref.description}" is split across {copies} patients or studies in the PACS '
+        "(PatientID or StudyInstanceUID differs between its instances): fix it there"
     )
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 import warnings
 from pathlib import Path
 
@@ -39,15 +40,27 @@ DCM2NIIX_SYNTAXES = frozenset(
     }
 )
 _MESSAGE_CHARS = 160
+_UID_FILE_NAME = re.compile(r"[0-9]+(\.[0-9]+)+(\.dcm)?")
 #: Attributes every instance must have; missing ones mean a damaged or truncated file.
 REQUIRED = ("SOPClassUID", "SOPInstanceUID")
+
+
+def file_label(path: Path, ds: Dataset | None = None) -> str:
+    """How a reason names a file: ``instance 5 (0005.dcm)``; a file name that is a UID (the fetch
+    cache's ``<SOPInstanceUID>.dcm``) is left out, the log has the full path."""
+    path = Path(path)
+    name = None if _UID_FILE_NAME.fullmatch(path.name) else path.name
+    number = ds.get("InstanceNumber") if ds is not None else None
+    if number not in (None, ""):
+        return f"instance {number}" + (f" ({name})" if name else "")
+    return name or "a file named by its UID"
 
 
 class InstanceUnreadable(Exception):
     """A file that cannot be read as a DICOM instance; ``reason`` names the defect."""
 
     def __init__(self, path: Path, reason: str) -> None:
-        super().__init__(f"{Path(path).name}: {reason}")
+        super().__init__(f"{file_label(path)}: {reason}")
         self.path = Path(path)
         self.reason = reason
 

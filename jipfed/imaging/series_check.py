@@ -28,6 +28,7 @@ from pydicom.uid import UID
 
 from jipfed.imaging.dicom_io import (
     InstanceUnreadable,
+    file_label,
     functional_group,
     pixel_defect,
     read_instance,
@@ -189,7 +190,7 @@ def check_series(folder: Path) -> SeriesInfo:
     for path, ds in images:
         defect = pixel_defect(ds)
         if defect:
-            raise SeriesRejected(folder, f"{label}: {path.name}: {defect}")
+            raise SeriesRejected(folder, f"{label}: {file_label(path, ds)}: {defect}")
     frames_of_reference = {str(ds.get("FrameOfReferenceUID", "")) for _, ds in images}
     if len(frames_of_reference) != 1 or "" in frames_of_reference:
         raise SeriesRejected(folder, f"{label}: mixed or missing FrameOfReferenceUID")
@@ -247,7 +248,7 @@ def _check_segmentation(folder: Path, label: str, datasets: list[tuple[Path, Dat
     path, ds = datasets[0]
     defect = pixel_defect(ds)
     if defect:
-        raise SeriesRejected(folder, f"{label}: {path.name}: {defect}")
+        raise SeriesRejected(folder, f"{label}: {file_label(path, ds)}: {defect}")
     return SeriesInfo(
         folder=folder,
         study_uid=str(ds.StudyInstanceUID),
@@ -285,14 +286,14 @@ def _slices(images: list[tuple[Path, Dataset]]) -> list[_Slice]:
     try:
         if multiframe and len(images) > 1:
             raise _GeometryError(
-                f"{multiframe[0].name}: multi-frame image among {len(images)} instances, expected one "
+                f"{file_label(multiframe[0])}: multi-frame image among {len(images)} instances, expected one "
                 "multi-frame instance or single-frame slices"
             )
         if multiframe:
             return _frames(*images[0])
         return [
             _Slice(
-                path.name,
+                file_label(path, ds),
                 [float(v) for v in ds.ImageOrientationPatient],
                 [float(v) for v in ds.ImagePositionPatient],
                 [float(v) for v in ds.PixelSpacing],
@@ -312,7 +313,7 @@ def _frames(path: Path, ds: Dataset) -> list[_Slice]:
     per_frame = ds.get("PerFrameFunctionalGroupsSequence", [])
     n_frames = int(ds.NumberOfFrames)
     if len(per_frame) != n_frames:
-        raise _GeometryError(f"{path.name}: {len(per_frame)} per-frame functional groups for {n_frames} frames")
+        raise _GeometryError(f"{file_label(path, ds)}: {len(per_frame)} per-frame functional groups for {n_frames} frames")
     size = (int(ds.Rows), int(ds.Columns))
     slices = []
     for index, groups in enumerate(per_frame):
@@ -320,10 +321,10 @@ def _frames(path: Path, ds: Dataset) -> list[_Slice]:
         orientation = functional_group(groups, shared, "PlaneOrientationSequence")
         measures = functional_group(groups, shared, "PixelMeasuresSequence")
         if position is None or orientation is None or measures is None:
-            raise _GeometryError(f"{path.name}: frame {index + 1} lacks plane position/orientation/pixel measures")
+            raise _GeometryError(f"{file_label(path, ds)}: frame {index + 1} lacks plane position/orientation/pixel measures")
         slices.append(
             _Slice(
-                f"{path.name} frame {index + 1}",
+                f"frame {index + 1}",
                 [float(v) for v in orientation.ImageOrientationPatient],
                 [float(v) for v in position.ImagePositionPatient],
                 [float(v) for v in measures.PixelSpacing],
