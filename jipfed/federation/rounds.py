@@ -2,7 +2,7 @@
 
 ``start_experiment`` → for each plan step: ``open_step`` → (sites train and upload; each upload
 goes through ``accept_update``) → ``aggregate_step`` → … → ``finalize``. See
-``shared/design/protocol.md``. Every function reads what it needs from the object store and
+``docs/protocol.md``. Every function reads what it needs from the object store and
 writes write-once objects, so a cleared or crashed DAG run can call it again:
 
 * ``start_experiment`` and ``open_step`` are idempotent; ``open_step`` changes nothing.

@@ -1,4 +1,4 @@
-"""Object key layout of the central store (see ``shared/design/protocol.md``)::
+"""Object key layout of the central store (see ``docs/protocol.md``)::
 
     experiments/<exp>/config.json                         immutable after start
     experiments/<exp>/state.json                          ExperimentState, rewritten atomically

@@ -1,4 +1,4 @@
-"""Object key layout (protocol.md) and name validation."""
+"""Object key layout (docs/protocol.md) and name validation."""
 
 from __future__ import annotations
 
