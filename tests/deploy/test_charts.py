@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from jipfed.packaging.charts import CHARTS, stage_chart
-from jipfed.tasks.execution import SECRET_ENV, CentralSettings
+from jipfed.tasks.execution import SECRET_ENV, CentralSettings, ExecutionConfig
 from jipfed.tasks.identity import parse_identity
 from tests.deploy.conftest import REPO
 
@@ -148,15 +148,23 @@ def test_gpu_only_when_enabled(name: str, charts: dict[str, Path]) -> None:
     assert spec["tolerations"] == GPU["gpu"]["tolerations"]
 
 
-def test_site_gpu_goes_to_the_train_step(charts: dict[str, Path]) -> None:
-    name = "jipfed-site-workflow"
-    plain = parse_identity("chart", airflow_config(charts[name], ROLE_VALUES[name])["AIRFLOW_VAR_JIPFED_SITE"])
-    assert plain.execution.settings("train").gpu == 0
-    data = airflow_config(charts[name], merged(ROLE_VALUES[name], GPU))["AIRFLOW_VAR_JIPFED_SITE"]
-    execution = parse_identity("chart", data).execution
-    assert execution.settings("train").gpu == 2
-    assert dict(execution.settings("train").node_selector) == GPU["gpu"]["nodeSelector"]
-    assert execution.settings("fetch").gpu == 0, "only training asks for a GPU"
+def execution_config(chart: Path, values: dict[str, Any]) -> ExecutionConfig:
+    """The execution config of the role's Variable, parsed by the suite itself."""
+    data = airflow_config(chart, values)
+    if "AIRFLOW_VAR_JIPFED_SITE" in data:
+        return parse_identity("chart", data["AIRFLOW_VAR_JIPFED_SITE"]).execution
+    return CentralSettings.from_dict(json.loads(data["AIRFLOW_VAR_JIPFED_CENTRAL"])).execution
+
+
+@pytest.mark.parametrize(("name", "step"), [("jipfed-site-workflow", "train"),
+                                            ("jipfed-central-workflow", "aggregate")])
+def test_the_gpu_goes_to_one_step(name: str, step: str, charts: dict[str, Path]) -> None:
+    assert execution_config(charts[name], ROLE_VALUES[name]).settings(step).gpu == 0
+    execution = execution_config(charts[name], merged(ROLE_VALUES[name], GPU))
+    assert execution.settings(step).gpu == 2
+    assert dict(execution.settings(step).node_selector) == GPU["gpu"]["nodeSelector"]
+    others = [s for s in execution.pod_steps if s != step]
+    assert others and all(execution.settings(s).gpu == 0 for s in others), f"only {step} asks for a GPU"
 
 
 @pytest.mark.parametrize("name", CHARTS)

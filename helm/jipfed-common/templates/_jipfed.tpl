@@ -142,7 +142,7 @@ spec:
 
 {{/*
 The identity Variable's execution config (schema: jipfed.tasks.execution.ExecutionConfig).
-The GPU, when enabled, goes to the train step only.
+The GPU, when enabled, goes to gpu.step only (site: train, central: aggregate).
 */}}
 {{- define "jipfed.execution" -}}
 mode: {{ .Values.execution.mode | quote }}
@@ -155,9 +155,9 @@ image_pull_secrets: [{{ . | quote }}]
 {{- end }}
 resources:
   {{- toYaml .Values.resources | nindent 2 }}
-{{- if and .Values.gpu.enabled (eq .Values.role "site") }}
+{{- if .Values.gpu.enabled }}
 steps:
-  train:
+  {{ required "gpu.step is required (the step that gets the GPU)" .Values.gpu.step }}:
     gpu: {{ .Values.gpu.count | int }}
     {{- with .Values.gpu.nodeSelector }}
     node_selector:
