@@ -10,7 +10,12 @@ One case of 4 MR series (rows x cols x slices, default 256 x 256 x 100) plus its
   stacking, SEG → label map, writing image/label/case.json);
 - ``convert_case (cached)``: a second call on unchanged input (content hash only).
 
-Run: ``.venv/bin/python benchmarks/convert.py [--rows 256 --cols 256 --slices 100 --repeats 3]``.
+``--syntax NAME`` re-encodes the whole case first (a key of
+``jipfed.testing.transfer_syntaxes.SYNTAXES`` that dcm2niix reads: rle, jpeg_ls, jpeg2000, ...),
+to see what verifying compressed pixel data and normalising costs.
+
+Run: ``.venv/bin/python benchmarks/convert.py [--rows 256 --cols 256 --slices 100 --repeats 3
+--syntax explicit_le]``.
 """
 
 from __future__ import annotations
@@ -29,15 +34,20 @@ import dicom2nifti
 import pydicom
 
 from jipfed.imaging.convert import convert_case, find_dcm2niix
+from jipfed.imaging.dicom_io import DCM2NIIX_SYNTAXES
 from jipfed.imaging.synth import default_site_profiles, write_dataset
 from jipfed.testing.corrupt import fetch_layout
+from jipfed.testing.transfer_syntaxes import SYNTAXES, reencode_case
 
 
-def make_case(root: Path, shape: tuple[int, int, int]) -> Path:
-    """Write one synthetic case and return its study folder in the fetch-cache layout."""
+def make_case(root: Path, shape: tuple[int, int, int], syntax: str = "explicit_le") -> Path:
+    """Write one synthetic case (re-encoded in ``syntax``) and return its study folder in the
+    fetch-cache layout."""
     (profile,) = default_site_profiles(1, 1)
     write_dataset(root / "synth", [profile], shape=shape, seed=0, progress=False)
     case_dir = sorted((root / "synth" / profile.site_id / "dicom").iterdir())[0]
+    if syntax != "explicit_le":
+        case_dir = reencode_case(case_dir, root / "encoded", syntax, SYNTAXES[syntax])
     return fetch_layout(case_dir, root / "dicom")
 
 
@@ -70,6 +80,9 @@ def main() -> None:
     parser.add_argument("--cols", type=int, default=256)
     parser.add_argument("--slices", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=3)
+    # the bare dcm2niix baseline needs a syntax dcm2niix reads (not deflated, not big endian)
+    readable = sorted(name for name, uid in SYNTAXES.items() if uid in DCM2NIIX_SYNTAXES)
+    parser.add_argument("--syntax", choices=readable, default="explicit_le")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     binary = find_dcm2niix()
@@ -77,10 +90,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-convert-") as tmp:
         root = Path(tmp)
         start = time.perf_counter()
-        study = make_case(root, (args.rows, args.cols, args.slices))
+        study = make_case(root, (args.rows, args.cols, args.slices), args.syntax)
         series = mr_series(study)
         print(
-            f"case: {len(series)} MR series of {args.rows}x{args.cols}x{args.slices} + SEG "
+            f"case: {len(series)} MR series of {args.rows}x{args.cols}x{args.slices} + SEG, {args.syntax} "
             f"(synthesised in {time.perf_counter() - start:.1f} s); median of {args.repeats} runs"
         )
 

@@ -152,13 +152,11 @@ def to_explicit_little_endian(ds: Dataset) -> Dataset:
     """A copy of ``ds`` in Explicit VR Little Endian with native (uncompressed) pixel data."""
     out = copy.deepcopy(ds)
     syntax = transfer_syntax(ds)
-    if "PixelData" in out and (syntax.is_compressed or not syntax.is_little_endian):
-        array = np.asarray(ds.pixel_array)
-        if syntax.is_compressed:
-            out.decompress()
-        else:
-            native = array.astype(array.dtype.newbyteorder("<"), copy=False)
-            out.PixelData = native.tobytes() if int(ds.BitsAllocated) > 1 else bytes(out.PixelData)
+    if "PixelData" in out and syntax.is_compressed:
+        out.decompress(generate_instance_uid=False)
+    elif "PixelData" in out and not syntax.is_little_endian and int(ds.BitsAllocated) > 8:
+        array = np.asarray(ds.pixel_array)  # native byte order; 1- and 8-bit data need no swap
+        out.PixelData = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
     plain = Dataset()
     for element in out:  # a fresh data set, so pydicom encodes it anew in the target syntax
         plain.add(element)

@@ -138,6 +138,25 @@ def fetch_cases(cfg: SiteDataConfig, cases: Sequence[CohortCase]) -> tuple[Fetch
     return report, complete
 
 
+def incomplete_reasons(
+    cases: Sequence[CohortCase], complete: Sequence[CohortCase], fetch: FetchReport
+) -> list[tuple[str, str]]:
+    """(case_key, reason) for each case not fully fetched: the first failed series' description
+    and its fetch error, so the report says why (not only "not all series fetched")."""
+    done = {case.study_uid for case in complete}
+    failed = dict(fetch.failed)
+    reasons = []
+    for case in sorted(cases, key=lambda c: c.study_uid):
+        if case.study_uid in done:
+            continue
+        why = next(
+            (f'series "{ref.description}": {failed[ref.series_uid]}' for ref in case.series if ref.series_uid in failed),
+            "not in the fetch cache",
+        )
+        reasons.append((case_key_for(case.study_uid), f"not all series fetched: {why}"))
+    return reasons
+
+
 def convert_fetched(cfg: SiteDataConfig, cases: Sequence[CohortCase]) -> ConversionReport:
     """Convert the cases' fetched study folders to NIfTI under ``cfg.nifti_root`` (cached by content hash).
 
@@ -184,7 +203,6 @@ def prepare_site(cfg: SiteDataConfig, progress: bool = True) -> PrepareReport:
     lap("preprocess")
     seconds["total"] = round(time.perf_counter() - start, 3)
 
-    incomplete = sorted({case.study_uid for case in cases} - {case.study_uid for case in complete})
     report = PrepareReport(
         site_id=cfg.site_id,
         transport=cfg.transport,
@@ -196,7 +214,7 @@ def prepare_site(cfg: SiteDataConfig, progress: bool = True) -> PrepareReport:
         converted=len(conversion.converted),
         convert_cached=len(conversion.cached),
         convert_skipped=[(key, reason) for key, _folder, reason in conversion.skipped]
-        + [(case_key_for(uid), "not all series fetched") for uid in incomplete],
+        + incomplete_reasons(cases, complete, fetch),
         preprocessed=pre.processed,
         preprocess_cached=pre.cached,
         preprocess_failed=list(pre.failed),

@@ -18,12 +18,14 @@ import torch
 from test_convert import truth_affine, truth_in_nifti_grid
 
 from jipfed.cli import main as cli_main
+from jipfed.cohort.model import CohortCase, SeriesRef
 from jipfed.commands.pipeline_demo import PassResult, format_table
 from jipfed.commands.prepare import PASSWORD_ENV, add_parser, config_from_args
 from jipfed.imaging.convert import case_key_for
+from jipfed.imaging.dicom_cache import FetchReport
 from jipfed.imaging.dicomweb import upload_folder
 from jipfed.imaging.pacs import PacsConfig
-from jipfed.imaging.pipeline import PrepareReport, SiteDataConfig, prepare_site
+from jipfed.imaging.pipeline import PrepareReport, SiteDataConfig, incomplete_reasons, prepare_site
 from jipfed.imaging.preprocess import PreprocessConfig, load_index
 from jipfed.imaging.seg_labels import RAS_TO_LPS
 from jipfed.imaging.synth import default_site_profiles, write_dataset
@@ -258,3 +260,12 @@ def test_format_table_lists_problems() -> None:
     text = format_table([PassResult(1, report, 1.25)])
     assert "5/0/1" in text and "1/0/1" in text and "1/2" in text and "1.2" in text
     assert "site-a (pass 1): abcd: not all series fetched" in text
+
+
+def test_incomplete_case_reason_names_the_failed_series() -> None:
+    flair, t1 = SeriesRef("1.2.3", "1.2.3.1", "MR", "FLAIR", 4), SeriesRef("1.2.3", "1.2.3.2", "MR", "T1", 4)
+    broken, fine = CohortCase("1.2.3", (flair, t1)), CohortCase("1.2.4", (SeriesRef("1.2.4", "1.2.4.1", "MR", "T1", 4),))
+    fetch = FetchReport(fetched=2, cached=0, failed=[("1.2.3.1", "split across 2 patients")])
+    assert incomplete_reasons([broken, fine], [fine], fetch) == [
+        (case_key_for("1.2.3"), 'not all series fetched: series "FLAIR": split across 2 patients')
+    ]
