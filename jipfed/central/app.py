@@ -33,14 +33,19 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
-from starlette.datastructures import UploadFile
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import Message, Receive
 
 from jipfed.central.tokens import InvalidToken, check_secret, verify_site_token
+from jipfed.central.uploads import (
+    DEFAULT_SIZE_FACTOR,
+    MalformedUpload,
+    UploadLimits,
+    UploadTooLarge,
+    authorise_upload,
+    commit_upload,
+    read_upload,
+)
 from jipfed.federation.dispatch import (
     Dispatch,
-    accept_in_time,
     current_dispatch,
     model_for_site,
     pending_work,
@@ -53,10 +58,6 @@ from jipfed.storage.state import ExperimentStore
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_UPDATE_BYTES = 2 * 1024**3
-#: Largest manifest text accepted in an upload (a manifest lists one spec per tensor).
-MAX_MANIFEST_BYTES = 8 * 1024**2
-#: Room for the multipart boundaries and part headers around manifest and payload.
-MULTIPART_OVERHEAD_BYTES = 64 * 1024
 #: Longest failure reason accepted (the store keeps the last ``dispatch.MAX_REASON_CHARS``).
 MAX_REASON_CHARS = 100_000
 SHA256_HEADER = "X-Jipfed-Sha256"
@@ -73,10 +74,6 @@ class CentralAPIError(Exception):
         self.code = code
         self.detail = detail
         self.headers = headers
-
-
-class _BodyTooLarge(Exception):
-    pass
 
 
 @dataclass(frozen=True)
@@ -150,55 +147,6 @@ def _selected_dispatch(exp_store: ExperimentStore, call: _Call) -> Dispatch:
     return dispatch
 
 
-def _limited(receive: Receive, limit: int) -> Receive:
-    """``receive`` that raises :class:`_BodyTooLarge` once the body exceeds ``limit`` bytes."""
-    seen = 0
-
-    async def wrapped() -> Message:
-        nonlocal seen
-        message = await receive()
-        if message["type"] == "http.request":
-            seen += len(message.get("body", b""))
-            if seen > limit:
-                raise _BodyTooLarge
-        return message
-
-    return wrapped
-
-
-async def _read_upload(request: Request, max_update_bytes: int, call: _Call) -> tuple[str, bytes]:
-    """(manifest text, payload bytes) of a multipart upload; 413 past the limit, 400 if malformed."""
-    limit = max_update_bytes + MAX_MANIFEST_BYTES + MULTIPART_OVERHEAD_BYTES
-    too_large = CentralAPIError(
-        413,
-        "too_large",
-        f"{call.where()}: the update exceeds this central's limit of {max_update_bytes} bytes",
-    )
-    length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > limit:
-        raise too_large
-    body = Request(request.scope, receive=_limited(request.receive, limit))
-    try:
-        form = await body.form(max_files=1, max_fields=1, max_part_size=MAX_MANIFEST_BYTES)
-    except _BodyTooLarge:
-        raise too_large from None
-    except StarletteHTTPException as exc:
-        raise CentralAPIError(400, "bad_request", f"{call.where()}: malformed upload: {exc.detail}") from None
-    try:
-        manifest, payload = form.get("manifest"), form.get("payload")
-        if not isinstance(manifest, str) or not isinstance(payload, UploadFile):
-            raise CentralAPIError(
-                400,
-                "bad_request",
-                f"{call.where()}: an upload is multipart/form-data with a text field 'manifest' and a file 'payload'",
-            )
-        if payload.size is not None and payload.size > max_update_bytes:
-            raise too_large
-        return manifest, await payload.read()
-    finally:
-        await form.close()
-
-
 def _secret_of(source: SecretSource) -> str:
     try:
         return check_secret(source() if callable(source) else source)
@@ -239,6 +187,7 @@ def create_app(
     token_secret: SecretSource,
     *,
     max_update_bytes: int = DEFAULT_MAX_UPDATE_BYTES,
+    upload_size_factor: float = DEFAULT_SIZE_FACTOR,
 ) -> FastAPI:
     """The central endpoint as a FastAPI app.
 
@@ -247,7 +196,9 @@ def create_app(
             its Connection there, so a changed Connection applies without a restart).
         token_secret: The secret site tokens are derived from (>= 32 characters), or a callable
             returning it per request. A string is checked here, a callable on each request.
-        max_update_bytes: Largest update payload accepted (413 beyond).
+        max_update_bytes: Largest update payload accepted (413 beyond), whatever the model's size.
+        upload_size_factor: An update payload may be this many times the byte size of the step's
+            start model (plus header room); 413 beyond.
     """
     if not callable(token_secret):
         check_secret(token_secret)
@@ -338,16 +289,43 @@ def create_app(
 
     @app.put("/v1/experiments/{experiment}/rounds/{round_}/update", status_code=201)
     async def update(request: Request, experiment: str, round_: Round, site: Site) -> JSONResponse:
-        """Accept the site's update (multipart: text ``manifest``, file ``payload``) before the deadline."""
+        """Accept the site's update (multipart: text ``manifest``, file ``payload``) before the deadline.
+
+        Authorised before the body is read; the body is streamed to a spooled file within a limit
+        derived from the step's model size, stored, validated from the store and committed by
+        writing its manifest last (:mod:`jipfed.central.uploads`).
+        """
         call = _Call(site, experiment, round_)
-        manifest_text, payload = await _read_upload(request, max_update_bytes, call)
+
+        def authorise() -> tuple[ExperimentStore, UploadLimits]:
+            with _protocol_errors(call):
+                exp_store = _experiment_store(open_store(call), call)
+                return exp_store, authorise_upload(
+                    exp_store, site, round_, upload_size_factor, max_update_bytes
+                )
+
+        exp_store, limits = await run_in_threadpool(authorise)
+        try:
+            upload = await read_upload(request, limits)
+        except UploadTooLarge:
+            raise CentralAPIError(
+                413,
+                "too_large",
+                f"{call.where()}: the update exceeds this step's limit of {limits.payload_bytes} bytes "
+                "(derived from the model's size)",
+            ) from None
+        except MalformedUpload as exc:
+            raise CentralAPIError(400, "bad_request", f"{call.where()}: {exc}") from None
 
         def accept() -> dict[str, Any]:
             with _protocol_errors(call):
-                exp_store = _experiment_store(open_store(call), call)
-                return accept_in_time(exp_store, site, round_, payload, manifest_text).to_dict()
+                return commit_upload(exp_store, site, round_, upload).to_dict()
 
-        return JSONResponse({"accepted": await run_in_threadpool(accept)}, status_code=201)
+        try:
+            accepted = await run_in_threadpool(accept)
+        finally:
+            await upload.close()
+        return JSONResponse({"accepted": accepted}, status_code=201)
 
     @app.post("/v1/experiments/{experiment}/rounds/{round_}/steps/{step}/failure", status_code=201)
     def failure(

@@ -266,6 +266,12 @@ def accept_in_time(
     Raises:
         UpdateRefused: ``code="late"`` after the deadline, or any refusal of ``accept_update``.
     """
+    check_deadline(exp_store, site, round_, now)
+    return accept_update(exp_store, site, round_, payload, manifest_json)
+
+
+def check_deadline(exp_store: ExperimentStore, site: str, round_: int, now: datetime | None = None) -> None:
+    """Raise ``UpdateRefused(code="late")`` when the open step of ``round_`` is past its deadline."""
     now = now or utcnow()
     dispatch = current_dispatch(exp_store)
     if dispatch is not None and dispatch.ticket.round == round_ and dispatch.expired(now):
@@ -275,7 +281,6 @@ def accept_in_time(
         )
         logger.warning("experiment %s: refused update of %s: %s", exp_store.experiment, site, reason)
         raise UpdateRefused(exp_store.experiment, site, round_, "late", reason)
-    return accept_update(exp_store, site, round_, payload, manifest_json)
 
 
 def report_site_failure(

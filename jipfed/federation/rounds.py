@@ -393,26 +393,32 @@ def open_step(exp_store: ExperimentStore, step: int) -> StepTicket:
 # -- accept --------------------------------------------------------------------------------------
 
 
-def accept_update(
-    exp_store: ExperimentStore, site: str, round: int, payload: bytes, manifest_json: str | bytes
-) -> UpdateManifest:
-    """Validate one site's upload for the current step and store it (never overwriting).
+def _refuser(exp_store: ExperimentStore, site: str, round: int) -> Any:
+    def refuse(code: str, reason: str) -> UpdateRefused:
+        logger.warning(
+            "experiment %s: refused update of %s for round %d: %s", exp_store.experiment, site, round, reason
+        )
+        return UpdateRefused(exp_store.experiment, site, round, code, reason)
+
+    return refuse
+
+
+def check_upload_allowed(
+    exp_store: ExperimentStore, site: str, round: int
+) -> tuple[ExperimentConfig, str, PlanStep]:
+    """Whether ``site`` may upload its update of ``round`` now: ``(config, config_hash, plan step)``.
+
+    Reads only small objects (config, state, markers), so the endpoint calls it before it reads
+    an upload's body. A payload without its manifest (a half-written update) does not count as
+    uploaded: the retry replaces it.
 
     Raises:
         UpdateRefused: the round is closed (``code="late"``), not the current one, the site is not
-            selected for the current step, it already uploaded, the experiment is not running, or
-            the codec rejected the update (``code="rejected"``, its reason attached).
+            selected for the current step, it already uploaded, or the experiment is not running.
     """
     validate_slug(site, "site id")
     validate_round(round)
-    experiment = exp_store.experiment
-
-    def refuse(code: str, reason: str) -> UpdateRefused:
-        logger.warning(
-            "experiment %s: refused update of %s for round %d: %s", experiment, site, round, reason
-        )
-        return UpdateRefused(experiment, site, round, code, reason)
-
+    refuse = _refuser(exp_store, site, round)
     config, config_hash = load_config(exp_store)
     plan = config.make_plan()
     if exp_store.store.exists(exp_store.layout.aggregate(round)):
@@ -428,10 +434,7 @@ def accept_update(
         raise refuse(code, f"the current step {ps.step} belongs to round {ps.round}, not round {round}")
     if exp_store.store.exists(_record_key(exp_store, ps)):
         raise refuse("late", f"late update refused: step {ps.step} of round {round} is already decided")
-    lay = exp_store.layout
-    if exp_store.store.exists(lay.update(round, site)) or exp_store.store.exists(
-        lay.update_manifest(round, site)
-    ):
+    if exp_store.update_committed(round, site):
         raise refuse(
             "duplicate", f"site {site!r} already uploaded an update for round {round}; never overwritten"
         )
@@ -439,20 +442,42 @@ def accept_update(
         raise refuse(
             "not_selected", f"site {site!r} is not selected for step {ps.step} (selected: {list(ps.sites)})"
         )
+    return config, config_hash, ps
+
+
+def validate_upload(
+    exp_store: ExperimentStore, site: str, round: int, payload: bytes, manifest_json: str | bytes
+) -> ModelUpdate:
+    """Check an upload is allowed and decode it against the step's start model (nothing stored).
+
+    Raises:
+        UpdateRefused: as :func:`check_upload_allowed`, or ``code="rejected"`` with the codec's reason.
+    """
+    config, config_hash, ps = check_upload_allowed(exp_store, site, round)
     start, _, _ = _load_model(exp_store, _input_keys(exp_store, ps), config_hash)
     try:
-        update = decode_update(
+        return decode_update(
             payload, manifest_json, _expected(exp_store, config, config_hash, round, site, start)
         )
     except UpdateRejected as exc:
-        raise refuse("rejected", exc.reason) from exc
+        raise _refuser(exp_store, site, round)("rejected", exc.reason) from exc
+
+
+def accept_update(
+    exp_store: ExperimentStore, site: str, round: int, payload: bytes, manifest_json: str | bytes
+) -> UpdateManifest:
+    """Validate one site's upload for the current step and store it (never overwriting).
+
+    Raises:
+        UpdateRefused: as :func:`validate_upload`; ``code="duplicate"`` also when a concurrent upload
+            of the same site committed first.
+    """
+    update = validate_upload(exp_store, site, round, payload, manifest_json)
     try:
         exp_store.save_update(round, site, payload, update.manifest.to_dict())
     except ObjectExistsError as exc:
-        raise refuse("duplicate", str(exc)) from exc
-    logger.info(
-        "experiment %s: accepted update of %s for round %d (step %d)", experiment, site, round, ps.step
-    )
+        raise _refuser(exp_store, site, round)("duplicate", str(exc)) from exc
+    logger.info("experiment %s: accepted update of %s for round %d", exp_store.experiment, site, round)
     return update.manifest
 
 

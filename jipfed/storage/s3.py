@@ -4,19 +4,21 @@ Atomicity is S3's: an object becomes visible only when its upload completes (sin
 CompleteMultipartUpload); a failed multipart upload is aborted by the SDK, so no object and no
 pending parts remain.
 
-No-overwrite: ``put_*`` checks with ``stat_object`` first. Check and write are two requests, so two
-writers racing for the same new key can both pass the check and the last one wins. S3 and MinIO
-support conditional writes (``If-None-Match: *`` on PutObject) which would close that window, but
-minio 7.2's public ``put_object`` cannot send it (unknown headers become ``x-amz-meta-*``), so this
-store does not use them. Where it matters — a site's update — the writer is the site through a
-presigned URL, and :class:`jipfed.storage.state.ExperimentStore` refuses to issue that URL once the
-update exists; the central writes its own objects from one DAG run at a time.
+No-overwrite: ``put_*`` checks with ``stat_object`` first, and an object of at most
+:data:`CONDITIONAL_PUT_MAX_BYTES` (every manifest, the commit marker of an update) is written with a
+conditional PutObject (``If-None-Match: *``): of two writers racing for the same new key exactly one
+wins, the other gets ``ObjectExistsError``. AWS S3, current MinIO and moto (>= 5.0) honour it; a
+server answering ``NotImplemented`` gets a plain PUT after the check (the race window stays there).
+minio 7.2's public ``put_object`` cannot send the header (unknown headers become ``x-amz-meta-*``),
+so the single-request PutObject goes through the SDK's ``_put_object``. Larger objects go through
+the SDK's multipart upload after the check (a site's payload is committed by its manifest).
 
 The region is always passed to the client, so presigning makes no network call.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 from datetime import timedelta
 from typing import BinaryIO
@@ -41,6 +43,8 @@ log = logging.getLogger(__name__)
 DEFAULT_REGION = "us-east-1"
 AWS_ENDPOINT = "s3.amazonaws.com"
 _MISSING_CODES = frozenset({"NoSuchKey", "NotFound", "ResourceNotFound"})
+#: Objects up to this size are written with one conditional PutObject (``If-None-Match: *``).
+CONDITIONAL_PUT_MAX_BYTES = 5 * 1024 * 1024
 
 
 def split_endpoint(endpoint: str | None, secure: bool | None) -> tuple[str, bool]:
@@ -153,6 +157,9 @@ class S3Store(ModelStore):
             raise ValueError(f"length for {key!r} must be >= 0, got {length}")
         if not overwrite and self._stat(key):
             raise ObjectExistsError(key)
+        if not overwrite and length <= CONDITIONAL_PUT_MAX_BYTES:
+            self._put_if_absent(key, stream, length)
+            return
         try:
             # One upload thread: a failure aborts the multipart upload with no part still in flight.
             self.client.put_object(
@@ -161,6 +168,23 @@ class S3Store(ModelStore):
         except S3Error as exc:
             raise StoreError(f"upload to {self.uri(key)} failed: {exc.code}: {exc.message}") from exc
         log.debug("uploaded %s (%d bytes)", self.uri(key), length)
+
+    def _put_if_absent(self, key: str, stream: BinaryIO, length: int) -> None:
+        """One conditional PutObject (a plain one where the server does not implement conditions)."""
+        data = stream.read(length)
+        if len(data) != length:
+            raise StoreError(f"stream for {key!r} ended {length - len(data)} bytes short of {length}")
+        headers = {"If-None-Match": "*", "Content-Type": "application/octet-stream"}
+        try:
+            self.client._put_object(self.bucket, self._name(key), data, headers=headers)
+        except S3Error as exc:
+            if exc.code in ("PreconditionFailed", "ConditionalRequestConflict"):
+                raise ObjectExistsError(key, "a concurrent writer created it (conditional write)") from None
+            if exc.code != "NotImplemented":
+                raise StoreError(f"upload to {self.uri(key)} failed: {exc.code}: {exc.message}") from exc
+            log.warning("%s: the server does not implement conditional writes", self.endpoint_url)
+            self.client.put_object(self.bucket, self._name(key), io.BytesIO(data), length)
+        log.debug("uploaded %s (%d bytes, conditional)", self.uri(key), length)
 
     def get_bytes(self, key: str) -> bytes:
         try:

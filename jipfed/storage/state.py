@@ -8,7 +8,8 @@ completed step, the current round and, per completed step, which sites were incl
 (global model, updates, aggregate) are write-once — retrying with identical content is accepted,
 different content is an error — and nothing under ``rounds/`` is ever deleted or overwritten.
 Model and manifest are written model first, manifest last: a manifest's presence marks a complete
-pair, and a site whose manifest is missing is not listed as having uploaded.
+pair (the commit), a site whose manifest is missing is not listed as having uploaded, and a payload
+without its manifest (a crash between the two writes) is replaced by the site's next upload.
 """
 
 from __future__ import annotations
@@ -372,14 +373,36 @@ class ExperimentStore:
         """
         data = _check_manifest(manifest, payload, validate_round(round_), validate_slug(site, "site id"))
         self._refuse_existing_update(round_, site)
-        self.store.put_bytes(self.layout.update(round_, site), payload)
-        self.store.put_bytes(self.layout.update_manifest(round_, site), canonical_json(data))
+        # A payload without its manifest is a half-written update (a crash between the two writes):
+        # it was never committed, so it is replaced.
+        self.store.put_bytes(self.layout.update(round_, site), payload, overwrite=True)
+        self.commit_update_manifest(round_, site, data)
         log.info("saved update of site %s for round %d (%d bytes)", site, round_, len(payload))
 
+    def commit_update_manifest(self, round_: int, site: str, manifest: Mapping[str, Any]) -> None:
+        """Write ``site``'s update manifest: the commit marker, written last and never replaced.
+
+        Raises:
+            ObjectExistsError: the manifest exists (the site already uploaded for this round).
+        """
+        key = self.layout.update_manifest(round_, site)
+        try:
+            self.store.put_bytes(key, canonical_json(json_object(manifest, "manifest")))
+        except ObjectExistsError:
+            raise ObjectExistsError(
+                key, f"site {site!r} already uploaded an update for round {round_}"
+            ) from None
+
+    def update_committed(self, round_: int, site: str) -> bool:
+        """Whether ``site``'s update of ``round_`` is complete (its manifest, the commit marker, exists)."""
+        return self.store.exists(self.layout.update_manifest(round_, site))
+
     def _refuse_existing_update(self, round_: int, site: str) -> None:
-        for key in (self.layout.update(round_, site), self.layout.update_manifest(round_, site)):
-            if self.store.exists(key):
-                raise ObjectExistsError(key, f"site {site!r} already uploaded an update for round {round_}")
+        if self.update_committed(round_, site):
+            raise ObjectExistsError(
+                self.layout.update_manifest(round_, site),
+                f"site {site!r} already uploaded an update for round {round_}",
+            )
 
     def list_updates(self, round_: int) -> list[str]:
         """Sites with a complete update (manifest present) in ``round_``, sorted."""
