@@ -305,9 +305,9 @@ class LocalTrainer:
                     if not math.isfinite(value) or not math.isfinite(float(loss.detach())):
                         raise FloatingPointError(f"non-finite loss {value} at step {step} (round {round})")
                     scaler.scale(loss).backward()
+                    drift.correct_gradients(scaler.get_scale() if scaler.is_enabled() else 1.0)
                     scaler.step(optimizer)
                     scaler.update()
-                    drift.after_step()
                     losses.append(value)
                     last_pass.append(value)
                     step += 1
@@ -407,9 +407,10 @@ class LocalTrainer:
 class _DriftCorrection:
     """SCAFFOLD's control-variate correction and FedDyn's dynamic regulariser for one local round.
 
-    SCAFFOLD corrects every optimiser step by ``-lr (c - c_i)`` after the optimiser's own step
-    (for plain SGD the same as correcting the gradient; with Adam the correction stays in the
-    units of a step, which option II's ``c_i+ = c_i - c + (x - y) / (K lr)`` measures). FedDyn adds
+    SCAFFOLD corrects every gradient to ``g - c_i + c`` before the optimiser's step, and the new
+    site control is the mean of the round's local gradients, ``c_i+ = (1/K) sum_k g_k`` (the
+    paper's option II, ``c_i - c + (x - y) / (K lr)``, is that mean for plain SGD; with Adam the
+    weight change is not ``lr`` times the gradient, so the mean is taken directly). FedDyn adds
     ``-<g_i, w> + alpha / 2 ||w - w_global||^2`` to the loss.
     """
 
@@ -424,6 +425,7 @@ class _DriftCorrection:
         self.trainer, self.fit, self.anchor, self.lr = trainer, fit, anchor, lr
         self.params = trainer._controlled() if fit.scaffold or fit.feddyn_alpha > 0 else {}
         self.correction: dict[str, torch.Tensor] = {}
+        self.gradient_sum: dict[str, torch.Tensor] = {}
         if fit.scaffold:
             _, server = split_controls(global_weights)
             for name, p in self.params.items():
@@ -445,9 +447,15 @@ class _DriftCorrection:
         return loss + torch.stack(terms).sum() if terms else loss
 
     @torch.no_grad()
-    def after_step(self) -> None:
+    def correct_gradients(self, scale: float = 1.0) -> None:
+        """Record the gradients (scaled by ``scale`` under AMP) and add ``c - c_i`` to them."""
         for name, corr in self.correction.items():
-            self.params[name].sub_(corr, alpha=self.lr)
+            grad = self.params[name].grad
+            if grad is None:
+                continue
+            total = self.gradient_sum.get(name)
+            self.gradient_sum[name] = grad / scale if total is None else total.add_(grad, alpha=1.0 / scale)
+            grad.add_(corr, alpha=scale)
 
     @torch.no_grad()
     def finish(self, steps: int) -> dict[str, torch.Tensor]:
@@ -458,11 +466,10 @@ class _DriftCorrection:
                 trainer.dyn_gradient[name].sub_(p - self.anchor[name], alpha=self.fit.feddyn_alpha)
         if self.fit.scaffold and steps:
             for name, p in self.params.items():
-                # c_i+ - c_i = -c + (x - y) / (K lr), with c - c_i = correction
                 c_i = trainer.site_control.get(name)
                 c_i = torch.zeros_like(p) if c_i is None else c_i.to(p.device)
-                server = self.correction[name] + c_i
-                change = (self.anchor[name] - p) / (steps * self.lr) - server
-                trainer.site_control[name] = c_i + change
-                out[name] = change.detach().to("cpu", copy=True)
+                total = self.gradient_sum.get(name)
+                new = torch.zeros_like(p) if total is None else total / steps
+                trainer.site_control[name] = new
+                out[name] = (new - c_i).detach().to("cpu", copy=True)
         return out

@@ -1,12 +1,13 @@
 """SCAFFOLD: stochastic controlled averaging; control variates correct each site's client drift.
 
 Karimireddy, Kale, Mohri, Reddi, Stich, Suresh, "SCAFFOLD: Stochastic Controlled Averaging for
-Federated Learning", ICML 2020 (https://arxiv.org/abs/1910.06378), Algorithm 1, option II.
+Federated Learning", ICML 2020 (https://arxiv.org/abs/1910.06378), Algorithm 1.
 
 The server control ``c`` travels in the global model as extra tensors ``control/<weight>`` (one
 per trainable float weight; the round-0 model has none, meaning ``c = 0``). Each site keeps its
-own control ``c_i``, trains with every step corrected by ``c - c_i``, sets
-``c_i+ = c_i - c + (x - y_i) / (K lr)`` and sends ``c_i+ - c_i`` as ``control/<weight>`` beside
+own control ``c_i``, trains with every gradient corrected by ``c - c_i``, sets ``c_i+`` to the mean
+of the round's local gradients (option II for plain SGD; taken directly so that it also holds
+for Adam) and sends ``c_i+ - c_i`` as ``control/<weight>`` beside
 its model delta (:class:`~jipfed.training.local.LocalTrainer`, fit setting ``scaffold``). Both
 are validated like any tensor (names, shapes, dtypes, NaN/Inf; see
 :func:`jipfed.federation.validation.check_specs`). The server steps
