@@ -12,7 +12,9 @@ put it in ``$AIRFLOW_HOME/config/``)::
     preload_for_component()
 
 Only the scheduler and the DAG processor preload (see ``COMPONENTS``): the API server and the
-triggerer do not need torch. No Airflow import here.
+triggerer do not need torch. No Airflow import here. It is an option for the LocalExecutor with
+in-process steps; the DAG files and operators themselves import without torch (a scheduler image
+without it, steps as pods: see ``docs/pod-contract.md``), and a missing module is only logged.
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ MODULES = (
     "jipfed.federation.site_round",
     "jipfed.imaging.pipeline",
     "jipfed.training.local",
+    "jipfed.tasks.site_data",
+    "jipfed.tasks.site_model",
+    "jipfed.tasks.aggregate",
     "jipfed.central.client",
     "jipfed.operators.central",
     "jipfed.operators.site",

@@ -46,9 +46,18 @@ T = TypeVar("T")
 
 @contextmanager
 def task_errors() -> Iterator[None]:
-    """Turn the task functions' errors into Airflow's: failed for good, retryable, skipped."""
+    """Turn the task functions' errors into Airflow's: failed for good, retryable, skipped.
+
+    A heavy library missing here (a scheduler-sized image running a step in-process) fails the
+    task with what to do instead of a bare ModuleNotFoundError.
+    """
     try:
         yield
+    except ModuleNotFoundError as exc:
+        raise AirflowFailException(
+            f"this Airflow worker cannot run the step in-process: {exc}. Install jip-federated[worker] "
+            "here, or run the step as a pod (\"execution\": {\"mode\": \"pod\", ...}, docs/pod-contract.md)"
+        ) from exc
     except TaskSkipped as exc:
         raise AirflowSkipException(str(exc)) from exc
     except TaskFailed as exc:
