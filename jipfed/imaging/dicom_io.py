@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.pixels import pixel_array
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
 logger = logging.getLogger(__name__)
@@ -122,8 +123,8 @@ def syntax_name(ds: Dataset) -> str:
 def pixel_defect(ds: Dataset) -> str | None:
     """Why the pixel data cannot be used, or None: missing, too short, or a frame fails to decode.
 
-    Every frame is decoded (compressed data included); warnings from the decoders about
-    inconsistent data (e.g. an RLE segment of the wrong length) count as defects.
+    Every frame is decoded (compressed data included); a decoder error is a defect, a decoder
+    warning (a quirk it resolved, e.g. BitsStored differing from the codestream) is only logged.
     """
     if "PixelData" not in ds:
         return "no pixel data (truncated file?)"
@@ -135,16 +136,20 @@ def pixel_defect(ds: Dataset) -> str | None:
         ) // 8
         if len(ds.PixelData) < expected:
             return f"truncated pixel data ({len(ds.PixelData)} of {expected} bytes)"
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            array = np.asarray(ds.pixel_array)
-    except Exception as exc:  # noqa: BLE001 - any decoder failure means damaged pixel data
-        logger.debug("pixel decode failed", exc_info=True)
-        return f"damaged {syntax_name(ds)} pixel data ({short_error(exc)})"
     expected_shape = (int(ds.Rows), int(ds.Columns))
-    if array.shape[-2:] != expected_shape and array.shape[-3:-1] != expected_shape:
-        return f"decoded pixel data has shape {array.shape}, expected {expected_shape} per frame"
+    for index in range(frames):  # one frame at a time: nothing cached, little memory
+        where = f"frame {index + 1} of {frames}: " if frames > 1 else ""
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                array = pixel_array(ds, index=index if frames > 1 else None)
+            for warning in caught:  # e.g. header/codestream mismatches the decoder resolved
+                logger.info("decoding %s: %s", ds.get("SOPInstanceUID", "?"), warning.message)
+        except Exception as exc:  # noqa: BLE001 - any decoder failure means damaged pixel data
+            logger.debug("pixel decode failed", exc_info=True)
+            return f"damaged {syntax_name(ds)} pixel data ({where}{short_error(exc)})"
+        if array.shape[:2] != expected_shape:
+            return f"{where}decoded pixel data has shape {array.shape}, expected {expected_shape}"
     return None
 
 

@@ -195,11 +195,7 @@ def check_series(folder: Path) -> SeriesInfo:
     if len(frames_of_reference) != 1 or "" in frames_of_reference:
         raise SeriesRejected(folder, f"{label}: mixed or missing FrameOfReferenceUID")
     try:
-        slices = _slices(images)
-    except _GeometryError as exc:
-        raise SeriesRejected(folder, f"{label}: {exc}") from exc
-    try:
-        geometry, order = _stack_geometry(slices)
+        geometry, order = _stack_geometry(_slices(images))
     except _GeometryError as exc:
         raise SeriesRejected(folder, f"{label}: {exc}") from exc
     first = images[0][1]
