@@ -3,8 +3,8 @@
 ``.venv-sched`` is what a scheduler / DAG processor image holds: Airflow 2.11 (what Kaapana 0.6
 runs), common-compat, cncf-kubernetes and ``jip-federated`` with its light dependencies only — no
 torch, MONAI, pydicom, nibabel, highdicom, dicomweb-client or pynetdicom. A subprocess in that venv
-checks that they are really absent, builds a DagBag over dags/ and imports the operators (including
-the pod module) and the plugin.
+checks that they are really absent, builds a DagBag over dags/, imports the operators (including
+the pod module) and the plugin, and renders the pod of a pod-mode site task.
 """
 
 from __future__ import annotations
@@ -18,6 +18,19 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 SCHED_PYTHON = REPO / ".venv-sched" / "bin" / "python"
+IDENTITY = {
+    "site_id": "site-a",
+    "data_root": "/kaapana/mounted/workflows/data/jipfed",
+    "execution": {
+        "mode": "pod",
+        "image": "registry.example/jipfed-worker:0.1.0",
+        "namespace": "jipfed",
+        "volumes": {
+            "data": {"claim": "workflow-data-pv-claim", "airflow_path": "/kaapana/mounted/workflows/data"}
+        },
+        "secrets": {"pacs_password": {"name": "jipfed-site", "key": "pacs-password"}},
+    },
+}
 HEAVY = ("torch", "monai", "pydicom", "nibabel", "highdicom", "dicomweb_client", "pynetdicom")
 
 PROBE = """
@@ -34,9 +47,18 @@ for name in ("jipfed.operators.site", "jipfed.operators.central", "jipfed.operat
         modules[name] = "ok"
     except Exception as exc:
         modules[name] = f"{type(exc).__name__}: {exc}"
+# pod mode: the site DAG's task renders its pod here (the launcher side needs no torch)
+from jipfed.tasks.identity import SiteIdentity
+from jipfed.tasks.run import make_run
+identity = SiteIdentity.from_dict(IDENTITY)
+task = bag.dags["jipfed_site"].get_task("fetch_dicom")  # bag.get_dag would need a metadata DB
+run = make_run(identity, identity.run_dir("r1"), operator_in_dir="select_cohort", operator_out_dir="fetch_dicom",
+               work_data={"ticket": {"experiment": "exp1", "round": 0, "step": 0}})
+container = task.pod_for(run, "r1").build_pod_request_obj(None, dry_run=True).spec.containers[0]
+pod = {"image": container.image, "args": container.args, "env": sorted(e.name for e in container.env)}
 loaded = sorted(name for name in sys.modules if name.split(".")[0] in HEAVY)
 print(json.dumps({"heavy": heavy, "loaded": loaded, "errors": {k: v[-600:] for k, v in bag.import_errors.items()},
-                  "dag_ids": sorted(bag.dag_ids), "modules": modules}))
+                  "dag_ids": sorted(bag.dag_ids), "modules": modules, "pod": pod}))
 """
 
 
@@ -48,8 +70,14 @@ def probe(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             pytrace=False,
         )
     home = tmp_path_factory.mktemp("airflow-home")
-    code = f"HEAVY = {HEAVY!r}\nDAGS = {str(REPO / 'dags')!r}\n" + PROBE
-    env = {"AIRFLOW_HOME": str(home), "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "PATH": "/usr/bin:/bin"}
+    code = f"HEAVY = {HEAVY!r}\nDAGS = {str(REPO / 'dags')!r}\nIDENTITY = {IDENTITY!r}\n" + PROBE
+    pacs = {"conn_type": "jipfed_pacs", "host": "http://pacs:8042", "login": "u", "password": "p"}
+    env = {
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "PATH": "/usr/bin:/bin",
+        "AIRFLOW_CONN_JIPFED_PACS_DEFAULT": json.dumps(pacs),
+    }
     done = subprocess.run(
         [str(SCHED_PYTHON), "-c", code], env=env, capture_output=True, text=True, timeout=300, check=False
     )
@@ -63,6 +91,14 @@ def test_the_heavy_libraries_are_absent(probe: dict[str, Any]) -> None:
 
 def test_operators_pod_module_and_plugin_import(probe: dict[str, Any]) -> None:
     assert probe["modules"] == {name: "ok" for name in probe["modules"]}
+
+
+def test_a_pod_mode_task_renders_its_pod_without_torch(probe: dict[str, Any]) -> None:
+    assert probe["pod"]["image"] == "registry.example/jipfed-worker:0.1.0"
+    assert probe["pod"]["args"] == ["task", "fetch"]
+    assert {"WORKFLOW_DIR", "JIPFED_SITE", "JIPFED_WORK", "JIPFED_PACS_CONN", "JIPFED_PACS_PASSWORD"} <= set(
+        probe["pod"]["env"]
+    )
 
 
 def test_the_site_dags_parse(probe: dict[str, Any]) -> None:
