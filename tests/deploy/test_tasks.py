@@ -52,8 +52,6 @@ from jipfed.tasks.errors import EXIT_SKIPPED, EXIT_USAGE
 from jipfed.testing.orthanc import OrthancServer
 from jipfed.training.config import TrainConfig
 
-pytestmark = pytest.mark.slow  # ~1 min: every CLI step imports torch and MONAI afresh
-
 REPO = Path(__file__).resolve().parents[2]
 JIPFED = REPO / ".venv" / "bin" / "jipfed"
 SITE = "site-a"
@@ -227,6 +225,7 @@ def output_files(run_dir: Path, task_id: str) -> dict[str, Any]:
     return out
 
 
+@pytest.mark.slow  # ~2 min on 2 cores: every CLI step imports torch and MONAI afresh
 def test_each_step_as_a_command_matches_the_operator(
     site: Site, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -308,3 +307,13 @@ def test_bad_environment_and_nothing_to_do_have_their_exit_codes(tmp_path: Path)
     done = run_cli("aggregate", {**variables, "JIPFED_STORE_CONN": store.public_json()})
     assert done.returncode == EXIT_SKIPPED, done.stderr
     assert re.search(r"skipped: experiment 'exp1': no step to aggregate", done.stderr)
+
+
+def test_the_identity_repeats_the_imaging_constants_faithfully() -> None:
+    """``jipfed.tasks.identity`` validates without importing pydicom, so it repeats two constants."""
+    from jipfed.cohort.qido import DEFAULT_DATASET
+    from jipfed.imaging.pipeline import TRANSPORTS
+    from jipfed.tasks import identity
+
+    assert identity.FETCH_TRANSPORTS == TRANSPORTS
+    assert identity.DEFAULT_DATASET == DEFAULT_DATASET
