@@ -39,8 +39,6 @@ def route_after_start(decision: Mapping[str, Any], *, run_step: str, after_step:
 
 def route_after_step(decision: Mapping[str, Any], *, next_step: str, finalize: str) -> str:
     """Branch after the step: ``next_step`` while steps remain, else ``finalize``."""
-    from jipfed.federation.rounds import finalize
-
     step = decision["step"]
     if step is not None and step + 1 < decision["n_steps"]:
         return next_step
