@@ -160,6 +160,13 @@ class Volume:
             )
         return str(PurePosixPath(self.mount_path) / relative.relative_to(base))
 
+    def from_pod(self, path: str) -> str:
+        """A path the pod reported, as Airflow sees it (unchanged when it is not on this volume)."""
+        pod_path, mount = PurePosixPath(path), PurePosixPath(self.mount_path)
+        if pod_path != mount and mount not in pod_path.parents:
+            return path
+        return str(PurePosixPath(self.airflow_path) / pod_path.relative_to(mount))
+
 
 @dataclass(frozen=True)
 class SecretRef:

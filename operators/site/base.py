@@ -230,7 +230,9 @@ class SiteOperator(BaseOperator):
                 return in_process(run)
         pod = self.pod_for(run, context["run_id"])
         self.log.info("%s: step %r runs as a pod (image %s)", run.where, self.step, execution.image)
-        return launch(pod, context, run.out_dir, run.where)
+        result = launch(pod, context, run.out_dir, run.where)
+        # a path the pod returned (its XCom value), as this Airflow sees it
+        return execution.data_volume.from_pod(result) if isinstance(result, str) else result
 
     def input_path(self, run: SiteRun, name: str) -> Any:
         """``<in dir>/<name>``; fails when the operator has no input folder."""

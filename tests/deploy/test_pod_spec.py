@@ -394,3 +394,19 @@ def test_exit_126_is_a_skip_for_the_provider(
     operator = task.pod_for(run, "r1")
     assert isinstance(operator, pod_operator_class()) and list(operator.skip_on_exit_code) == [126]
     assert operator.on_finish_action.value == "delete_pod" and operator.startup_timeout_seconds == 300
+
+
+def test_paths_translate_between_airflow_and_the_pod() -> None:
+    volume = ExecutionConfig.from_dict(execution()).data_volume
+    assert volume is not None
+    pod_path = volume.pod_path(
+        "/kaapana/mounted/workflows/data/jipfed/workflows/r1/fetch_dicom/fetch.json", "x"
+    )
+    assert pod_path == "/kaapana/mounted/data/jipfed/workflows/r1/fetch_dicom/fetch.json"
+    assert (
+        volume.from_pod(pod_path)
+        == "/kaapana/mounted/workflows/data/jipfed/workflows/r1/fetch_dicom/fetch.json"
+    )
+    assert volume.from_pod("/tmp/elsewhere") == "/tmp/elsewhere"
+    with pytest.raises(ValueError, match="is not on the volume"):
+        volume.pod_path("/kaapana/mounted/workflows/database", "x")  # a sibling, not below it
