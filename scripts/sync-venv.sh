@@ -5,6 +5,7 @@
 # hand is noticed and repaired, an old stamp is never trusted alone).
 # TORCH_INDEX_URL (optional): an extra index for torch, e.g. PyTorch's CPU wheel index, so that
 # torch==2.13.0 resolves to its CPU build instead of PyPI's CUDA build.
+# PYTHON (optional): the interpreter new venvs are made from (default python3; the locks are for 3.11).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=$1
@@ -19,7 +20,7 @@ if [ -x "$venv/bin/python" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ] \
 fi
 start=$(date +%s)
 echo "[setup] $venv: installing the pinned set $lock"
-[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+[ -x "$venv/bin/python" ] || "${PYTHON:-python3}" -m venv "$venv"
 rm -f "$stamp"
 pip=("$venv/bin/python" -m pip --disable-pip-version-check)
 "${pip[@]}" install -q "pip==$PIP_VERSION"
