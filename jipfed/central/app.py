@@ -34,11 +34,15 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 
-from jipfed.central.tokens import InvalidToken, check_secret, verify_site_token
+from jipfed.central.audit import record_event
+from jipfed.central.credentials import CredentialRefused, authenticate
+from jipfed.central.model_signing import central_public_key, signed_model
+from jipfed.central.sanitize import sanitize_text
+from jipfed.central.tokens import InvalidToken, check_secret
 from jipfed.central.uploads import (
     DEFAULT_SIZE_FACTOR,
     MalformedUpload,
-    UploadLimits,
+    UploadPermit,
     UploadTooLarge,
     authorise_upload,
     commit_upload,
@@ -52,7 +56,7 @@ from jipfed.federation.dispatch import (
     report_site_failure,
 )
 from jipfed.federation.rounds import ProtocolError, UpdateRefused
-from jipfed.storage.base import ModelStore
+from jipfed.storage.base import ModelStore, StoreError
 from jipfed.storage.state import ExperimentStore
 
 logger = logging.getLogger(__name__)
@@ -60,7 +64,10 @@ logger = logging.getLogger(__name__)
 DEFAULT_MAX_UPDATE_BYTES = 2 * 1024**3
 #: Longest failure reason accepted (the store keeps the last ``dispatch.MAX_REASON_CHARS``).
 MAX_REASON_CHARS = 100_000
+#: Longest failure reason stored after sanitising (category, task and message).
+MAX_REPORT_CHARS = 400
 SHA256_HEADER = "X-Jipfed-Sha256"
+SIGNATURE_HEADER = "X-Jipfed-Signature"
 
 SecretSource = str | Callable[[], str]
 
@@ -163,21 +170,47 @@ _bearer = HTTPBearer(auto_error=False, description="the site token from `jipfed 
 def authenticated_site(
     request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 ) -> str:
-    """The site the request's bearer token was issued for (401 without a token, 403 for a bad one)."""
+    """The site of the request's bearer token, checked against the credential registry.
+
+    401 without a token; 403 ``bad_token`` (malformed, HMAC mismatch), ``expired_token``,
+    ``revoked_token`` or ``rotated_token``.
+    """
     challenge = {"WWW-Authenticate": "Bearer"}
     if credentials is None:
         raise CentralAPIError(
             401, "no_token", "missing site token: send 'Authorization: Bearer <site token>'", challenge
         )
+    secret = _secret_of(request.app.state.token_secret)
+    store = request.app.state.open_store(_Call("-"))
     try:
-        site = verify_site_token(_secret_of(request.app.state.token_secret), credentials.credentials)
+        claims = authenticate(store, secret, credentials.credentials)
+    except CredentialRefused as exc:
+        raise CentralAPIError(403, exc.code, str(exc), challenge) from None
     except InvalidToken as exc:
         raise CentralAPIError(403, "bad_token", str(exc), challenge) from None
-    request.state.site = site
-    return site
+    except StoreError:
+        logger.exception("central: cannot read the credential registry")
+        raise CentralAPIError(500, "internal", "the central cannot read its credential registry") from None
+    request.state.site = claims.site
+    request.state.key_id = claims.key_id
+    return claims.site
 
 
 Site = Annotated[str, Depends(authenticated_site)]
+
+#: (method, endpoint function) of the requests recorded in the audit log, and their action name.
+_AUDITED = {("PUT", "update"): "update", ("POST", "failure"): "failure_report", ("GET", "model"): "model"}
+
+
+def _int_or_none(value: Any) -> int | None:
+    return int(value) if isinstance(value, str) and value.isdigit() else None
+
+
+def _route_name(request: Request) -> str | None:
+    endpoint = request.scope.get("endpoint")
+    return getattr(endpoint, "__name__", None)
+
+
 Round = Annotated[int, Path(ge=0, description="round number")]
 Step = Annotated[int, Path(ge=0, description="plan step number")]
 
@@ -223,9 +256,12 @@ def create_app(
                 500, "misconfigured", "the central cannot open its model store; see the central's log"
             ) from None
 
+    app.state.open_store = open_store
+
     @app.exception_handler(CentralAPIError)
     async def api_error(request: Request, exc: CentralAPIError) -> JSONResponse:
         request.state.detail = exc.detail
+        request.state.code = exc.code
         return JSONResponse({"code": exc.code, "detail": exc.detail}, exc.status, headers=exc.headers)
 
     @app.middleware("http")
@@ -249,7 +285,29 @@ def create_app(
             1000 * (time.monotonic() - started),
             f": {state['detail']}" if "detail" in state else "",
         )
+        action = _AUDITED.get((request.method, _route_name(request)))
+        if action is not None and "site" in state:
+            await run_in_threadpool(_audit, request, action, status, params, state)
         return response
+
+    def _audit(
+        request: Request, action: str, status: int, params: dict[str, Any], state: dict[str, Any]
+    ) -> None:
+        try:
+            store = open_store(_Call(state["site"]))
+        except CentralAPIError:
+            return
+        record_event(
+            store,
+            state["site"],
+            action,
+            "accepted" if status < 400 else str(state.get("code", status)),
+            key_id=state.get("key_id"),
+            experiment=params.get("experiment"),
+            round=_int_or_none(params.get("round_")),
+            step=_int_or_none(params.get("step")),
+            **state.get("audit", {}),
+        )
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
@@ -265,18 +323,26 @@ def create_app(
         return {"site": site, "work": [item.to_dict() for item in items]}
 
     @app.get("/v1/experiments/{experiment}/rounds/{round_}/steps/{step}/model")
-    def model(experiment: str, round_: Round, step: Step, site: Site) -> Response:
-        """The payload of the model the site's ticket names; header X-Jipfed-Sha256."""
+    def model(request: Request, experiment: str, round_: Round, step: Step, site: Site) -> Response:
+        """The payload of the model the site's ticket names; headers X-Jipfed-Sha256, X-Jipfed-Signature."""
         call = _Call(site, experiment, round_, step)
         with _protocol_errors(call):
             exp_store = _experiment_store(open_store(call), call)
-            _selected_dispatch(exp_store, call)
-            payload, _ = model_for_site(exp_store, site, round_, step)
+            ticket = _selected_dispatch(exp_store, call).ticket
+            payload, manifest = model_for_site(exp_store, site, round_, step)
+            signature = signed_model(
+                exp_store.store, _secret_of(request.app.state.token_secret), ticket.model_key, manifest, step
+            )
         return Response(
             payload,
             media_type="application/octet-stream",
-            headers={SHA256_HEADER: hashlib.sha256(payload).hexdigest()},
+            headers={SHA256_HEADER: hashlib.sha256(payload).hexdigest(), SIGNATURE_HEADER: signature},
         )
+
+    @app.get("/v1/central-key")
+    def central_key(request: Request, site: Site) -> dict[str, str]:
+        """The central's Ed25519 public key (base64); sites pin the value the admin handed them."""
+        return {"ed25519": central_public_key(_secret_of(request.app.state.token_secret))}
 
     @app.get("/v1/experiments/{experiment}/rounds/{round_}/steps/{step}/model/manifest")
     def model_manifest(experiment: str, round_: Round, step: Step, site: Site) -> dict[str, Any]:
@@ -297,16 +363,17 @@ def create_app(
         """
         call = _Call(site, experiment, round_)
 
-        def authorise() -> tuple[ExperimentStore, UploadLimits]:
+        def authorise() -> tuple[ExperimentStore, UploadPermit]:
             with _protocol_errors(call):
                 exp_store = _experiment_store(open_store(call), call)
                 return exp_store, authorise_upload(
                     exp_store, site, round_, upload_size_factor, max_update_bytes
                 )
 
-        exp_store, limits = await run_in_threadpool(authorise)
+        exp_store, permit = await run_in_threadpool(authorise)
+        limits = permit.limits
         try:
-            upload = await read_upload(request, limits)
+            upload = await read_upload(request, limits, extra_fields=("signature",))
         except UploadTooLarge:
             raise CentralAPIError(
                 413,
@@ -319,12 +386,13 @@ def create_app(
 
         def accept() -> dict[str, Any]:
             with _protocol_errors(call):
-                return commit_upload(exp_store, site, round_, upload).to_dict()
+                return commit_upload(exp_store, site, round_, upload, permit).to_dict()
 
         try:
             accepted = await run_in_threadpool(accept)
         finally:
             await upload.close()
+        request.state.audit = {"sha256": accepted["sha256"], "n_samples": accepted["n_samples"]}
         return JSONResponse({"accepted": accepted}, status_code=201)
 
     @app.post("/v1/experiments/{experiment}/rounds/{round_}/steps/{step}/failure", status_code=201)
@@ -336,7 +404,8 @@ def create_app(
         with _protocol_errors(call):
             exp_store = _experiment_store(open_store(call), call)
             _selected_dispatch(exp_store, call)
-            record = report_site_failure(exp_store, site, round_, step, report.reason)
+            reason = sanitize_text(report.reason, MAX_REPORT_CHARS)  # again: a site may not use our client
+            record = report_site_failure(exp_store, site, round_, step, reason)
         return JSONResponse(record, status_code=201)
 
     return app

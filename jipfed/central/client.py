@@ -13,19 +13,24 @@ failure reports are not (a retried upload that did arrive is refused as ``duplic
 from __future__ import annotations
 
 import hashlib
+import ipaddress
+import json
 import logging
 import time
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import requests
 
 if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     from jipfed.federation.dispatch import WorkItem
 
 logger = logging.getLogger(__name__)
 
 SHA256_HEADER = "X-Jipfed-Sha256"
+SIGNATURE_HEADER = "X-Jipfed-Signature"
 RETRY_STATUSES = frozenset({502, 503, 504})
 _CHUNK_BYTES = 1024 * 1024
 
@@ -95,6 +100,30 @@ def _error_of(response: requests.Response) -> tuple[str | None, str]:
     return None, str(body)
 
 
+def is_loopback(host: str | None) -> bool:
+    """Whether ``host`` is this machine (``localhost``, 127.0.0.0/8, ``::1``)."""
+    if not host:
+        return False
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def require_https(base_url: str) -> None:
+    """ValueError unless ``base_url`` is https, or http to a loopback address (the token travels in it)."""
+    parts = urlsplit(base_url) if isinstance(base_url, str) else None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"base_url must be https://host[:port]/prefix, got {base_url!r}")
+    if parts.scheme == "http" and not is_loopback(parts.hostname):
+        raise ValueError(
+            f"refusing plain http to {parts.hostname!r}: the site token would travel in clear; use "
+            "https:// (http is allowed only to localhost / 127.0.0.1 / ::1)"
+        )
+
+
 class CentralClient:
     """Client of one central endpoint, authenticated as one site.
 
@@ -106,6 +135,13 @@ class CentralClient:
         verify: TLS verification, as for ``requests`` (True, False or a CA bundle path).
         tries: Attempts of an idempotent call (GET) on connection errors and 502/503/504.
         backoff_s: Sleep before the second attempt; doubled before each further one.
+        central_public_key: The central's Ed25519 public key (base64, from the central admin):
+            every downloaded model must carry the central's signature of it (else CentralError).
+        signing_key: The site's Ed25519 private key: uploads are signed with it (``put_update``
+            then needs the plan ``step``).
+
+    ``base_url`` must be https, except to a loopback address (the token travels in every request).
+    Failure reasons are sanitised before they leave (:func:`jipfed.central.sanitize.sanitize_reason`).
     """
 
     def __init__(
@@ -117,9 +153,10 @@ class CentralClient:
         verify: bool | str = True,
         tries: int = 3,
         backoff_s: float = 1.0,
+        central_public_key: str | None = None,
+        signing_key: Ed25519PrivateKey | None = None,
     ) -> None:
-        if not base_url.startswith(("http://", "https://")):
-            raise ValueError(f"base_url must start with http:// or https://, got {base_url!r}")
+        require_https(base_url)
         if not token:
             raise ValueError("a site token is required (from the central admin: jipfed site-token)")
         if timeout_s <= 0 or tries < 1 or backoff_s < 0:
@@ -130,6 +167,8 @@ class CentralClient:
         self.timeout_s = timeout_s
         self.tries = tries
         self.backoff_s = backoff_s
+        self.central_public_key = central_public_key
+        self.signing_key = signing_key
         self._session = requests.Session()
         self._session.verify = verify
         self._session.headers["Authorization"] = f"Bearer {token}"
@@ -235,27 +274,72 @@ class CentralClient:
                     path=path,
                     **where,
                 )
+        if self.central_public_key is not None:
+            self._verify_model(manifest, step, response.headers.get(SIGNATURE_HEADER), path, where)
         return payload, manifest
 
-    def put_update(self, experiment: str, round: int, payload: bytes, manifest_json: str) -> dict[str, Any]:
+    def _verify_model(
+        self, manifest: dict[str, Any], step: int, signature: str | None, path: str, where: dict[str, Any]
+    ) -> None:
+        from jipfed.federation.signing import SignatureInvalid, global_statement, load_public_key, verify
+
+        try:
+            key = load_public_key(str(self.central_public_key).encode("ascii"))
+            verify(key, global_statement(manifest, step), signature, "the model received")
+        except (SignatureInvalid, ValueError) as exc:
+            code = getattr(exc, "code", "bad_signature")
+            raise CentralError(
+                None, f"{exc} (central's signature)", method="GET", path=path, code=code, **where
+            ) from None
+
+    def put_update(
+        self, experiment: str, round: int, payload: bytes, manifest_json: str, *, step: int | None = None
+    ) -> dict[str, Any]:
         """Upload the site's update for ``round``; returns the manifest the central accepted.
 
+        With a ``signing_key`` the update is signed for plan step ``step`` (required then).
+
         Raises:
-            CentralRefused: late, duplicate, rejected (the codec's reason in ``detail``), ...
+            CentralRefused: late, duplicate, rejected (the codec's reason in ``detail``), unsigned, ...
         """
         path = f"/v1/experiments/{_q(experiment)}/rounds/{_q(round)}/update"
+        fields = {"manifest": manifest_json}
+        if self.signing_key is not None:
+            fields["signature"] = self._sign_update(manifest_json, step)
         response = self._request(
             "PUT",
             path,
             experiment=experiment,
             round=round,
-            data={"manifest": manifest_json},
+            data=fields,
             files={"payload": ("update.safetensors", payload, "application/octet-stream")},
         )
         return dict(response.json()["accepted"])
 
-    def report_failure(self, experiment: str, round: int, step: int, reason: str) -> dict[str, Any]:
-        """Tell the central this site sends no update for ``step`` and why; returns the stored record."""
+    def _sign_update(self, manifest_json: str, step: int | None) -> str:
+        from jipfed.federation.signing import sign, update_statement
+
+        if step is None:
+            raise ValueError("a signed upload needs the plan step (put_update(..., step=ticket.step))")
+        try:
+            manifest = json.loads(manifest_json)
+        except ValueError as exc:
+            raise ValueError(f"the update manifest is not JSON: {exc}") from None
+        if not isinstance(manifest, dict):
+            raise ValueError("the update manifest is not a JSON object")
+        return sign(self.signing_key, update_statement(manifest, manifest_json, step))  # type: ignore[arg-type]
+
+    def report_failure(
+        self, experiment: str, round: int, step: int, reason: str, *, task: str | None = None
+    ) -> dict[str, Any]:
+        """Tell the central this site sends no update for ``step`` and why; returns the stored record.
+
+        ``reason`` (an exception text, say) is sanitised here, before it leaves the site: what is
+        sent is ``"<category> in <task>: <sanitised message>"`` (:mod:`jipfed.central.sanitize`).
+        """
+        from jipfed.central.sanitize import failure_report
+
         path = f"/v1/experiments/{_q(experiment)}/rounds/{_q(round)}/steps/{_q(step)}/failure"
-        response = self._request("POST", path, experiment=experiment, round=round, json={"reason": reason})
+        body = {"reason": failure_report(reason, task=task)}
+        response = self._request("POST", path, experiment=experiment, round=round, json=body)
         return dict(response.json())

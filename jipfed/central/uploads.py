@@ -10,14 +10,15 @@ The endpoint's upload route runs three phases:
    the limit is cut off with 413 while it is read.
 3. :func:`commit_upload`: the payload is written to its key (replacing a half-written one, i.e. a
    payload without manifest), read back from the store and validated there, and the manifest is
-   written last, create-exclusive (a conditional PUT on S3): the commit marker. A refused payload
-   is removed again.
+   written last, create-exclusive (a conditional PUT on S3): the commit marker. A site with a
+   registered Ed25519 key must sign its update (form field ``signature``); the signature is
+   checked before the commit and stored as ``updates/<site>.sig``. A refused payload is removed.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -26,8 +27,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.types import Message, Receive
 
+from jipfed.central.credentials import load_credential
 from jipfed.federation.dispatch import check_deadline, current_dispatch
 from jipfed.federation.rounds import UpdateRefused, check_upload_allowed, validate_upload
+from jipfed.federation.signing import SignatureInvalid, update_statement, verify
 from jipfed.federation.update import DTYPES, UpdateManifest
 from jipfed.storage.base import ObjectExistsError
 from jipfed.storage.state import ExperimentStore
@@ -62,6 +65,15 @@ class UploadLimits:
         return self.payload_bytes + self.manifest_bytes + MULTIPART_OVERHEAD_BYTES
 
 
+@dataclass(frozen=True)
+class UploadPermit:
+    """What :func:`authorise_upload` decided: the limits, the open step, the site's public key."""
+
+    limits: UploadLimits
+    step: int
+    public_key: bytes | None
+
+
 def model_bytes(manifest: UpdateManifest) -> int:
     """Bytes of the tensors a manifest describes (decoded dtypes)."""
     return sum(spec.numel * DTYPES[spec.dtype].itemsize for spec in manifest.tensors.values())
@@ -76,8 +88,8 @@ def limits_for(manifest: UpdateManifest, factor: float, ceiling: int) -> UploadL
 
 def authorise_upload(
     exp_store: ExperimentStore, site: str, round_: int, factor: float, ceiling: int
-) -> UploadLimits:
-    """Everything that decides an upload before its body is read; its byte limits.
+) -> UploadPermit:
+    """Everything that decides an upload before its body is read: limits, step, the site's key.
 
     Raises:
         UpdateRefused: late (deadline or closed round), wrong_round, not_selected, duplicate,
@@ -89,7 +101,12 @@ def authorise_upload(
     if dispatch is None:  # the step is open (checked above) but was never dispatched to the sites
         raise UpdateRefused(exp_store.experiment, site, round_, "not_open", "the step was not dispatched")
     start = UpdateManifest.from_dict(exp_store.store.get_json(dispatch.ticket.manifest_key))
-    return limits_for(start, factor, ceiling)
+    credential = load_credential(exp_store.store, site)
+    return UploadPermit(
+        limits=limits_for(start, factor, ceiling),
+        step=dispatch.ticket.step,
+        public_key=credential.public_key_bytes() if credential else None,
+    )
 
 
 def _limited(receive: Receive, limit: int) -> Receive:
@@ -116,7 +133,7 @@ class ReceivedUpload:
     payload: IO[bytes]
     size: int
     fields: dict[str, str]
-    _close: Callable[[], Any]
+    _close: Callable[[], Awaitable[Any]]
 
     async def close(self) -> None:
         await self._close()
@@ -172,19 +189,34 @@ def _site_lock(experiment: str, round_: int, site: str) -> threading.Lock:
         return _site_locks.setdefault((experiment, round_, site), threading.Lock())
 
 
-def commit_upload(
-    exp_store: ExperimentStore,
-    site: str,
-    round_: int,
-    upload: ReceivedUpload,
-    verify: Callable[[UpdateManifest], None] | None = None,
-) -> UpdateManifest:
-    """Store the payload, validate it from the store, then write the manifest (the commit marker).
+def _check_signature(permit: UploadPermit, upload: ReceivedUpload, manifest: UpdateManifest) -> str | None:
+    """The upload's signature if the site has a registered key and it verifies; None without a key."""
+    if permit.public_key is None:
+        return None
+    signature = upload.fields.get("signature")
+    try:
+        verify(
+            permit.public_key,
+            update_statement(manifest.to_dict(), upload.manifest, permit.step),
+            signature,
+            f"the update of site {manifest.site!r} for round {manifest.round} (step {permit.step})",
+        )
+    except SignatureInvalid as exc:
+        raise UpdateRefused(manifest.experiment, manifest.site, manifest.round, exc.code, str(exc)) from None
+    return signature
 
-    ``verify`` (e.g. the signature check) runs on the decoded manifest before the commit.
+
+def commit_upload(
+    exp_store: ExperimentStore, site: str, round_: int, upload: ReceivedUpload, permit: UploadPermit
+) -> UpdateManifest:
+    """Store the payload, validate it from the store, check its signature, then commit the manifest.
+
+    Order of writes: payload (replacing a half-written one), signature, manifest last
+    (create-exclusive: the commit marker).
 
     Raises:
-        UpdateRefused: refused before or after reading the stored payload; nothing is committed.
+        UpdateRefused: refused before or after reading the stored payload (``unsigned`` /
+            ``bad_signature`` when the site has a registered key); nothing is committed.
     """
     lay = exp_store.layout
     key = lay.update(round_, site)
@@ -193,8 +225,11 @@ def commit_upload(
         exp_store.store.put_stream(key, upload.payload, upload.size, overwrite=True)
         try:
             update = validate_upload(exp_store, site, round_, exp_store.store.get_bytes(key), upload.manifest)
-            if verify is not None:
-                verify(update.manifest)
+            signature = _check_signature(permit, upload, update.manifest)
+            if signature is not None:
+                exp_store.store.put_bytes(
+                    lay.update_signature(round_, site), signature.encode(), overwrite=True
+                )
             exp_store.commit_update_manifest(round_, site, update.manifest.to_dict())
         except ObjectExistsError as exc:
             raise UpdateRefused(exp_store.experiment, site, round_, "duplicate", str(exc)) from exc

@@ -5,7 +5,8 @@
     experiments/<exp>/rounds/<r>/global.safetensors       global model of round r
     experiments/<exp>/rounds/<r>/global.json              its manifest
     experiments/<exp>/rounds/<r>/updates/<site>.safetensors
-    experiments/<exp>/rounds/<r>/updates/<site>.json      the site's manifest
+    experiments/<exp>/rounds/<r>/updates/<site>.json      the site's manifest (the commit marker)
+    experiments/<exp>/rounds/<r>/updates/<site>.sig       the site's signature of its update
     experiments/<exp>/rounds/<r>/aggregate.json           included / rejected sites, metrics
     experiments/<exp>/rounds/<r>/strategy.safetensors     server strategy state after round r
     experiments/<exp>/rounds/<r>/strategy.json            (+ its JSON: strategy, config, meta)
@@ -29,6 +30,14 @@ _SLUG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
 MODEL_SUFFIX = ".safetensors"
 MANIFEST_SUFFIX = ".json"
+SIGNATURE_SUFFIX = ".sig"
+
+
+def signature_key(model_key: str) -> str:
+    """The key of the detached signature of the model at ``model_key`` (``global.safetensors`` -> ``global.sig``)."""
+    if not model_key.endswith(MODEL_SUFFIX):
+        raise ValueError(f"not a model key: {model_key!r}")
+    return model_key[: -len(MODEL_SUFFIX)] + SIGNATURE_SUFFIX
 
 
 def validate_slug(name: str, what: str = "name") -> str:
@@ -89,6 +98,10 @@ class ExperimentLayout:
 
     def update_manifest(self, round_: int, site: str) -> str:
         return f"{self.updates_prefix(round_)}{validate_slug(site, 'site id')}{MANIFEST_SUFFIX}"
+
+    def update_signature(self, round_: int, site: str) -> str:
+        """The site's detached Ed25519 signature of its update (:mod:`jipfed.federation.signing`)."""
+        return f"{self.updates_prefix(round_)}{validate_slug(site, 'site id')}{SIGNATURE_SUFFIX}"
 
     def aggregate(self, round_: int) -> str:
         return f"{self.round_prefix(round_)}aggregate.json"

@@ -46,18 +46,18 @@ def test_a_full_round_over_http(any_store: ModelStore, serve, trainers: dict[str
     assert again.value.code == "duplicate" and "experiment 'exp1', round 0" in str(again.value)
 
     [item_c] = clients["site-c"].pending_work()
-    record = clients["site-c"].report_failure("exp1", 0, item_c.ticket.step, "fetch_dicom failed: PACS down")
+    record = clients["site-c"].report_failure("exp1", 0, item_c.ticket.step, "PACS down", task="fetch_dicom")
     assert (record["site"], record["source"], record["reason"]) == (
         "site-c",
         "site",
-        "fetch_dicom failed: PACS down",
+        "data in fetch_dicom: PACS down",
     )
     assert clients["site-c"].pending_work() == []
 
     aggregate_step(exp_store, 0)
     aggregate = exp_store.load_aggregate(0)
     assert aggregate["included"] == ["site-a", "site-b"]
-    assert aggregate["missing_reasons"] == {"site-c": "fetch_dicom failed: PACS down"}
+    assert aggregate["missing_reasons"] == {"site-c": "data in fetch_dicom: PACS down"}
 
 
 def test_a_site_sees_and_writes_only_its_own_work(

@@ -53,16 +53,18 @@ def test_secret_must_be_long_enough_and_site_a_slug() -> None:
         site_token(SECRET, "site.a")
 
 
-def test_cli_prints_the_token_from_a_secret_file_or_the_environment(
+def test_cli_prints_a_legacy_token_from_a_secret_file_or_the_environment(
     tmp_path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     secret_file = tmp_path / "secret"
     secret_file.write_text(SECRET + "\n")
-    assert main(["site-token", "--site", "site-a", "--secret-file", str(secret_file)]) == 0
+    assert main(["site-token", "--legacy", "--site", "site-a", "--secret-file", str(secret_file)]) == 0
     assert capsys.readouterr().out.strip() == site_token(SECRET, "site-a")
     monkeypatch.setenv("JIPFED_SITE_TOKEN_SECRET", SECRET)
-    assert main(["site-token", "--site", "site-b"]) == 0
+    assert main(["site-token", "--legacy", "--site", "site-b"]) == 0
     assert verify_site_token(SECRET, capsys.readouterr().out.strip()) == "site-b"
     monkeypatch.delenv("JIPFED_SITE_TOKEN_SECRET")
-    assert main(["site-token", "--site", "site-b"]) == 2
+    assert main(["site-token", "--legacy", "--site", "site-b"]) == 2
     assert "JIPFED_SITE_TOKEN_SECRET" in capsys.readouterr().err
+    assert main(["site-token", "--site", "site-b"]) == 2  # a registered token needs the store
+    assert "--store is required" in capsys.readouterr().err
