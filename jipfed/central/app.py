@@ -49,10 +49,12 @@ from jipfed.central.uploads import (
     read_upload,
 )
 from jipfed.federation.dispatch import (
+    MAX_COHORT_CASES,
     Dispatch,
     current_dispatch,
     model_for_site,
     pending_work,
+    report_cohort,
     report_site_failure,
 )
 from jipfed.federation.rounds import ProtocolError, UpdateRefused
@@ -100,6 +102,12 @@ class _Call:
             if value is not None
         ]
         return ", ".join(parts + [f"site {self.site!r}"])
+
+
+class CohortReport(BaseModel):
+    """Body of a cohort report: how many cases the site trains on in this step."""
+
+    n_cases: int = Field(ge=0, le=MAX_COHORT_CASES, strict=True)
 
 
 class FailureReport(BaseModel):
@@ -199,7 +207,12 @@ def authenticated_site(
 Site = Annotated[str, Depends(authenticated_site)]
 
 #: (method, endpoint function) of the requests recorded in the audit log, and their action name.
-_AUDITED = {("PUT", "update"): "update", ("POST", "failure"): "failure_report", ("GET", "model"): "model"}
+_AUDITED = {
+    ("PUT", "update"): "update",
+    ("POST", "failure"): "failure_report",
+    ("POST", "cohort"): "cohort_report",
+    ("GET", "model"): "model",
+}
 
 
 def _int_or_none(value: Any) -> int | None:
@@ -394,6 +407,16 @@ def create_app(
             await upload.close()
         request.state.audit = {"sha256": accepted["sha256"], "n_samples": accepted["n_samples"]}
         return JSONResponse({"accepted": accepted}, status_code=201)
+
+    @app.post("/v1/experiments/{experiment}/rounds/{round_}/steps/{step}/cohort", status_code=201)
+    def cohort(experiment: str, round_: Round, step: Step, report: CohortReport, site: Site) -> JSONResponse:
+        """Record the cohort size the site takes this step's work with (bounds its update's n_samples)."""
+        call = _Call(site, experiment, round_, step)
+        with _protocol_errors(call):
+            exp_store = _experiment_store(open_store(call), call)
+            _selected_dispatch(exp_store, call)
+            record = report_cohort(exp_store, site, round_, step, report.n_cases)
+        return JSONResponse(record, status_code=201)
 
     @app.post("/v1/experiments/{experiment}/rounds/{round_}/steps/{step}/failure", status_code=201)
     def failure(

@@ -329,6 +329,15 @@ class CentralClient:
             raise ValueError("the update manifest is not a JSON object")
         return sign(self.signing_key, update_statement(manifest, manifest_json, step))  # type: ignore[arg-type]
 
+    def report_cohort(self, experiment: str, round: int, step: int, n_cases: int) -> dict[str, Any]:
+        """Tell the central how many cases this site trains on in ``step`` (call when taking the work).
+
+        The update's ``n_samples`` may not exceed it; the first report of a round stays.
+        """
+        path = f"/v1/experiments/{_q(experiment)}/rounds/{_q(round)}/steps/{_q(step)}/cohort"
+        response = self._request("POST", path, experiment=experiment, round=round, json={"n_cases": n_cases})
+        return dict(response.json())
+
     def report_failure(
         self, experiment: str, round: int, step: int, reason: str, *, task: str | None = None
     ) -> dict[str, Any]:

@@ -321,6 +321,34 @@ def report_site_failure(
     return stored
 
 
+#: Largest cohort a site may report (a sanity bound; the experiment's max_site_samples bounds more).
+MAX_COHORT_CASES = 10**9
+
+
+def report_cohort(
+    exp_store: ExperimentStore,
+    site: str,
+    round_: int,
+    step: int,
+    n_cases: int,
+    *,
+    now: datetime | None = None,
+) -> dict[str, Any]:
+    """Record the cohort size ``site`` took the step's work with; its update's n_samples may not exceed it.
+
+    The first report of a round stays (a later, larger one cannot raise the bound).
+
+    Raises:
+        ProtocolError: the step is not open or does not select ``site``.
+        ValueError: ``n_cases`` is not an int in [0, MAX_COHORT_CASES].
+    """
+    dispatch = _site_dispatch(exp_store, site, round_, step)
+    if isinstance(n_cases, bool) or not isinstance(n_cases, int) or not 0 <= n_cases <= MAX_COHORT_CASES:
+        raise ValueError(f"n_cases must be an int in [0, {MAX_COHORT_CASES}], got {str(n_cases)[:40]}")
+    record = {"site": site, "round": round_, "step": step, "attempt": dispatch.attempt, "n_cases": n_cases}
+    return exp_store.record_cohort(round_, site, {**record, "at": _iso(now or utcnow())})
+
+
 # -- the central's side ----------------------------------------------------------------------------
 
 DELIVERED, FAILED, TIMED_OUT, WAITING = "delivered", "failed", "timed_out", "waiting"

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from jipfed.federation.bounds import DEFAULT_MAX_SITE_SAMPLES, DEFAULT_NORM_BOUND_FACTOR
 from jipfed.federation.plans import ORDERS, PLANS, Plan, make_plan
 from jipfed.federation.strategies import Strategy, make_strategy
 from jipfed.federation.update import ENCODINGS, GLOBAL_SITE
@@ -55,6 +56,10 @@ class ExperimentConfig:
         encoding: how updates travel, ``"fp32"``, ``"fp16"`` or ``"int8"`` (int8 needs deltas, so
             not the cyclic plan, which sends weights).
         max_update_norm: reject updates whose delta has a larger L2 norm; None = no bound.
+        max_site_samples: the most training cases one site's update may claim (its FedAvg
+            weight); a site's claim is also bounded by the cohort size it reported for the step.
+        norm_bound_factor: clip an update whose delta norm exceeds this many times the lower
+            median of the round's update norms (:mod:`jipfed.federation.bounds`); None = off.
         privacy: privacy settings; empty = off (the only supported value so far).
         seed: seeds the initial global model and the plan's rotation.
         in_channels: image channels of the model input (4 = FLAIR, T1, T1c, T2).
@@ -78,6 +83,8 @@ class ExperimentConfig:
     round_timeout_s: float = 3600.0
     encoding: str = "fp32"
     max_update_norm: float | None = None
+    max_site_samples: int = DEFAULT_MAX_SITE_SAMPLES
+    norm_bound_factor: float | None = DEFAULT_NORM_BOUND_FACTOR
     privacy: Mapping[str, Any] = field(default_factory=dict)
     seed: int = 0
     in_channels: int = 4
@@ -165,6 +172,17 @@ class ExperimentConfig:
             or bound <= 0
         ):
             raise ValueError(f"{where}: max_update_norm must be a finite number > 0 or None, got {bound!r}")
+        _check_int(self.max_site_samples, f"{where}: max_site_samples", 1)
+        factor = self.norm_bound_factor
+        if factor is not None and (
+            isinstance(factor, bool)
+            or not isinstance(factor, (int, float))
+            or not math.isfinite(factor)
+            or factor < 1
+        ):
+            raise ValueError(
+                f"{where}: norm_bound_factor must be a finite number >= 1 or None, got {factor!r}"
+            )
         _check_int(self.seed, f"{where}: seed", 0)
         _check_int(self.in_channels, f"{where}: in_channels", 1)
         datasets = _json_mapping(self.datasets, f"{where}: datasets")

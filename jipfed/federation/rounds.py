@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from jipfed.federation.bounds import Clip, delta_norm, norm_clips, sample_count_problem, scaled
 from jipfed.federation.codec import EncodedUpdate, decode_update, encode_global
 from jipfed.federation.experiment import ExperimentConfig
 from jipfed.federation.plans import PlanStep, local_steps_for
@@ -456,11 +457,21 @@ def validate_upload(
     config, config_hash, ps = check_upload_allowed(exp_store, site, round)
     start, _, _ = _load_model(exp_store, _input_keys(exp_store, ps), config_hash)
     try:
-        return decode_update(
+        update = decode_update(
             payload, manifest_json, _expected(exp_store, config, config_hash, round, site, start)
         )
+        _check_sample_bound(exp_store, config, update)
     except UpdateRejected as exc:
         raise _refuser(exp_store, site, round)("rejected", exc.reason) from exc
+    return update
+
+
+def _check_sample_bound(exp_store: ExperimentStore, config: ExperimentConfig, update: ModelUpdate) -> None:
+    """UpdateRejected when the update claims more cases than its site's cohort or the configured cap."""
+    cohort = exp_store.reported_cohort(update.round, update.site)
+    problem = sample_count_problem(update.n_samples, config.max_site_samples, cohort)
+    if problem is not None:
+        raise UpdateRejected(update.site, update.round, problem)
 
 
 def accept_update(
@@ -491,6 +502,7 @@ class _Decision:
     missing: list[str]
     manifests: dict[str, UpdateManifest]
     missing_reasons: dict[str, str] = field(default_factory=dict)
+    clips: dict[str, Clip] = field(default_factory=dict)
 
 
 def _decide(
@@ -502,6 +514,7 @@ def _decide(
 ) -> _Decision:
     """Validate every stored update of the step's round that this step could use."""
     decision = _Decision(included=[], rejected={}, missing=[], manifests={})
+    norms: dict[str, float] = {}
     present = set(exp_store.list_updates(ps.round))
     for site in sorted(present):
         if site not in ps.sites:
@@ -511,14 +524,26 @@ def _decide(
             continue
         try:
             update = _read_update(exp_store, config, config_hash, ps.round, site, start)
+            _check_sample_bound(exp_store, config, update)
+            if config.plan == "parallel":
+                norms[site] = delta_norm(update, start)
         except UpdateRejected as exc:
             decision.rejected[site] = exc.reason
             logger.warning(
                 "experiment %s: round %d: rejected %s: %s", config.name, ps.round, site, exc.reason
             )
             continue
+        except Exception as exc:  # one unreadable update never blocks the step
+            logger.exception(
+                "experiment %s: round %d: cannot use the update of %s", config.name, ps.round, site
+            )
+            decision.rejected[site] = f"the update could not be used ({type(exc).__name__})"
+            continue
         decision.included.append(site)
         decision.manifests[site] = update.manifest
+    decision.clips = norm_clips(norms, config.norm_bound_factor)
+    for site, clip in decision.clips.items():
+        logger.warning("experiment %s: round %d: %s: %s", config.name, ps.round, site, clip.reason())
     decision.missing = [s for s in ps.sites if s not in present]
     failures = exp_store.site_failures(ps.round) if decision.missing else {}
     decision.missing_reasons = {
@@ -607,6 +632,7 @@ def _compute(
     ps: PlanStep,
     start: Mapping[str, torch.Tensor],
     included: Sequence[str],
+    clips: Mapping[str, Clip],
 ) -> tuple[EncodedUpdate, StrategyState | None]:
     """The step's output model (encoded) and, for parallel plans, the new server state."""
     _, _, out_round = _output_keys(exp_store, ps)
@@ -618,7 +644,7 @@ def _compute(
         for site in included:  # decoded one at a time: the strategy streams over them
             update = _read_update(exp_store, config, config_hash, ps.round, site, start)
             n_samples += update.n_samples
-            yield update
+            yield scaled(update, start, clips[site].scale) if site in clips else update
 
     if config.plan == "parallel":
         strategy = _strategy_for(exp_store, config, ps.round)
@@ -657,6 +683,7 @@ def _record_dict(
         "selected": list(ps.sites),
         "included": list(decision.included),
         "rejected": dict(sorted(decision.rejected.items())),
+        "bounded": {site: clip.to_dict() for site, clip in sorted(decision.clips.items())},
         "missing": list(decision.missing),
         "missing_reasons": dict(sorted(decision.missing_reasons.items())),
         "n_samples": sum(m.n_samples for m in decision.manifests.values()),
@@ -728,11 +755,16 @@ def aggregate_step(exp_store: ExperimentStore, step: int) -> StepRecord:
         record = exp_store.store.get_json(record_key)
         logger.info("experiment %s: step %d was decided before a restart; completing it", config.name, step)
         decision = _Decision(list(record["included"]), dict(record["rejected"]), list(record["missing"]), {})
+        decision.clips = {
+            site: Clip(b["norm"], b["bound"], b["scale"]) for site, b in record.get("bounded", {}).items()
+        }
     else:
         decision = _decide(exp_store, config, config_hash, ps, start)
         _check_quorum(exp_store, config, ps, state, decision)
         record = None
-    encoded, strategy_state = _compute(exp_store, config, config_hash, ps, start, decision.included)
+    encoded, strategy_state = _compute(
+        exp_store, config, config_hash, ps, start, decision.included, decision.clips
+    )
     if record is None:
         record = _record_dict(config, config_hash, ps, decision, input_sha, encoded.manifest.sha256 or "")
         if ps.is_last_in_round and ps.hop is not None:

@@ -7,7 +7,8 @@
     experiments/<exp>/rounds/<r>/updates/<site>.safetensors
     experiments/<exp>/rounds/<r>/updates/<site>.json      the site's manifest (the commit marker)
     experiments/<exp>/rounds/<r>/updates/<site>.sig       the site's signature of its update
-    experiments/<exp>/rounds/<r>/aggregate.json           included / rejected sites, metrics
+    experiments/<exp>/rounds/<r>/aggregate.json           included / rejected / bounded sites, metrics
+    experiments/<exp>/rounds/<r>/cohorts/<site>.json      cohort size the site reported for the round
     experiments/<exp>/rounds/<r>/strategy.safetensors     server strategy state after round r
     experiments/<exp>/rounds/<r>/strategy.json            (+ its JSON: strategy, config, meta)
     experiments/<exp>/rounds/<r>/hops/<h>.safetensors     cyclic plan: model after hop h (+ .json)
@@ -127,6 +128,10 @@ class ExperimentLayout:
     def dispatch(self, round_: int, step: int) -> str:
         """What the central sent out for plan step ``step`` (ticket, transport, deadline)."""
         return f"{self.round_prefix(round_)}steps/{validate_round(step)}/dispatch.json"
+
+    def cohort(self, round_: int, site: str) -> str:
+        """The cohort size ``site`` reported when it took round ``round_``'s work (bounds its n_samples)."""
+        return f"{self.round_prefix(round_)}cohorts/{validate_slug(site, 'site id')}.json"
 
     def failures_prefix(self, round_: int) -> str:
         return f"{self.round_prefix(round_)}failures/"

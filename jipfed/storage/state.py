@@ -460,6 +460,26 @@ class ExperimentStore:
                 failures[name[: -len(".json")]] = json_object(self.store.get_json(key), key)
         return failures
 
+    def record_cohort(self, round_: int, site: str, record: Mapping[str, Any]) -> dict[str, Any]:
+        """Record the cohort size ``site`` reported for ``round_``; the first report stays. Returns the stored one."""
+        key = self.layout.cohort(round_, site)
+        data = json_object(record, "cohort report")
+        try:
+            self.store.put_bytes(key, canonical_json(data))
+        except ObjectExistsError:
+            return json_object(self.store.get_json(key), f"cohort report {key!r}")
+        return data
+
+    def reported_cohort(self, round_: int, site: str) -> int | None:
+        """The cohort size ``site`` reported for ``round_``, or None when it reported none."""
+        key = self.layout.cohort(round_, site)
+        if not self.store.exists(key):
+            return None
+        value = json_object(self.store.get_json(key), f"cohort report {key!r}").get("n_cases")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise StoreError(f"cohort report {key!r} holds no valid n_cases: {value!r}")
+        return value
+
     # -- aggregate and final -----------------------------------------------------------------------
 
     def save_aggregate(self, round_: int, aggregate: Mapping[str, Any]) -> None:
