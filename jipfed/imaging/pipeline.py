@@ -26,7 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from jipfed.cohort.model import CohortCase
+from jipfed.cohort.model import CohortCase, SeriesRef
 from jipfed.cohort.qido import DEFAULT_DATASET, select_cohort
 from jipfed.imaging.convert import ConversionReport, case_key_for, convert_cases
 from jipfed.imaging.dicom_cache import TRANSPORTS as FETCHERS
@@ -149,12 +149,16 @@ def incomplete_reasons(
     for case in sorted(cases, key=lambda c: c.study_uid):
         if case.study_uid in done:
             continue
-        why = next(
-            (f'series "{ref.description}": {failed[ref.series_uid]}' for ref in case.series if ref.series_uid in failed),
-            "not in the fetch cache",
-        )
+        why = next((_named(ref, failed[ref.series_uid]) for ref in case.series if ref.series_uid in failed), None)
+        why = why or "not in the fetch cache"
         reasons.append((case_key_for(case.study_uid), f"not all series fetched: {why}"))
     return reasons
+
+
+def _named(ref: SeriesRef, reason: str) -> str:
+    """The reason, led by the series description unless it names the series already."""
+    name = f'series "{ref.description}"'
+    return reason if reason.startswith(name) else f"{name}: {reason}"
 
 
 def convert_fetched(cfg: SiteDataConfig, cases: Sequence[CohortCase]) -> ConversionReport:

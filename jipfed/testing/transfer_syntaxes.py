@@ -8,8 +8,9 @@ every variant can sit in one PACS) and changed in one way:
   pyjpegls (JPEG-LS), pylibjpeg-openjpeg (JPEG 2000, needs images of at least 32 x 32 pixels),
   python-gdcm (JPEG lossless, when installed). :func:`available_syntaxes` says which work here.
 * an Enhanced (multi-frame) MR channel (:func:`multiframe_channel`);
-* a defect (:data:`DEFECTS`): truncated, short fragment, bad VR, damaged deflate stream, stray
-  objects, a series split across two patients.
+* stray objects (an SR, a presentation state and a secondary capture in a series);
+* a defect (:data:`DEFECTS`): truncated, short fragment, bad VR, damaged or cut deflate stream, a
+  series split across two patients.
 
 Layout: ``<out>/<variant>/<case_id>/<SERIES>/*.dcm`` as written by :mod:`jipfed.imaging.synth`.
 """
@@ -273,6 +274,14 @@ def damaged_deflate(case_dir: Path, channel: str) -> Path:
     return path
 
 
+def cut_deflate(case_dir: Path, channel: str) -> Path:
+    """Cut the deflated middle slice to 2/3 of its size: inflating it fails (``zlib.error``)."""
+    path = _middle_slice(case_dir, channel)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) * 2 // 3])
+    return path
+
+
 def stray_objects(case_dir: Path, channel: str) -> Path:
     """Add a Basic Text SR, a presentation state and a secondary capture to ``channel``."""
     folder = Path(case_dir) / channel
@@ -302,6 +311,7 @@ DEFECTS: dict[str, tuple[Callable[[Path, str], Path], tuple[str, ...], str]] = {
     "short_fragment": (short_fragment, ("rle", "jpeg_ls", "jpeg2000"), "damaged"),
     "bad_vr": (bad_vr, ("explicit_le",), "damaged or truncated file"),
     "damaged_deflate": (damaged_deflate, ("deflated",), "damaged or truncated file"),
+    "cut_deflate": (cut_deflate, ("deflated",), "unreadable (error: Error -5 while decompressing"),
     "split_patients": (split_patients, ("explicit_le",), "split across 2 patients"),
 }
 

@@ -265,7 +265,11 @@ def test_format_table_lists_problems() -> None:
 def test_incomplete_case_reason_names_the_failed_series() -> None:
     flair, t1 = SeriesRef("1.2.3", "1.2.3.1", "MR", "FLAIR", 4), SeriesRef("1.2.3", "1.2.3.2", "MR", "T1", 4)
     broken, fine = CohortCase("1.2.3", (flair, t1)), CohortCase("1.2.4", (SeriesRef("1.2.4", "1.2.4.1", "MR", "T1", 4),))
-    fetch = FetchReport(fetched=2, cached=0, failed=[("1.2.3.1", "split across 2 patients")])
+    fetch = FetchReport(fetched=2, cached=0, failed=[("1.2.3.1", "HTTP 404")])
     assert incomplete_reasons([broken, fine], [fine], fetch) == [
-        (case_key_for("1.2.3"), 'not all series fetched: series "FLAIR": split across 2 patients')
+        (case_key_for("1.2.3"), 'not all series fetched: series "FLAIR": HTTP 404')
     ]
+    split = FetchReport(fetched=2, cached=0, failed=[("1.2.3.1", 'series "FLAIR" is split across 2 patients')])
+    assert incomplete_reasons([broken], [], split)[0][1] == (
+        'not all series fetched: series "FLAIR" is split across 2 patients'
+    )

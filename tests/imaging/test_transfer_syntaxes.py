@@ -32,7 +32,13 @@ AFFINE_TOL_MM = 1e-4
 #: Variants damaged so that the file cannot be read here: STOW-RS does not send it, the PACS gets
 #: the series without that slice, so a fetched copy is skipped for the missing slice. (A file cut
 #: inside uncompressed pixel data still parses: it is sent, and skipped after the fetch.)
-NOT_UPLOADED = ("truncated-rle", "truncated-jpeg2000", "bad_vr-explicit_le", "damaged_deflate-deflated")
+NOT_UPLOADED = (
+    "truncated-rle",
+    "truncated-jpeg2000",
+    "bad_vr-explicit_le",
+    "damaged_deflate-deflated",
+    "cut_deflate-deflated",
+)
 
 
 @dataclasses.dataclass(frozen=True)
