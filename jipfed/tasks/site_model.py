@@ -61,7 +61,6 @@ def train_local(run: SiteRun, model_dir: Path, *, evaluate: bool = True) -> str:
     """
     from jipfed.federation.experiment import ExperimentConfig
     from jipfed.federation.site_round import SiteStepError, run_site_step
-    from jipfed.storage.state import config_hash_of
     from jipfed.training.data import SiteData
     from jipfed.training.local import LocalTrainer
 
@@ -98,7 +97,7 @@ def train_local(run: SiteRun, model_dir: Path, *, evaluate: bool = True) -> str:
             trainer,
             run.identity.site_id,
             ticket.experiment,
-            config_hash_of(work.config),
+            ticket.config_hash,  # /v1/work sends the site's view of the config, not the whole one
             evaluate=evaluate,
         )
     except SiteStepError as exc:
