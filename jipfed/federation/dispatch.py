@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -134,6 +134,7 @@ def dispatch_step(exp_store: ExperimentStore, step: int, *, now: datetime | None
         deadline=now + timedelta(seconds=config.round_timeout_s),
     )
     exp_store.save_dispatch(ticket.round, step, dispatch.to_dict())
+    _index_open(exp_store)
     logger.info(
         "experiment %s: dispatched step %d (round %d, attempt %d) to %s by %s; deadline %s",
         ticket.experiment,
@@ -205,6 +206,38 @@ class WorkItem:
         )
 
 
+#: Index of the experiments that may have an open dispatch: one small object per experiment,
+#: written by :func:`dispatch_step` and dropped by :func:`pending_work` once the experiment is no
+#: longer running (finished, failed). Sites poll only these, so finished experiments cost nothing.
+OPEN_INDEX_PREFIX = "index/open/"
+
+
+def open_index_key(experiment: str) -> str:
+    return f"{OPEN_INDEX_PREFIX}{validate_slug(experiment, 'experiment')}.json"
+
+
+def _index_open(exp_store: ExperimentStore) -> None:
+    key = open_index_key(exp_store.experiment)
+    exp_store.store.put_json(key, {"experiment": exp_store.experiment}, overwrite=True)
+
+
+def _running(exp_store: ExperimentStore) -> bool:
+    try:
+        return exp_store.load_state().status is Status.RUNNING
+    except ObjectNotFoundError:
+        return False
+
+
+def open_experiments(store: ModelStore) -> list[str]:
+    """Experiments in the open-dispatch index."""
+    names = []
+    for key in store.list(OPEN_INDEX_PREFIX):
+        name = key[len(OPEN_INDEX_PREFIX) :]
+        if name.endswith(".json") and "/" not in name:
+            names.append(name[: -len(".json")])
+    return sorted(names)
+
+
 def experiments_in(store: ModelStore) -> list[str]:
     """Names of the experiments that have a state in ``store``."""
     names = []
@@ -228,15 +261,49 @@ def work_for_site(exp_store: ExperimentStore, site: str, now: datetime | None = 
     if failure is not None and int(failure.get("attempt", 0)) >= dispatch.attempt:
         return None
     config, _ = load_config(exp_store)
-    return WorkItem(dispatch=dispatch, config=exp_store.load_config(), dataset=config.datasets.get(site))
+    return WorkItem(
+        dispatch=replace(dispatch, ticket=_ticket_for(dispatch.ticket, site)),
+        config=_config_for(exp_store.load_config(), site),
+        dataset=config.datasets.get(site),
+    )
+
+
+def _ticket_for(ticket: StepTicket, site: str) -> StepTicket:
+    """The ticket as ``site`` sees it: itself as the only selected site, only its own local work."""
+    return replace(ticket, sites=(site,), local_work={site: ticket.local_work[site]})
+
+
+def _config_for(config: Mapping[str, Any], site: str) -> dict[str, Any]:
+    """The experiment config as ``site`` sees it: no other site's id, cohort selector or size.
+
+    Still a valid ``ExperimentConfig`` (one site, quorum 1); its hash is not the experiment's,
+    which is ``ticket.config_hash``.
+    """
+    view = dict(config)
+    view["sites"] = [site]
+    view["min_sites"] = 1
+    for key in ("site_samples", "datasets"):
+        own = dict(view.get(key) or {})
+        view[key] = {site: own[site]} if site in own else {}
+    return view
 
 
 def pending_work(store: ModelStore, site: str, now: datetime | None = None) -> list[WorkItem]:
-    """Every dispatched step, across running experiments, that ``site`` still has to answer (oldest first)."""
+    """Every dispatched step, across running experiments, that ``site`` still has to answer (oldest first).
+
+    Reads only the experiments of the open-dispatch index; an entry whose experiment has no open
+    step any more is dropped from the index here.
+    """
     validate_slug(site, "site id")
     items = []
-    for name in experiments_in(store):
-        item = work_for_site(ExperimentStore(store, name), site, now)
+    for name in open_experiments(store):
+        exp_store = ExperimentStore(store, name)
+        if not _running(exp_store):
+            store.delete(open_index_key(name))
+            if _running(exp_store):  # resumed (and dispatched) meanwhile: keep it listed
+                _index_open(exp_store)
+            continue
+        item = work_for_site(exp_store, site, now)
         if item is not None:
             items.append(item)
     return sorted(items, key=lambda item: item.dispatch.dispatched_at)

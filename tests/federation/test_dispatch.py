@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from jipfed.federation.dispatch import (
     accept_in_time,
     dispatch_step,
     model_for_site,
+    open_experiments,
     pending_work,
     record_timeout,
     report_site_failure,
@@ -29,6 +31,7 @@ from jipfed.federation.rounds import (
     QuorumNotMet,
     UpdateRefused,
     aggregate_step,
+    fail_experiment,
     start_experiment,
 )
 from jipfed.federation.site_round import run_site_step
@@ -139,3 +142,29 @@ def test_update_after_the_deadline_is_refused_and_the_timeout_recorded(
     with pytest.raises(QuorumNotMet, match="timed out"):
         aggregate_step(exp_store, 0)
     assert not exp_store.has_global(1)
+
+
+def test_work_shows_a_site_only_itself_and_polls_only_open_experiments(tmp_path: Path) -> None:
+    one = started(tmp_path, "exp1", datasets={"site-a": "BRATS-A", "site-b": "BRATS-B"})
+    dispatch_step(one, 0)
+    [item] = pending_work(one.store, "site-a")
+    assert item.ticket.sites == ("site-a",) and list(item.ticket.local_work) == ["site-a"]
+    assert item.config["sites"] == ["site-a"] and item.config["datasets"] == {"site-a": "BRATS-A"}
+    assert "site-b" not in json.dumps(item.to_dict()) and "BRATS-B" not in json.dumps(item.to_dict())
+    assert (
+        ExperimentConfig.from_dict(item.config).train == ExperimentConfig.from_dict(one.load_config()).train
+    )
+    assert open_experiments(one.store) == ["exp1"]
+    fail_experiment(one, "stopped by the admin")
+    assert pending_work(one.store, "site-a") == [] and open_experiments(one.store) == []
+
+    class CountingStore(LocalFolderStore):
+        reads = 0
+
+        def get_bytes(self, key: str) -> bytes:
+            CountingStore.reads += 1
+            return super().get_bytes(key)
+
+    store = CountingStore(one.store.root)
+    pending_work(store, "site-a")
+    assert CountingStore.reads == 0  # a finished or failed experiment is not read at all
