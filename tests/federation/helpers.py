@@ -21,8 +21,9 @@ def update(
     kind: str = "delta",
     n_samples: int = 1,
     experiment: str = EXPERIMENT,
+    metrics: Mapping[str, float] | None = None,
 ) -> ModelUpdate:
-    """A ModelUpdate with the test experiment's identity."""
+    """A ModelUpdate with the test experiment's identity (metrics default ``{"loss": 0.5}``)."""
     return ModelUpdate.build(
         dict(tensors),
         experiment=experiment,
@@ -31,7 +32,7 @@ def update(
         kind=kind,
         n_samples=n_samples,
         config_hash=CONFIG_HASH,
-        metrics={"loss": 0.5},
+        metrics={"loss": 0.5} if metrics is None else metrics,
     )
 
 

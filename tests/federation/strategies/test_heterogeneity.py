@@ -18,20 +18,11 @@ from jipfed.federation.strategies import (
 from jipfed.federation.update import ModelUpdate, TensorSpec, control_specs, spec_of
 from jipfed.federation.validation import UpdateRejected, check_specs
 
-from ..helpers import CONFIG_HASH, EXPERIMENT, t, update
+from ..helpers import t, update
 
 
 def _with_steps(tensors: dict, *, site: str, round: int, n: int, steps: float) -> ModelUpdate:
-    return ModelUpdate.build(
-        tensors,
-        experiment=EXPERIMENT,
-        round=round,
-        site=site,
-        kind="delta",
-        n_samples=n,
-        config_hash=CONFIG_HASH,
-        metrics={"steps": steps},
-    )
+    return update(tensors, site=site, round=round, n_samples=n, metrics={"steps": steps})
 
 
 def test_fednova_normalises_by_local_steps() -> None:
