@@ -168,6 +168,9 @@ class CentralClient:
         self.tries = tries
         self.backoff_s = backoff_s
         self.central_public_key = central_public_key
+        parts = token.split(".")
+        #: The site the token names (the central decides; this is for the outgoing check only).
+        self.site = parts[1] if len(parts) >= 3 and parts[0].startswith("jipfed") else None
         self.signing_key = signing_key
         self._session = requests.Session()
         self._session.verify = verify
@@ -293,15 +296,29 @@ class CentralClient:
             ) from None
 
     def put_update(
-        self, experiment: str, round: int, payload: bytes, manifest_json: str, *, step: int | None = None
+        self,
+        experiment: str,
+        round: int,
+        payload: bytes,
+        manifest_json: str,
+        *,
+        step: int | None = None,
+        check: bool = True,
     ) -> dict[str, Any]:
         """Upload the site's update for ``round``; returns the manifest the central accepted.
 
-        With a ``signing_key`` the update is signed for plan step ``step`` (required then).
+        With a ``signing_key`` the update is signed for plan step ``step`` (required then). First
+        (``check``, on by default) :func:`jipfed.central.outgoing.check_outgoing_update` makes sure
+        it holds only the expected tensors and numeric fields; ``check=False`` is for tests of
+        the central's own defences.
 
         Raises:
             CentralRefused: late, duplicate, rejected (the codec's reason in ``detail``), unsigned, ...
         """
+        if check:
+            from jipfed.central.outgoing import check_outgoing_update
+
+            check_outgoing_update(payload, manifest_json, self.site)
         path = f"/v1/experiments/{_q(experiment)}/rounds/{_q(round)}/update"
         fields = {"manifest": manifest_json}
         if self.signing_key is not None:
