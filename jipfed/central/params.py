@@ -17,6 +17,7 @@ import copy
 from collections.abc import Mapping
 from typing import Any
 
+from jipfed.federation.bounds import DEFAULT_MAX_SITE_SAMPLES, DEFAULT_NORM_BOUND_FACTOR
 from jipfed.federation.experiment import DISPATCH_TRANSPORTS, ExperimentConfig
 from jipfed.federation.plans import ORDERS, PLANS
 from jipfed.federation.strategies import STRATEGIES
@@ -193,6 +194,32 @@ PARAMS: dict[str, dict[str, Any]] = {
         "by then is recorded as timed out.",
         "section": _FEDERATION,
     },
+    "norm_bound_factor": {
+        "type": ["number", "null"],
+        "minimum": 1,
+        "default": DEFAULT_NORM_BOUND_FACTOR,
+        "title": "Update norm bound (x median)",
+        "description": "An update whose change to the model is larger than this many times the round's "
+        "median update norm is clipped to it (recorded in aggregate.json); empty = off.",
+        "section": _FEDERATION,
+    },
+    "max_update_norm": {
+        "type": ["number", "null"],
+        "exclusiveMinimum": 0,
+        "default": None,
+        "title": "Update norm limit (absolute)",
+        "description": "Reject an update whose change to the model has a larger L2 norm; empty = no limit.",
+        "section": _FEDERATION,
+    },
+    "max_site_samples": {
+        "type": "integer",
+        "minimum": 1,
+        "default": DEFAULT_MAX_SITE_SAMPLES,
+        "title": "Max cases per site",
+        "description": "The most training cases one site's update may claim (its aggregation weight); "
+        "a site's claim is also bounded by the cohort size it reported for the step.",
+        "section": _FEDERATION,
+    },
     "transport": {
         "type": "string",
         "enum": list(DISPATCH_TRANSPORTS),
@@ -326,6 +353,9 @@ def experiment_config(params: Mapping[str, Any]) -> ExperimentConfig:
             min_sites=p["min_sites"],
             round_timeout_s=p["round_timeout_s"],
             encoding=p["encoding"],
+            norm_bound_factor=p["norm_bound_factor"],
+            max_update_norm=p["max_update_norm"],
+            max_site_samples=p["max_site_samples"],
             privacy=privacy,
             seed=p["seed"],
             datasets=p["datasets"],

@@ -93,6 +93,9 @@ def test_each_param_reaches_the_experiment_config() -> None:
             "round_timeout_s": 600,
             "transport": "push",
             "encoding": "fp16",
+            "norm_bound_factor": 5.0,
+            "max_update_norm": 40.0,
+            "max_site_samples": 500,
             "step": None,
         }
     )
@@ -113,6 +116,9 @@ def test_each_param_reaches_the_experiment_config() -> None:
         seed=11,
         datasets={"s1": "BraTS-2021", "s3": "UPENN-GBM"},
         transport="push",
+        norm_bound_factor=5.0,
+        max_update_norm=40.0,
+        max_site_samples=500,
     )
 
 
