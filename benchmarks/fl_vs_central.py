@@ -29,8 +29,10 @@ Then PASS / MISS lines for issue 12's goals on the strong setting:
 2. a FedAvg-family method at its defaults (fedavg, fedavgm, fednova; best on validation) >= 97 %;
 3. no site's test Dice under the best method is more than 5 % below the centralised model's there.
 
-Run: ``nice -n 5 .venv/bin/python benchmarks/fl_vs_central.py > /tmp/fl.log 2>&1 &`` (default grid,
-about 25 min on 2 free cores); ``--quick`` for a smoke run of a few minutes. Finished runs are cached
+Run: ``nice -n 5 .venv/bin/python benchmarks/fl_vs_central.py > /tmp/fl.log 2>&1 &`` (default grid;
+measured on a shared, loaded 2-core machine: the strong setting's 3 seeds as three parallel
+``--seeds N`` processes 6.9 min, homogeneous + default 2.0 min, data preparation a few minutes per
+setting and seed); ``--quick`` for a smoke run of a few minutes. Finished runs are cached
 in ``--workdir`` by their settings. Results: ``<workdir>/results<tag>.json``.
 """
 
@@ -83,7 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--spacing", type=float, nargs=3, default=[4.0, 4.0, 4.0], metavar=("X", "Y", "Z"))
     parser.add_argument("--size", choices=SIZES, default="tiny", help="U-Net preset (default %(default)s)")
     parser.add_argument(
-        "--epochs", type=int, default=20, help="total epochs of every run (default %(default)s)"
+        "--epochs", type=int, default=40, help="total epochs of every run (default %(default)s)"
     )
     parser.add_argument("--local-epochs", type=int, default=1, help="local epochs per round")
     parser.add_argument("--lr", type=float, default=3e-3, help="site / central Adam learning rate")
