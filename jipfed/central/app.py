@@ -1,20 +1,25 @@
 """The central endpoint sites talk to: an authenticated HTTP layer over :mod:`jipfed.federation.dispatch`.
 
-Sites open outbound connections only: they ask for their work, download the model their ticket
-names, upload their update or report a failure. Every ``/v1`` route needs ``Authorization:
-Bearer <site token>`` (:mod:`jipfed.central.tokens`); the site a request acts as comes from the
-token only. Routes (relative to where the app is mounted, ``/jipfed`` in the Airflow plugin)::
+Sites open outbound connections only: they ask for their work, report their cohort, download the
+model their ticket names, upload their update or report a failure. Every ``/v1`` route needs
+``Authorization: Bearer <site token>``, checked against the credential registry
+(:mod:`jipfed.central.credentials`); the site a request acts as comes from the token only. Routes
+(relative to where the app is mounted, ``/jipfed`` in the Airflow plugin)::
 
     GET  /healthz                                                     no auth
-    GET  /v1/work                                                     the site's pending work items
-    GET  /v1/experiments/{exp}/rounds/{r}/steps/{s}/model             payload (X-Jipfed-Sha256 header)
+    GET  /v1/work                                                     the site's pending work (its own view)
+    GET  /v1/experiments/{exp}/rounds/{r}/steps/{s}/model             payload (X-Jipfed-Sha256, X-Jipfed-Signature)
     GET  /v1/experiments/{exp}/rounds/{r}/steps/{s}/model/manifest    its manifest
-    PUT  /v1/experiments/{exp}/rounds/{r}/update                      multipart: manifest + payload
+    POST /v1/experiments/{exp}/rounds/{r}/steps/{s}/cohort            {"n_cases": N}
+    PUT  /v1/experiments/{exp}/rounds/{r}/update                      multipart: manifest + payload (+ signature)
     POST /v1/experiments/{exp}/rounds/{r}/steps/{s}/failure           {"reason": "..."}
+    GET  /v1/central-key                                              the central's Ed25519 public key
 
-Errors are JSON ``{"code": ..., "detail": ...}``: 400 bad_request, 401 no_token, 403 bad_token /
-not_selected, 404 unknown_experiment, 409 not_open or an ``UpdateRefused`` code (late, duplicate,
-rejected, ...), 413 too_large, 500 internal / misconfigured (no traceback; the log has it).
+Errors are JSON ``{"code": ..., "detail": ...}`` (see ``docs/central-api.md``): 400 bad_request,
+401 no_token, 403 bad_token / expired_token / revoked_token / rotated_token / not_selected, 404
+unknown_experiment, 409 not_open or an ``UpdateRefused`` code (late, duplicate, rejected,
+unsigned, bad_signature, ...), 413 too_large, 500 internal / misconfigured (no traceback; the log
+has it). Uploads, reports and downloads are appended to the audit log (:mod:`jipfed.central.audit`).
 No Airflow import: the Airflow plugin (``jipfed.plugins.jipfed_plugin``) mounts this app.
 """
 
