@@ -213,3 +213,30 @@ def test_simulation_result_carries_the_final_global_model(fedavg_run: Simulation
     store = ExperimentStore(LocalFolderStore(fedavg_run.metrics_json.parent / "store"), fedavg_run.experiment)
     assert store.has_global(len(fedavg_run.rows) - 1)
     assert fedavg_run.weights and all(torch.isfinite(t).all() for t in fedavg_run.weights.values())
+
+
+def test_fedadam_moves_weights_but_averages_batchnorm_statistics(
+    sites: dict[str, SiteData], tmp_path: Path
+) -> None:
+    # round 0: both strategies see the same site updates; only trainable weights take FedAdam's step
+    train = TrainConfig(
+        task="classification",
+        model="densenet",
+        size="tiny",
+        epochs=1,
+        batch_size=2,
+        lr=0.01,
+        amp=False,
+        val_fraction=0.25,
+    )
+    final = {}
+    for strategy in ("fedavg", "fedadam"):
+        config = ExperimentConfig(
+            name=f"cls-{strategy}", sites=SITES, rounds=1, train=train, strategy=strategy
+        )
+        final[strategy] = simulate(sites, config, tmp_path / strategy, progress=False).weights
+    stats = [n for n in final["fedavg"] if n.endswith(("running_mean", "running_var"))]
+    assert stats and all(torch.allclose(final["fedadam"][n], final["fedavg"][n], atol=1e-6) for n in stats)
+    assert all(bool((final["fedadam"][n] > 0).all()) for n in stats if n.endswith("running_var"))
+    weights = [n for n in final["fedavg"] if n.endswith("conv0.weight")]
+    assert weights and not torch.allclose(final["fedadam"][weights[0]], final["fedavg"][weights[0]])
