@@ -69,11 +69,9 @@ def statement(
     )
 
 
-def update_statement(manifest: Mapping[str, Any], manifest_text: str | bytes, step: int) -> bytes:
-    """What a site signs for its update: the manifest's own identity fields plus the plan step."""
-    text = manifest_text.encode("utf-8") if isinstance(manifest_text, str) else manifest_text
+def _manifest_statement(purpose: str, manifest: Mapping[str, Any], step: int, text: bytes) -> bytes:
     return statement(
-        UPDATE_PURPOSE,
+        purpose,
         experiment=str(manifest.get("experiment")),
         round=int(manifest.get("round", -1)),
         step=step,
@@ -84,18 +82,15 @@ def update_statement(manifest: Mapping[str, Any], manifest_text: str | bytes, st
     )
 
 
+def update_statement(manifest: Mapping[str, Any], manifest_text: str | bytes, step: int) -> bytes:
+    """What a site signs for its update: the manifest's own identity fields plus the plan step."""
+    text = manifest_text.encode("utf-8") if isinstance(manifest_text, str) else manifest_text
+    return _manifest_statement(UPDATE_PURPOSE, manifest, step, text)
+
+
 def global_statement(manifest: Mapping[str, Any], step: int) -> bytes:
     """What the central signs for the model a step starts from (its manifest as canonical JSON)."""
-    return statement(
-        GLOBAL_PURPOSE,
-        experiment=str(manifest.get("experiment")),
-        round=int(manifest.get("round", -1)),
-        step=step,
-        site=str(manifest.get("site")),
-        config_hash=str(manifest.get("config_hash")),
-        manifest_text=canonical_json(dict(manifest)),
-        payload_sha256=manifest.get("sha256"),
-    )
+    return _manifest_statement(GLOBAL_PURPOSE, manifest, step, canonical_json(dict(manifest)))
 
 
 def generate_private_key() -> Ed25519PrivateKey:

@@ -20,7 +20,7 @@ from jipfed.storage.base import ModelStore
 from jipfed.storage.local import LocalFolderStore
 from jipfed.training.local import LocalTrainer
 
-from .helpers import SITES, Central, start, train
+from .helpers import SITES, Central, OpenOnUnpickle, start, train
 
 UPDATE_PATH = "/v1/experiments/exp1/rounds/0/update"
 
@@ -217,16 +217,6 @@ def test_oversized_uploads_get_413(local_store: LocalFolderStore, serve) -> None
     assert local_store.list("experiments/exp1/rounds/0/updates/") == []
 
 
-class _OpenOnUnpickle:
-    """A pickle that creates a file when unpickled: the endpoint must never unpickle it."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def __reduce__(self):
-        return (open, (str(self.path), "w"))
-
-
 def test_malformed_and_pickled_uploads_are_refused_unread(
     local_store: LocalFolderStore, serve, trainers: dict[str, LocalTrainer], tmp_path: Path
 ) -> None:
@@ -236,7 +226,7 @@ def test_malformed_and_pickled_uploads_are_refused_unread(
     [item] = a.pending_work()
     encoded = train(a, trainers["site-a"], "site-a", item)
     marker = tmp_path / "unpickled"
-    payload = pickle.dumps(_OpenOnUnpickle(marker))
+    payload = pickle.dumps(OpenOnUnpickle(marker))
     manifest = encoded.manifest.replace(sha256=hashlib.sha256(payload).hexdigest())
     with pytest.raises(CentralRefused) as pickled:
         a.put_update("exp1", 0, payload, manifest.to_json(), check=False)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
-from central.helpers import SITES, start
+from central.helpers import SITES, OpenOnUnpickle, start
 
 from jipfed.central.audit import read_events
 from jipfed.central.client import CentralClient, CentralError, CentralRefused
@@ -122,14 +122,6 @@ def _rehashed(manifest: UpdateManifest, payload: bytes) -> str:
     return manifest.replace(sha256=hashlib.sha256(payload).hexdigest()).to_json()
 
 
-class _OpenOnUnpickle:
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def __reduce__(self):
-        return (open, (str(self.path), "w"))
-
-
 def test_malformed_payloads_are_rejected_and_the_global_model_is_unharmed(
     fed: Federation, tally: Tally, tmp_path: Path
 ) -> None:
@@ -144,7 +136,7 @@ def test_malformed_payloads_are_rejected_and_the_global_model_is_unharmed(
     cases = {
         "truncated safetensors": (good.payload[: len(good.payload) // 2], "safetensors"),
         "malformed safetensors": (b"\x00" * 8 + b"not a header" * 10, "safetensors"),
-        "pickle payload": (pickle.dumps(_OpenOnUnpickle(marker)), "safetensors"),
+        "pickle payload": (pickle.dumps(OpenOnUnpickle(marker)), "safetensors"),
         "NaN values": (variant(lambda t: t.clone().fill_(float("nan"))), "NaN"),
         "Inf values": (variant(lambda t: t.clone().fill_(float("inf"))), "Inf"),
         "wrong shape": (variant(lambda t: t.reshape(-1)[:-1].clone()), "shape"),
