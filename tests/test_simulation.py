@@ -137,12 +137,15 @@ def test_cli_runs_a_short_simulation(
             "0.02",
             "--val-fraction",
             "0.25",
+            "--personalize-epochs",
+            "1",
             "--no-progress",
         ]
     )
     assert args.run(args) == 0
     out = capsys.readouterr().out
     assert "global dice_mean" in out and "north" in out and "south" not in out  # first 2, sorted
+    assert "site east: global dice_mean" in out and "personalised" in out
     config = json.loads((tmp_path / "store" / "experiments" / "simulation" / "config.json").read_text())
     assert config["strategy_kwargs"] == {"eta": 0.01, "tau": 0.001} and config["train"]["steps"] == 2
     assert (tmp_path / "metrics.csv").is_file()
