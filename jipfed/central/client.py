@@ -84,6 +84,15 @@ class CentralRefused(CentralError):
         super().__init__(409, detail, code=code, **where)
 
 
+class OutgoingRefused(CentralRefused):
+    """The client refused to send an update (``code="rejected"``, ``status_code`` None): it holds
+    something besides the expected tensors and numeric fields (:mod:`jipfed.central.outgoing`)."""
+
+    def __init__(self, detail: str, **where: Any) -> None:
+        super().__init__("rejected", f"refused before sending: {detail}", **where)
+        self.status_code = None
+
+
 def _q(segment: str | int) -> str:
     return quote(str(segment), safe="")
 
@@ -313,13 +322,19 @@ class CentralClient:
         the central's own defences.
 
         Raises:
-            CentralRefused: late, duplicate, rejected (the codec's reason in ``detail``), unsigned, ...
+            CentralRefused: late, duplicate, rejected (the codec's reason in ``detail``), unsigned, ...;
+                :class:`OutgoingRefused` when the outgoing check refused it (nothing was sent).
         """
-        if check:
-            from jipfed.central.outgoing import check_outgoing_update
-
-            check_outgoing_update(payload, manifest_json, self.site)
         path = f"/v1/experiments/{_q(experiment)}/rounds/{_q(round)}/update"
+        if check:
+            from jipfed.central.outgoing import OutgoingRejected, check_outgoing_update
+
+            try:
+                check_outgoing_update(payload, manifest_json, self.site)
+            except OutgoingRejected as exc:
+                raise OutgoingRefused(
+                    str(exc), method="PUT", path=path, experiment=experiment, round=round
+                ) from None
         fields = {"manifest": manifest_json}
         if self.signing_key is not None:
             fields["signature"] = self._sign_update(manifest_json, step)

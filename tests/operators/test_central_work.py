@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from jipfed.operators.compat import (
     AirflowFailException,
     AirflowSkipException,
@@ -30,9 +31,11 @@ from jipfed.central.app import create_app
 from jipfed.central.client import CentralClient, CentralRefused
 from jipfed.central.serve import serve_in_thread
 from jipfed.central.tokens import site_token
+from jipfed.federation.codec import encode_update
 from jipfed.federation.dispatch import WorkItem, dispatch_step
 from jipfed.federation.experiment import ExperimentConfig
 from jipfed.federation.rounds import start_experiment
+from jipfed.federation.update import ModelUpdate
 from jipfed.storage.local import LocalFolderStore
 from jipfed.storage.state import ExperimentStore
 from jipfed.tasks.errors import TaskError, TaskFailed
@@ -137,7 +140,7 @@ def test_trigger_waits_for_work_then_fires_with_the_oldest_item(central: Central
     event = asyncio.run(scenario())
     assert event["status"] == "work"
     item = WorkItem.from_dict(event["item"])
-    assert (item.ticket.experiment, item.ticket.step, item.ticket.sites) == ("older", 0, (SITE, "site-b"))
+    assert (item.ticket.experiment, item.ticket.step, item.ticket.sites) == ("older", 0, (SITE,))
 
 
 async def first_event_async(trig: CentralWorkTrigger) -> dict[str, Any]:
@@ -256,9 +259,24 @@ def test_upload_refusal_fails_with_the_code_and_reason(central: Central) -> None
     ) as refused:
         upload_update(central.client(), item.ticket, b"not a safetensors file", "{}", where=where)
     assert isinstance(refused.value.__cause__, CentralRefused) and exp_store.list_updates(0) == []
+    plain = encode_update(  # well-formed, so the client's outgoing check lets it go out
+        ModelUpdate.build(
+            {"w": torch.ones(1)},
+            experiment="exp1",
+            round=0,
+            site=SITE,
+            kind="delta",
+            n_samples=1,
+            config_hash="0" * 64,
+        )
+    )
     with pytest.raises(TaskError, match=f"^{where}: upload failed: ") as unreachable:
         upload_update(
-            CentralClient(f"http://127.0.0.1:{free_port()}", "t"), item.ticket, b"x", "{}", where=where
+            CentralClient(f"http://127.0.0.1:{free_port()}", "t"),
+            item.ticket,
+            plain.payload,
+            plain.manifest.to_json(),
+            where=where,
         )
     assert not isinstance(unreachable.value, TaskFailed)  # retryable
 

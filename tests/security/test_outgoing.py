@@ -9,6 +9,7 @@ import struct
 import pytest
 import torch
 
+from jipfed.central.client import CentralClient, OutgoingRefused
 from jipfed.central.outgoing import OutgoingRejected, check_outgoing_update
 from jipfed.central.sanitize import category_of, failure_report, sanitize_text
 from jipfed.federation.codec import encode_update
@@ -90,3 +91,11 @@ def test_the_outgoing_guard_passes_a_plain_update_and_refuses_extras() -> None:
         check_outgoing_update(b"\x80\x04pickle", good.manifest.to_json())
     with pytest.raises(OutgoingRejected, match="sha256"):
         check_outgoing_update(good.payload + b" ", good.manifest.to_json())
+
+
+def test_the_client_refuses_to_send_what_the_guard_refuses() -> None:
+    named = _encoded({"Max Mustermann 0012345": 1.0})
+    client = CentralClient("http://127.0.0.1:9", "jipfed.site-a." + "0" * 64, tries=1)
+    with pytest.raises(OutgoingRefused) as refused:  # port 9 is never contacted
+        client.put_update("e", 0, named.payload, named.manifest.to_json())
+    assert refused.value.code == "rejected" and refused.value.status_code is None
