@@ -117,7 +117,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     if args.quick:
-        args.settings, args.seeds, args.smallest = ["strong"], [0], 2
+        args.settings, args.seeds, args.smallest = ["strong"], [0], 3
         args.shape, args.spatial_size, args.spacing = [32, 32, 24], [16, 16, 16], [8.0, 8.0, 8.0]
         args.epochs, args.local_epochs = 4, 1
         args.workdir = args.workdir.with_name(args.workdir.name + "-quick")
