@@ -118,7 +118,7 @@ def test_sites_work_a_round_through_the_api_server(central: Central) -> None:
         assert (
             clients[site].put_update("exp1", 0, encoded.payload, encoded.manifest.to_json())["site"] == site
         )
-    clients["site-c"].report_failure("exp1", 0, 0, REASON)
+    clients["site-c"].report_failure("exp1", 0, 0, REASON, task="fetch_dicom")  # sent sanitised
     assert all(client.pending_work() == [] for client in clients.values())
 
     no_token = requests.get(f"{central.url}/v1/work", timeout=30)
@@ -144,7 +144,7 @@ def test_experiment_pages_need_airflow_auth(central: Central) -> None:
     answer = requests.get(page, headers=central.jwt(), timeout=30)
     assert answer.status_code == 200
     assert "<td>0</td><td>site-a, site-b</td>" in answer.text
-    assert f"<b>site-c</b>: {REASON}" in answer.text and "<td>0.5000</td>" in answer.text
+    assert f"<b>site-c</b>: connection in fetch_dicom: {REASON}" in answer.text and "<td>0.5000</td>" in answer.text
     listing = requests.get(f"{central.url}/ui/experiments", headers=central.jwt(), timeout=30)
     assert "step 1 of 2" in listing.text
     plot = requests.get(f"{page}/plot.png", headers=central.jwt(), timeout=60)
