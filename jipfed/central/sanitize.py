@@ -2,7 +2,7 @@
 
 Exception texts at a site name series UIDs, patient names and ids, file paths and PACS URLs.
 :func:`failure_report` turns such a text into ``"<category> in <task>: <message>"`` where the
-message is the exception's last line with everything that could identify a patient or the site's
+message is the exception's last line (of a traceback; else the whole text) with everything that could identify a patient or the site's
 internals replaced by a placeholder; the full text stays in the site's own task log.
 :class:`jipfed.central.client.CentralClient` applies it to every failure report it sends, so every
 caller is covered; the endpoint applies :func:`sanitize_text` again on receipt.
@@ -63,14 +63,17 @@ def category_of(text: str) -> str:
     return "error"
 
 
-def _last_line(text: str) -> str:
+def _message(text: str) -> str:
+    """A traceback's last line (the exception), or every line of a plain message joined."""
     lines = [line.strip() for line in str(text).strip().splitlines() if line.strip()]
-    return lines[-1] if lines else ""
+    if lines and lines[0].startswith("Traceback"):
+        return lines[-1]
+    return " ".join(lines)
 
 
 def failure_report(reason: str, *, task: str | None = None) -> str:
-    """``"<category> in <task>: <sanitised last line of reason>"``; safe to send to the central."""
-    last = _last_line(reason)
+    """``"<category> in <task>: <sanitised message>"``; safe to send to the central."""
+    last = _message(reason)
     task_name = re.sub(r"[^A-Za-z0-9_.-]", "", task or "")[:MAX_TASK_CHARS] or "unknown task"
     message = sanitize_text(last)
     return f"{category_of(message)} in {task_name}: {message}"
