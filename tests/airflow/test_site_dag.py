@@ -344,7 +344,6 @@ def test_pacs_down_fails_the_run_and_the_central_learns_why(
     assert dispatch is not None
     status, reason = site_status(exp_store, dispatch, SITE)
     assert status == FAILED
-    assert (
-        reason.startswith("select_cohort failed: ") and down.base_url in reason and "cohort query" in reason
-    )
+    assert "select_cohort failed: " in reason and "cohort query" in reason, reason
+    assert down.base_url not in reason  # failure reports leave the site sanitised
     assert list((data_root / "workflows").iterdir()) == []
