@@ -16,6 +16,7 @@ CORE = [
     "requests>=2.31",
     "tqdm>=4.66",
     "pyyaml>=6.0",
+    "cryptography>=42",  # Ed25519 signatures of updates and global models
 ]
 
 #: What does the heavy work (a worker pod, or Airflow's workers in in-process mode).

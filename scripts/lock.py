@@ -9,7 +9,7 @@ Usage (from the repository root, with the Python the venvs are made from: CPytho
 A set is made in two steps: (1) pip installs ``requirements/<set>.in`` into a throwaway venv (or,
 with ``--from-venv``, an existing tested venv is used) and ``pip check`` must pass; (2) pip resolves
 the ``.in`` again, dry-run, constrained by what that venv holds (and by the earlier sets named in
-``SETS``), which yields exactly the set's closure. Constraining later sets by earlier ones gives the
+``SETS``, less what the ``.in`` pins itself), which yields exactly the set's closure. Constraining later sets by earlier ones gives the
 worker stack (torch, MONAI, the DICOM libraries) the same versions in every venv and in the worker
 image. Local version labels are dropped (``torch 2.13.0+cpu`` is written ``torch==2.13.0``): the
 same line takes a CPU build from a CPU wheel index and the CUDA build from PyPI.
@@ -53,31 +53,49 @@ def pip(python: Path | str, *args: str) -> str:
     return done.stdout
 
 
+def own_pins(name: str) -> set[str]:
+    """Projects that ``requirements/<name>.in`` pins itself (``name==version``): they win over constraints."""
+    lines = (line.split("#", 1)[0].strip() for line in (REQUIREMENTS / f"{name}.in").read_text().splitlines())
+    return {canonical(line.split("==", 1)[0]) for line in lines if "==" in line}
+
+
+def constraint_args(name: str, constraints: list[str], tmp: Path) -> list[str]:
+    """``-c`` arguments for the earlier sets ``constraints``, minus what ``<name>.in`` pins itself."""
+    mine = own_pins(name)
+    args = []
+    for constraint in constraints:
+        kept = [
+            line
+            for line in (REQUIREMENTS / f"{constraint}.txt").read_text().splitlines()
+            if line.startswith("#") or canonical(line.split("==", 1)[0]) not in mine
+        ]
+        path = tmp / f"{constraint}.constraints.txt"
+        path.write_text("\n".join(kept) + "\n")
+        args += ["-c", str(path)]
+    return args
+
+
 def installed_versions(venv: Path, name: str, constraints: list[str]) -> str:
-    """``pip freeze`` of ``venv``; a fresh throwaway venv of ``<name>.in`` when ``venv`` is None."""
+    """``pip freeze`` of ``venv``; first a fresh install of ``<name>.in`` there when it has no Python."""
     python = venv / "bin" / "python"
     if not python.exists():
         print(f"[lock] {name}: installing requirements/{name}.in into {venv} (pip's own resolution)")
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        args = ["install", "--quiet", "-r", str(REQUIREMENTS / f"{name}.in")]
-        for constraint in constraints:
-            args += ["-c", str(REQUIREMENTS / f"{constraint}.txt")]
-        pip(python, *args)
+        pip(python, "install", "--quiet", "-r", str(REQUIREMENTS / f"{name}.in"), *constraints)
     pip(python, "check")
     return pip(python, "freeze", "--all", "--exclude-editable")
 
 
 def resolve(name: str, constraints: list[str], venv: Path) -> dict[str, str]:
     """``{project: version}`` of ``requirements/<name>.in``'s closure, pinned to what ``venv`` holds."""
-    with tempfile.TemporaryDirectory() as tmp:
-        frozen = Path(tmp) / "frozen.txt"
-        frozen.write_text(re.sub(r"\+[\w.]+$", "", installed_versions(venv, name, constraints), flags=re.M))
-        report = Path(tmp) / "report.json"
-        args = ["install", "--dry-run", "--ignore-installed", "--quiet", "--report", str(report),
-                "-r", str(REQUIREMENTS / f"{name}.in"), "-c", str(frozen)]
-        for constraint in constraints:
-            args += ["-c", str(REQUIREMENTS / f"{constraint}.txt")]
-        pip(sys.executable, *args)
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        earlier = constraint_args(name, constraints, tmp)
+        frozen = tmp / "frozen.txt"
+        frozen.write_text(re.sub(r"\+[\w.]+$", "", installed_versions(venv, name, earlier), flags=re.M))
+        report = tmp / "report.json"
+        pip(sys.executable, "install", "--dry-run", "--ignore-installed", "--quiet", "--report", str(report),
+            "-r", str(REQUIREMENTS / f"{name}.in"), "-c", str(frozen), *earlier)
         installs = json.loads(report.read_text())["install"]
     pins = {}
     for item in installs:
