@@ -17,11 +17,14 @@ import copy
 from collections.abc import Mapping
 from typing import Any
 
-from jipfed.federation.bounds import DEFAULT_MAX_SITE_SAMPLES, DEFAULT_NORM_BOUND_FACTOR
 from jipfed.federation.experiment import DISPATCH_TRANSPORTS, ExperimentConfig
+from jipfed.federation.names import (
+    DEFAULT_MAX_SITE_SAMPLES,
+    DEFAULT_NORM_BOUND_FACTOR,
+    ENCODINGS,
+    STRATEGY_NAMES,
+)
 from jipfed.federation.plans import ORDERS, PLANS
-from jipfed.federation.strategies import STRATEGIES
-from jipfed.federation.update import ENCODINGS
 from jipfed.storage.layout import _SLUG_RE
 from jipfed.training.config import MODELS_BY_TASK, SIZES, TASKS, TrainConfig
 
@@ -142,7 +145,7 @@ PARAMS: dict[str, dict[str, Any]] = {
     },
     "strategy": {
         "type": "string",
-        "enum": sorted(STRATEGIES),
+        "enum": sorted(STRATEGY_NAMES),
         "default": "fedavg",
         "title": "Strategy",
         "description": "Server aggregation strategy (the cyclic plan takes fedavg or fedprox). For "

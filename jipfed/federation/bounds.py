@@ -21,12 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
+from jipfed.federation.names import DEFAULT_MAX_SITE_SAMPLES, DEFAULT_NORM_BOUND_FACTOR  # noqa: F401
 from jipfed.federation.update import ModelUpdate, is_buffer, is_control
 
-#: Default cap on the training cases one site may claim per update.
-DEFAULT_MAX_SITE_SAMPLES = 100_000
-#: Default relative norm bound: clip an update above this many times the round's median norm.
-DEFAULT_NORM_BOUND_FACTOR = 3.0
 #: Fewest updates in a round for a relative (median) bound to mean anything.
 MIN_UPDATES_FOR_MEDIAN = 2
 

@@ -13,15 +13,21 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from jipfed.federation.bounds import DEFAULT_MAX_SITE_SAMPLES, DEFAULT_NORM_BOUND_FACTOR
+from jipfed.federation.names import (
+    DEFAULT_MAX_SITE_SAMPLES,
+    DEFAULT_NORM_BOUND_FACTOR,
+    ENCODINGS,
+    GLOBAL_SITE,
+)
 from jipfed.federation.plans import ORDERS, PLANS, Plan, make_plan
-from jipfed.federation.strategies import Strategy, make_strategy
-from jipfed.federation.update import ENCODINGS, GLOBAL_SITE
 from jipfed.storage.base import canonical_json
 from jipfed.storage.layout import validate_slug
 from jipfed.training.config import TrainConfig
+
+if TYPE_CHECKING:  # torch: only when a strategy is built, never when the central DAG is parsed
+    from jipfed.federation.strategies import Strategy
 
 CONFIG_FORMAT = 1
 #: Strategies whose aggregation a cyclic plan can honour: it passes weights on, it does not average.
@@ -206,6 +212,8 @@ class ExperimentConfig:
 
     def make_strategy(self) -> Strategy:
         """A fresh server strategy built from ``strategy`` and ``strategy_kwargs``."""
+        from jipfed.federation.strategies import make_strategy
+
         try:
             return make_strategy(self.strategy, **dict(self.strategy_kwargs))
         except (TypeError, ValueError, KeyError) as exc:

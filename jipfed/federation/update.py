@@ -26,11 +26,10 @@ from typing import Any, Protocol
 
 import torch
 
+from jipfed.federation.names import ENCODINGS, GLOBAL_SITE  # noqa: F401 (re-exported)
 from jipfed.storage.layout import validate_round, validate_slug
 
 KINDS = ("weights", "delta")
-ENCODINGS = ("fp32", "fp16", "int8")
-GLOBAL_SITE = "global"
 #: Suffix of the per-tensor scale that int8 encoding adds to the payload; reserved in tensor names.
 SCALE_SUFFIX = ".__scale__"
 #: Prefix of control-variate tensors (SCAFFOLD): ``control/<weight name>`` travels beside the weight.

@@ -103,8 +103,6 @@ def test_site_dags_parse_without_torch(dagbag: dict[str, object]) -> None:
     assert {"jipfed_site", "jipfed_site_pull"} <= set(dagbag["dags"])
 
 
-@pytest.mark.xfail(strict=True, reason="docs/pod-contract.md, known limit: jipfed.central.params imports "
-                   "jipfed.federation, which imports torch at module level")
 def test_central_dag_parses_without_torch(dagbag: dict[str, object]) -> None:
     errors = dagbag["errors"]
     assert "jipfed_central.py" not in errors, errors.get("jipfed_central.py", "")[-3000:]
