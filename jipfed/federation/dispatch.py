@@ -21,21 +21,16 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jipfed.federation.experiment import ExperimentConfig
-from jipfed.federation.rounds import (
-    ProtocolError,
-    StepTicket,
-    UpdateRefused,
-    accept_update,
-    load_config,
-    open_step,
-)
-from jipfed.federation.update import UpdateManifest
+from jipfed.federation.tickets import ProtocolError, StepTicket, UpdateRefused, load_config
 from jipfed.storage.base import ModelStore, ObjectNotFoundError
 from jipfed.storage.layout import validate_slug
 from jipfed.storage.state import ExperimentStore, Status
+
+if TYPE_CHECKING:  # the actions import torch; a work item is parsed without it (light tasks)
+    from jipfed.federation.update import UpdateManifest
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +116,8 @@ def dispatch_step(exp_store: ExperimentStore, step: int, *, now: datetime | None
     """
     now = now or utcnow()
     now = now.replace(microsecond=now.microsecond // 1000 * 1000)  # as stored (ms)
+    from jipfed.federation.rounds import open_step
+
     ticket = open_step(exp_store, step)
     config, _ = load_config(exp_store)
     earlier = load_dispatch(exp_store, ticket.round, step)
@@ -333,6 +330,8 @@ def accept_in_time(
     Raises:
         UpdateRefused: ``code="late"`` after the deadline, or any refusal of ``accept_update``.
     """
+    from jipfed.federation.rounds import accept_update
+
     check_deadline(exp_store, site, round_, now)
     return accept_update(exp_store, site, round_, payload, manifest_json)
 
