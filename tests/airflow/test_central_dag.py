@@ -43,7 +43,7 @@ from jipfed.federation.rounds import start_experiment
 from jipfed.federation.site_round import run_site_step
 from jipfed.storage.base import ModelStore
 from jipfed.storage.local import LocalFolderStore
-from jipfed.storage.state import ExperimentStore, Status, config_hash_of
+from jipfed.storage.state import ExperimentStore, Status
 from jipfed.testing.airflow import (
     RESULT_MARKER,
     AirflowStandalone,
@@ -203,7 +203,7 @@ class SimulatedSites:
             train = TrainConfig.from_dict(item.config["train"])
             trainer = LocalTrainer(train, SiteData.from_dir(self.data[site], group=site), device="cpu")
             encoded = run_site_step(
-                ticket, payload, manifest, trainer, site, ticket.experiment, config_hash_of(item.config)
+                ticket, payload, manifest, trainer, site, ticket.experiment, ticket.config_hash
             )
             accept_in_time(exp_store, site, ticket.round, encoded.payload, encoded.manifest.to_json())
         self.answered.append((ticket.experiment, site, ticket.step))
