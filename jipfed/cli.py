@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "site data pipeline demo on 3 PACS, then in-process FL",
     ),
     "site-token": ("jipfed.commands.site_token", "print a site's token for the central endpoint"),
+    "site-key": ("jipfed.commands.site_key", "make a site's Ed25519 signing key (prints the public key)"),
     "task": ("jipfed.commands.task", "run one heavy DAG step (a pod's entry point), configured by the environment"),
 }
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
@@ -194,7 +195,7 @@ def pacs_config_kwargs(conn: ConnectionLike) -> dict[str, Any]:
 
 # -- the central endpoint -----------------------------------------------------------------------------
 
-CENTRAL_EXTRA_FIELDS = ("timeout_s", "verify")
+CENTRAL_EXTRA_FIELDS = ("timeout_s", "verify", "central_public_key", "signing_key_file")
 DEFAULT_TIMEOUT_S = 60.0
 
 
@@ -214,7 +215,41 @@ def central_client_kwargs(conn: ConnectionLike) -> dict[str, Any]:
         timeout_s = -1.0
     if isinstance(raw_timeout, bool) or not timeout_s > 0:
         raise ValueError(f"connection {conn.conn_id!r}: timeout_s {raw_timeout!r} must be a number > 0")
-    return {"base_url": base_url(conn), "token": token, "timeout_s": timeout_s, "verify": verify}
+    return {
+        "base_url": base_url(conn),
+        "token": token,
+        "timeout_s": timeout_s,
+        "verify": verify,
+        **signing_kwargs(conn, extras),
+    }
+
+
+def signing_kwargs(conn: ConnectionLike, extras: dict[str, Any]) -> dict[str, Any]:
+    """``central_public_key`` (the central's Ed25519 key, base64: models are verified with it) and
+    ``signing_key`` (loaded from ``signing_key_file``, the site's Ed25519 private key in PEM: updates
+    are signed with it) from the Connection's extras; absent extras mean no signing / no check."""
+    kwargs: dict[str, Any] = {}
+    public = extras.get("central_public_key")
+    if public is not None:
+        from jipfed.federation.signing import load_public_key
+
+        try:
+            load_public_key(str(public).encode("ascii"))
+        except (ValueError, UnicodeError) as exc:
+            raise ValueError(f"connection {conn.conn_id!r}: central_public_key: {exc}") from None
+        kwargs["central_public_key"] = str(public)
+    key_file = extras.get("signing_key_file")
+    if key_file is not None:
+        from jipfed.federation.signing import load_private_key
+
+        try:
+            kwargs["signing_key"] = load_private_key(Path(str(key_file)).read_bytes())
+        except (OSError, ValueError, TypeError) as exc:  # never echo the key's contents
+            raise ValueError(
+                f"connection {conn.conn_id!r}: signing_key_file {key_file!r} is not a readable Ed25519 "
+                f"private key in PEM ({type(exc).__name__})"
+            ) from None
+    return kwargs
 
 
 # -- the model store ----------------------------------------------------------------------------------

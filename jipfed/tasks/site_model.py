@@ -27,6 +27,10 @@ MODEL_PAYLOAD = "model.safetensors"
 MODEL_MANIFEST = "model.json"
 UPDATE_PAYLOAD = "update.safetensors"
 UPDATE_MANIFEST = "update.json"
+#: Written by the training beside the update: how many cases it trained and held out (a count).
+TRAINED_CASES = "trained-cases.json"
+#: Folder below ``data_root`` with what a site keeps between rounds (never sent to the central).
+SITE_STATE_DIR = "site-state"
 
 
 def get_global_model(run: SiteRun, client: CentralClient) -> str:
@@ -88,6 +92,8 @@ def train_local(run: SiteRun, model_dir: Path, *, evaluate: bool = True) -> str:
         len(trainer.val_records),
         dict(ticket.local_work.get(run.identity.site_id, {})),
     )
+    state_path = site_state_path(run)
+    restore_site_state(trainer, state_path, where=run.where)
     started = time.perf_counter()
     try:
         encoded = run_site_step(
@@ -102,7 +108,9 @@ def train_local(run: SiteRun, model_dir: Path, *, evaluate: bool = True) -> str:
         )
     except SiteStepError as exc:
         raise TaskFailed(f"{run.where}: {exc}") from exc
+    keep_site_state(trainer, state_path)
     (run.out_dir / UPDATE_PAYLOAD).write_bytes(encoded.payload)
+    write_json(run.out_dir / TRAINED_CASES, {"n_cases": len(data)})
     path = run.out_dir / UPDATE_MANIFEST
     path.write_text(encoded.manifest.to_json())
     log.info(
@@ -115,17 +123,51 @@ def train_local(run: SiteRun, model_dir: Path, *, evaluate: bool = True) -> str:
     return str(path)
 
 
+def site_state_path(run: SiteRun) -> Path:
+    """Where this site keeps its state of the run's experiment between rounds (in ``data_root``)."""
+    experiment = run.require_work().ticket.experiment
+    return Path(run.identity.data_root) / SITE_STATE_DIR / f"{experiment}.safetensors"
+
+
+def restore_site_state(trainer: Any, path: Path, *, where: str) -> None:
+    """Give ``trainer`` what the site kept from its last round (SCAFFOLD's control, FedDyn's
+    gradient, FedBN-style local parameters); nothing to do in the first round or for FedAvg."""
+    if not path.is_file():
+        return
+    from safetensors.torch import load_file
+
+    try:
+        trainer.load_site_state(load_file(str(path)))
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise TaskFailed(f"{where}: the site state kept from the last round does not fit: {exc}") from exc
+    log.info("%s: restored the site state of the last round (%s)", where, path.name)
+
+
+def keep_site_state(trainer: Any, path: Path) -> None:
+    """Write ``trainer.site_state()`` atomically for the next round (skipped when it is empty)."""
+    state = trainer.site_state()
+    if not state:
+        return
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(state, str(tmp))
+    tmp.replace(path)
+
+
 def upload_update(
     client: CentralClient, ticket: StepTicket, payload: bytes, manifest_json: str, *, where: str
 ) -> dict[str, Any]:
-    """PUT the update for ``ticket``'s round; returns the manifest the central accepted.
+    """PUT the update for ``ticket``'s round (signed when the client has a key); returns the
+    manifest the central accepted.
 
     Raises:
         TaskFailed: the central refused it (409; the message holds code and reason).
         TaskError: the upload failed otherwise (retryable).
     """
     try:
-        return client.put_update(ticket.experiment, ticket.round, payload, manifest_json)
+        return client.put_update(ticket.experiment, ticket.round, payload, manifest_json, step=ticket.step)
     except CentralRefused as exc:
         if exc.code == "duplicate":  # an earlier try of this task delivered it (write-once at the central)
             log.warning("%s: the central already holds this round's update: %s", where, exc.detail)
@@ -135,6 +177,17 @@ def upload_update(
         raise TaskError(f"{where}: upload failed: {exc}") from exc
 
 
+def report_cohort(client: CentralClient, ticket: StepTicket, cases_path: Path, *, where: str) -> None:
+    """Tell the central how many cases this site trained on (it bounds the update's ``n_samples``)."""
+    n_cases = read_json(cases_path, f"{where}: {TRAINED_CASES}")["n_cases"]
+    try:
+        client.report_cohort(ticket.experiment, ticket.round, ticket.step, int(n_cases))
+    except CentralRefused as exc:
+        raise TaskFailed(f"{where}: the central refused the cohort report ({exc.code}): {exc.detail}") from exc
+    except CentralError as exc:
+        raise TaskError(f"{where}: cohort report failed: {exc}") from exc
+
+
 def upload(run: SiteRun, client: CentralClient) -> dict[str, Any]:
     """Upload the update in the in dir to the central; returns the manifest the central accepted."""
     ticket = run.require_work().ticket
@@ -142,6 +195,7 @@ def upload(run: SiteRun, client: CentralClient) -> dict[str, Any]:
     manifest_path = run.input_path(UPDATE_MANIFEST)
     if not payload_path.is_file() or not manifest_path.is_file():
         raise TaskFailed(f"{run.where}: no update in {payload_path.parent}: did training run?")
+    report_cohort(client, ticket, run.input_path(TRAINED_CASES), where=run.where)
     accepted = upload_update(
         client, ticket, payload_path.read_bytes(), manifest_path.read_text(), where=run.where
     )

@@ -120,3 +120,21 @@ def test_evaluate_scores_other_records_when_given(site: SiteData) -> None:
     on_train = trainer.evaluate(weights, records=trainer.train_records)
     assert held_out["n_cases"] == len(trainer.val_records)
     assert on_train["n_cases"] == len(trainer.train_records) != held_out["n_cases"]
+
+
+def test_the_site_task_keeps_its_state_on_disk_between_rounds(site: SiteData, tmp_path) -> None:
+    from jipfed.tasks.site_model import keep_site_state, restore_site_state
+
+    path = tmp_path / "site-state" / "exp.safetensors"
+    fit = FitSettings(local_patterns=("model.0.*",), scaffold=True, feddyn_alpha=0.1)
+    trainer = _trainer(site)
+    init = trainer.get_weights()
+    restore_site_state(trainer, path, where="site 'a'")  # round 0: nothing kept yet
+    trainer.train(init, round=0, fit=fit)
+    keep_site_state(trainer, path)
+    fresh = _trainer(site)  # the next round's task builds a new trainer
+    restore_site_state(fresh, path, where="site 'a'")
+    a = trainer.train(init, round=1, fit=fit)
+    b = fresh.train(init, round=1, fit=fit)
+    assert all(torch.equal(a.weights[n], b.weights[n]) for n in a.weights)
+    assert all(torch.equal(a.controls[n], b.controls[n]) for n in a.controls)
