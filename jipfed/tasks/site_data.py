@@ -135,8 +135,7 @@ def fetch(run: SiteRun, pacs: PacsConfig) -> str:
     Per series failures are reported and the complete cases go on; TaskError (naming the PACS)
     when no case is complete. Each series of a complete case is linked for Kaapana operators.
     """
-    from jipfed.imaging.convert import case_key_for
-    from jipfed.imaging.pipeline import fetch_cases
+    from jipfed.imaging.pipeline import fetch_cases, incomplete_reasons
 
     started = time.perf_counter()
     cfg = data_config(run, pacs)
@@ -161,10 +160,10 @@ def fetch(run: SiteRun, pacs: PacsConfig) -> str:
         len(complete),
         len(cases),
     )
-    done = {c.study_uid for c in complete}
     data = {
         "cases": cases_to_json(complete),
-        "incomplete": sorted(case_key_for(c.study_uid) for c in cases if c.study_uid not in done),
+        # [case_key, why]: the first failed series by number and description, and its fetch error
+        "incomplete": [list(item) for item in incomplete_reasons(cases, complete, report)],
         **extend_report(
             cohort,
             "fetch",
@@ -190,7 +189,10 @@ def convert(run: SiteRun, pacs: PacsConfig) -> str:
     conversion = convert_fetched(cfg, cases_from_json(fetched["cases"]))
     keys = sorted([*conversion.converted, *conversion.cached])
     skipped = [[key, reason] for key, _folder, reason in conversion.skipped]
-    skipped += [[key, "not all series fetched"] for key in fetched["incomplete"]]
+    skipped += [list(item) for item in fetched["incomplete"]]
+    left_out = [[key, reason] for key, _where, reason in conversion.ignored]
+    for key, reason in left_out:
+        log.info("%s: case %s: %s", run.where, key, reason)
     for key, reason in skipped:
         log.warning("%s: case %s skipped: %s", run.where, key, reason)
     if not keys:
@@ -211,6 +213,7 @@ def convert(run: SiteRun, pacs: PacsConfig) -> str:
             converted=len(conversion.converted),
             convert_cached=len(conversion.cached),
             convert_skipped=skipped,
+            convert_left_out=left_out,
         ),
     }
     return str(write_json(run.out_dir / CONVERT_FILE, data))
