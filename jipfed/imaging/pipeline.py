@@ -105,10 +105,12 @@ class PrepareReport:
     ready_cases: int
     preprocessed_dir: str
     seconds: dict[str, float]
+    #: (case_key, reason) for objects left out of a series (stray SR, presentation state, ...).
+    convert_left_out: list[tuple[str, str]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        for key in ("fetch_failed", "convert_skipped", "preprocess_failed"):
+        for key in ("fetch_failed", "convert_skipped", "preprocess_failed", "convert_left_out"):
             data[key] = [list(item) for item in data[key]]
         return data
 
