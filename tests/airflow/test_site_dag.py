@@ -35,6 +35,7 @@ from jipfed.storage.base import ModelStore
 from jipfed.storage.state import ExperimentStore
 from jipfed.testing.airflow import check_dag_folder, run_dag_test
 from jipfed.testing.orthanc import OrthancServer
+from jipfed.testing.recording import Recorder
 from jipfed.testing.s3 import S3TestServer
 from jipfed.training.config import TrainConfig
 
@@ -170,6 +171,7 @@ class Central:
     url: str
     store: ModelStore
     secret: str
+    recorder: Recorder
 
 
 @pytest.fixture(scope="module")
@@ -183,21 +185,47 @@ def central(s3: S3TestServer) -> Iterator[Central]:
     """The central endpoint over a fresh S3 prefix (so no other test's work is pending)."""
     store = s3.make_store(prefix=f"central-{secrets.token_hex(4)}")
     secret = secrets.token_hex(32)
-    url, stop = serve_in_thread(create_app(lambda: store, secret))
+    recorder = Recorder(create_app(lambda: store, secret))  # keeps every byte the site sends
+    url, stop = serve_in_thread(recorder)
     try:
-        yield Central(url, store, secret)
+        yield Central(url, store, secret, recorder)
     finally:
         stop()
 
 
 @pytest.fixture(scope="module")
-def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancServer]:
-    """Orthanc holding the synthetic cases of site-a."""
+def synth_dicom(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """site-a's synthetic DICOM cases (one folder per case)."""
     profiles = default_site_profiles(1, N_CASES, heterogeneous=False)
     manifest = write_dataset(tmp_path_factory.mktemp("synth"), profiles, shape=SHAPE, seed=3, progress=False)
+    return manifest.out_dir / SITE / "dicom"
+
+
+def patient_identifiers(dicom_root: Path) -> list[str]:
+    """Every patient name, patient id and DICOM UID in the site's files, and the case folders' names."""
+    import pydicom
+
+    words = set()
+    for path in dicom_root.rglob("*.dcm"):
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        words |= {str(ds.PatientName), str(ds.PatientID), path.relative_to(dicom_root).parts[0]}
+        words |= {str(ds.get(tag, "")) for tag in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")}
+    return sorted(word for word in words if len(word) >= 4)
+
+
+def assert_nothing_identifying_was_sent(central: Central, dicom_root: Path, *more: str) -> None:
+    """The end-to-end scan: no identifier, file name or site path in any byte the central received."""
+    words = patient_identifiers(dicom_root) + [str(dicom_root), *more]
+    assert len(words) > N_CASES * N_SERIES and central.recorder.received
+    assert central.recorder.found(words) == [], "identifying bytes left the site"
+
+
+@pytest.fixture(scope="module")
+def pacs(tmp_path_factory: pytest.TempPathFactory, synth_dicom: Path) -> Iterator[OrthancServer]:
+    """Orthanc holding the synthetic cases of site-a."""
     with OrthancServer(tmp_path_factory.mktemp("pacs")) as server:
-        for case in manifest.sites[0].cases:
-            report = upload_folder(server.pacs_config, manifest.out_dir / SITE / "dicom" / case.case_id)
+        for case_dir in sorted(p for p in synth_dicom.iterdir() if p.is_dir()):
+            report = upload_folder(server.pacs_config, case_dir)
             assert report.ok and report.stored == report.files > 0
         yield server
 
@@ -282,6 +310,7 @@ def test_push_run_uploads_an_update_and_a_pull_run_reuses_the_caches(
     dags_folder: Path,
     airflow_homes: dict[str, Path],
     tmp_path: Path,
+    synth_dicom: Path,
 ) -> None:
     python, home = require(PYTHONS[version]), airflow_homes[version]
     data_root = tmp_path / "site"
@@ -318,12 +347,18 @@ def test_push_run_uploads_an_update_and_a_pull_run_reuses_the_caches(
         convert_cached=N_CASES, preprocessed=0, ready_cases=N_CASES,
     )  # fmt: skip
     assert_caches_kept_and_run_folders_gone(data_root)
+    assert_nothing_identifying_was_sent(central, synth_dicom, str(data_root), pacs.base_url)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("version", list(PYTHONS))
 def test_pacs_down_fails_the_run_and_the_central_learns_why(
-    version: str, central: Central, dags_folder: Path, airflow_homes: dict[str, Path], tmp_path: Path
+    version: str,
+    central: Central,
+    dags_folder: Path,
+    airflow_homes: dict[str, Path],
+    tmp_path: Path,
+    synth_dicom: Path,
 ) -> None:
     python, home = require(PYTHONS[version]), airflow_homes[version]
     with OrthancServer(tmp_path / "pacs") as down:
@@ -346,4 +381,5 @@ def test_pacs_down_fails_the_run_and_the_central_learns_why(
     assert status == FAILED
     assert "select_cohort failed: " in reason and "cohort query" in reason, reason
     assert down.base_url not in reason  # failure reports leave the site sanitised
+    assert_nothing_identifying_was_sent(central, synth_dicom, str(data_root), down.base_url)
     assert list((data_root / "workflows").iterdir()) == []

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 from central.helpers import TRAIN, start
-from starlette.types import ASGIApp, Receive, Scope, Send
 from training.synth import write_site
 
 from jipfed.central.app import create_app
@@ -28,35 +27,13 @@ from jipfed.federation.rounds import aggregate_step
 from jipfed.federation.signing import generate_private_key, public_key_raw
 from jipfed.federation.site_round import run_site_step
 from jipfed.storage.local import LocalFolderStore
+from jipfed.testing.recording import Recorder
 from jipfed.training.data import SiteData
 from jipfed.training.local import LocalTrainer
 
 PATIENT = "Mustermann^Max"
 PATIENT_ID = "PAT0012345"
 SERIES_UID = "1.2.826.0.1.3680043.8.498.10957"
-
-
-class Recorder:
-    """ASGI wrapper keeping every request line, header (but Authorization) and body received."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-        self.received: list[bytes] = []
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        self.received.append(scope["path"].encode() + b"?" + scope.get("query_string", b""))
-        self.received += [k + b": " + v for k, v in scope["headers"] if k.lower() != b"authorization"]
-
-        async def recording() -> dict:
-            message = await receive()
-            if message["type"] == "http.request":
-                self.received.append(message.get("body", b""))
-            return message
-
-        await self.app(scope, recording, send)
 
 
 def test_nothing_a_site_sends_identifies_a_patient(tmp_path: Path, secret: str) -> None:
