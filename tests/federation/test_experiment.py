@@ -113,4 +113,3 @@ def test_make_plan_and_strategy_follow_the_config() -> None:
     assert cyclic.round_order(0) == ("site-b", "site-c", "site-a")
     strategy = make(strategy="fedadam", strategy_kwargs={"eta": 0.02}).make_strategy()
     assert isinstance(strategy, FedAdam) and strategy.eta == 0.02
-
