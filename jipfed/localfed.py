@@ -28,15 +28,15 @@ from jipfed.central.tokens import site_token
 from jipfed.imaging.dicomweb import upload_folder
 from jipfed.imaging.pacs import PacsError
 from jipfed.imaging.synth import DEFAULT_SHAPE, ORIENTATIONS, default_site_profiles, write_dataset
+from jipfed.local.airflow import AirflowStandalone, default_airflow_bin
+from jipfed.local.dags import dag_folder
+from jipfed.local.orthanc import OrthancServer
 from jipfed.storage.factory import open_store
 from jipfed.storage.state import ExperimentStore, Status
-from jipfed.testing.airflow import AirflowStandalone, default_airflow_bin
-from jipfed.testing.orthanc import OrthancServer
 
 logger = logging.getLogger(__name__)
 
 CENTRAL_DAG = "jipfed_central"
-REPO_DAGS = Path(__file__).resolve().parents[1] / "dags"
 #: Airflow's local settings: tasks start with torch & co. already imported (jipfed.airflow_preload).
 LOCAL_SETTINGS = "from jipfed.airflow_preload import preload_for_component\n\npreload_for_component()\n"
 #: Central runs end in one of these states.
@@ -92,7 +92,7 @@ class LocalFederation:
     Args:
         workdir: everything lives here (PACS storage, site data, store, Airflow home).
         n_sites, cases_per_site, shape, seed: the synthetic data set (as ``jipfed synth``).
-        dags_folder: the DAG files (the repository's ``dags/``).
+        dags_folder: the DAG files (default: the installed package's, or ``dags/`` of a checkout).
         store_url: the model store; None = ``<workdir>/store`` (local folder).
         airflow_env: extra Airflow settings (``AIRFLOW__...``) for the standalone.
         progress: progress bars while writing the data set.
@@ -103,7 +103,7 @@ class LocalFederation:
     cases_per_site: int = 6
     shape: tuple[int, int, int] = DEFAULT_SHAPE
     seed: int = 0
-    dags_folder: Path = REPO_DAGS
+    dags_folder: Path = field(default_factory=dag_folder)
     airflow_env: Mapping[str, str] = field(default_factory=dict)
     progress: bool = True
     sites: list[LocalSite] = field(default_factory=list, init=False)
