@@ -64,8 +64,11 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["jipfed", "jipfed.*"])
     + _mapped("operators", "jipfed.operators")
-    + _mapped("plugins", "jipfed.plugins"),
-    package_dir={"jipfed.operators": "operators", "jipfed.plugins": "plugins"},
+    + _mapped("plugins", "jipfed.plugins")
+    # The DAG files ship inside the wheel (``jipfed.local.dags.dag_folder()`` finds them), so
+    # ``jipfed demo`` and the offline bundle work from an installed package, not only a checkout.
+    + ["jipfed.dags"],
+    package_dir={"jipfed.operators": "operators", "jipfed.plugins": "plugins", "jipfed.dags": "dags"},
     install_requires=CORE,
     extras_require={
         "worker": WORKER,

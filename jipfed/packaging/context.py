@@ -20,7 +20,8 @@ from jipfed.packaging import source_root
 from jipfed.packaging.sources import base_requirements, build_wheel, drop, link_or_copy, locked, select
 
 IMAGES = ("worker", "installer", "airflow")
-DAG_FILES = ("jipfed_central.py", "jipfed_site.py")
+#: Every DAG the suite ships (central, site, nightly ...); nothing else in dags/ is a DAG.
+DAG_PATTERN = "jipfed_*.py"
 #: Installed by the worker Dockerfile itself, from the index its TORCH_VARIANT chooses.
 TORCH_PROJECTS = ("torch",)
 #: Airflow imports every .py file in its plugins folder; this one file registers our plugin and the
@@ -34,8 +35,8 @@ def _requirements(path: Path, lines: list[str], origin: str) -> None:
 
 
 def _copy_dags(out: Path) -> None:
-    for name in DAG_FILES:
-        link_or_copy(source_root() / "dags" / name, out / "dags" / name)
+    for path in sorted((source_root() / "dags").glob(DAG_PATTERN)):
+        link_or_copy(path, out / "dags" / path.name)
 
 
 def _wheels(out: Path, jipfed_wheel: Path, extra: Path | None) -> None:

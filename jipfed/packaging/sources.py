@@ -15,7 +15,7 @@ from pathlib import Path
 from jipfed.packaging import source_root
 
 #: What the wheel is built from (setup.py's packages and package_dir).
-WHEEL_SOURCES = ("setup.py", "pyproject.toml", "jipfed", "operators", "plugins")
+WHEEL_SOURCES = ("setup.py", "pyproject.toml", "jipfed", "operators", "plugins", "dags")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*")
 
 

@@ -1,0 +1,1 @@
+"""Package marker: these workflow files ship inside the wheel as package data."""
