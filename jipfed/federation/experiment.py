@@ -73,6 +73,10 @@ class ExperimentConfig:
             on); a site without an entry uses its own default.
         transport: how steps reach the sites: ``"pull"`` (sites poll the central endpoint, no
             inbound port at a site) or ``"push"`` (the central triggers each site's DAG).
+        case_selection: per site, which of its cases it trains on (a model line's run:
+            ``{"line", "since", "until", "replay", "seed"}``, see :mod:`jipfed.lines.selection`);
+            a site without an entry trains on its whole training split. Empty: left out of
+            ``to_dict`` (the config hash of experiments without it is unchanged).
     """
 
     name: str
@@ -96,6 +100,7 @@ class ExperimentConfig:
     in_channels: int = 4
     datasets: Mapping[str, str] = field(default_factory=dict)
     transport: str = "pull"
+    case_selection: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         validate_slug(self.name, "experiment name")
@@ -203,6 +208,13 @@ class ExperimentConfig:
             raise ValueError(
                 f"{where}: transport must be one of {DISPATCH_TRANSPORTS}, got {self.transport!r}"
             )
+        selection = _json_mapping(self.case_selection, f"{where}: case_selection")
+        unknown = sorted(set(selection) - set(sites))
+        if unknown:
+            raise ValueError(f"{where}: case_selection names sites that are not in the experiment: {unknown}")
+        for site, rule in selection.items():
+            _json_mapping(rule, f"{where}: case_selection[{site!r}]")
+        object.__setattr__(self, "case_selection", selection)
         self.make_strategy()  # unknown strategy names and bad kwargs fail now, not in round 5
 
     @property
@@ -236,7 +248,10 @@ class ExperimentConfig:
             site_samples=dict(self.site_samples),
             privacy=dict(self.privacy),
             datasets=dict(self.datasets),
+            case_selection=dict(self.case_selection),
         )
+        if not self.case_selection:
+            del data["case_selection"]
         return data
 
     @classmethod
