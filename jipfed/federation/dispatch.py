@@ -282,6 +282,9 @@ def _config_for(config: Mapping[str, Any], site: str) -> dict[str, Any]:
     for key in ("site_samples", "datasets"):
         own = dict(view.get(key) or {})
         view[key] = {site: own[site]} if site in own else {}
+    selection = dict(view.get("case_selection") or {})
+    if selection:
+        view["case_selection"] = {site: selection[site]} if site in selection else {}
     return view
 
 
