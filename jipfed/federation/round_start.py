@@ -1,0 +1,125 @@
+"""Starting an experiment (config + seeded round-0 model), failing it, and opening a plan step.
+
+``start_experiment`` and ``open_step`` are idempotent; ``open_step`` changes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+import torch
+
+from jipfed.federation.codec import encode_global
+from jipfed.federation.experiment import ExperimentConfig
+from jipfed.federation.plans import local_steps_for
+from jipfed.federation.round_io import input_keys, running_state, update_kind
+from jipfed.federation.tickets import ProtocolError, StepTicket, load_config
+from jipfed.federation.update import UpdateManifest
+from jipfed.storage.state import ExperimentState, ExperimentStore, IntegrityError, Status
+from jipfed.training.models import build_model, shared_parameter_names
+
+logger = logging.getLogger(__name__)
+
+
+def initial_weights(config: ExperimentConfig) -> dict[str, torch.Tensor]:
+    """The round-0 global model: the configured network drawn from ``config.seed`` (shared entries)."""
+    train = replace(config.train, seed=config.seed)
+    model = build_model(train, in_channels=config.in_channels)
+    state = model.state_dict()
+    return {name: state[name].detach().clone() for name in shared_parameter_names(model, train.bn_policy)}
+
+
+def _local_work(config: ExperimentConfig, site: str) -> dict[str, int]:
+    train = config.train
+    if train.steps is None:
+        return {"epochs": int(train.epochs or 1)}
+    if config.proportional_steps:
+        return {"steps": local_steps_for(site, train.steps, config.site_samples, proportional=True)}
+    return {"steps": train.steps}
+
+
+def start_experiment(exp_store: ExperimentStore, config: ExperimentConfig) -> ExperimentState:
+    """Store the (immutable) config and the seeded round-0 global model; mark the experiment running.
+
+    Idempotent: calling it again with the same config returns the current state (a failed
+    experiment goes back to running, a finished one stays finished).
+
+    Raises:
+        ValueError: ``config.name`` is not the store's experiment.
+        ConfigConflictError: a different config is already stored.
+    """
+    if config.name != exp_store.experiment:
+        raise ValueError(f"config is for experiment {config.name!r}, the store for {exp_store.experiment!r}")
+    config_hash = exp_store.save_config(config.to_dict())
+    state = exp_store.load_or_create_state()
+    if not exp_store.has_global(0):
+        encoded = encode_global(
+            initial_weights(config), experiment=config.name, round=0, config_hash=config_hash
+        )
+        exp_store.save_global(0, encoded.payload, encoded.manifest.to_dict())
+        logger.info("experiment %s: initial global model %s", config.name, encoded.manifest.sha256)
+    if state.status in (Status.CREATED, Status.FAILED):
+        state = state.start()
+        exp_store.save_state(state)
+        logger.info(
+            "experiment %s: running (config %s, %d steps)",
+            config.name,
+            config_hash[:12],
+            config.make_plan().n_steps,
+        )
+    return state
+
+
+def fail_experiment(exp_store: ExperimentStore, reason: str) -> ExperimentState:
+    """Mark the experiment failed with ``reason`` (e.g. a quorum missed after the timeout).
+
+    Uploads are refused while it is failed; ``start_experiment`` resumes it at the step it stopped.
+    """
+    state = exp_store.load_state().fail(reason)
+    exp_store.save_state(state)
+    logger.warning("experiment %s failed: %s", exp_store.experiment, reason)
+    return state
+
+
+def open_step(exp_store: ExperimentStore, step: int) -> StepTicket:
+    """The ticket of plan step ``step``: the model to start from and what each selected site does.
+
+    Reads only; a completed step may be opened again (same ticket), a step after the next one may not.
+
+    Raises:
+        ProtocolError: the experiment is not running, or ``step`` is beyond the next step.
+        ObjectNotFoundError / IntegrityError: the start model is missing or corrupt.
+    """
+    config, config_hash = load_config(exp_store)
+    plan = config.make_plan()
+    state = running_state(exp_store, f"open step {step}")
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < plan.n_steps:
+        raise ProtocolError(f"experiment {config.name!r}: step must be in [0, {plan.n_steps}), got {step!r}")
+    if step > state.next_step:
+        raise ProtocolError(
+            f"experiment {config.name!r}: step {step} cannot open before step {state.next_step}"
+        )
+    ps = plan.step(step)
+    keys = input_keys(exp_store, ps)
+    manifest = UpdateManifest.from_dict(exp_store.store.get_json(keys[1]))
+    if manifest.sha256 is None:
+        raise IntegrityError(f"manifest {keys[1]!r} has no sha256")
+    strategy = config.make_strategy()
+    return StepTicket(
+        experiment=config.name,
+        config_hash=config_hash,
+        step=ps.step,
+        round=ps.round,
+        hop=ps.hop,
+        sites=ps.sites,
+        is_last_in_round=ps.is_last_in_round,
+        kind=update_kind(config),
+        encoding=config.encoding,
+        model_key=keys[0],
+        manifest_key=keys[1],
+        model_sha256=manifest.sha256,
+        fit_config=strategy.configure_fit(ps.round),
+        local_work={site: _local_work(config, site) for site in ps.sites},
+        timeout_s=config.round_timeout_s,
+    )
