@@ -96,6 +96,7 @@ def to_step_record(record: Mapping[str, Any]) -> StepRecord:
             "missing": record["missing"],
             "sites": record["sites"],
             "output_sha256": record["output_sha256"],
+            **({"privacy": record["privacy"]} if "privacy" in record else {}),
         },
     )
 
@@ -156,6 +157,8 @@ def aggregate_step(exp_store: ExperimentStore, step: int) -> StepRecord:
         record = record_dict(config, config_hash, ps, decision, input_sha, encoded.manifest.sha256 or "")
         if ps.is_last_in_round and ps.hop is not None:
             record["hops"] = [hop_summary(r) for r in state.history if r.round == ps.round]
+        if strategy_state is not None and strategy_state.meta.get("privacy"):
+            record["privacy"] = dict(strategy_state.meta["privacy"])  # what a DP strategy spent
         put_once(exp_store, record_key, canonical_json(record))
     elif record["output_sha256"] != encoded.manifest.sha256:
         raise IntegrityError(
