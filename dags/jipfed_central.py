@@ -5,8 +5,12 @@ Trigger the DAG with the form. Its fields (experiment name, sites, rounds, strat
 settings, compute plan, local training, quorum, round timeout, transport, encoding, seed) become
 the experiment's config, stored once in the model store (Connection `jipfed_model_store_default`).
 Leave **Step** empty. Triggering again with the same name and settings resumes the experiment;
-other settings under a used name fail the run and change nothing. The privacy switches are not
-available yet: switching one on fails the run at start.
+other settings under a used name fail the run and change nothing. **Privacy**: differential
+privacy at client level (each site's update clipped, Gaussian noise on their sum at the central,
+ε per round and in total in every round's `aggregate.json`; a plan beyond the ε budget is refused
+at start); sample level (DP-SGD) and secure aggregation are refused at start with the reason
+(not wired into the round yet), as is any combination that cannot work (e.g. median + secure
+aggregation).
 
 ### What a run does
 `start` decides the step (the experiment's next open step) → `dispatch_step` records it with a

@@ -30,9 +30,9 @@ from jipfed.training.config import MODELS_BY_TASK, SIZES, TASKS, TrainConfig
 
 #: The slug rule of experiment and site names (``jipfed.storage.layout.validate_slug``).
 SLUG_PATTERN = _SLUG_RE.pattern
-#: Params that ask for a privacy technique the core does not offer yet.
+#: The privacy switches; the ``dp_*`` params configure differential privacy when it is on.
 PRIVACY_PARAMS = ("differential_privacy", "secure_aggregation")
-PRIVACY_NOTE = "Available after the privacy issue; true is refused when the experiment starts."
+DP_LEVELS = ("client", "sample")
 
 _EXPERIMENT, _TRAINING, _FEDERATION, _PRIVACY = "Experiment", "Local training", "Federation", "Privacy"
 _SLUG_TEXT = "1-64 letters, digits, '_' or '-', starting with a letter or digit"
@@ -244,14 +244,71 @@ PARAMS: dict[str, dict[str, Any]] = {
         "type": "boolean",
         "default": False,
         "title": "Differential privacy",
-        "description": PRIVACY_NOTE,
+        "description": "Train with (epsilon, delta) differential privacy at the level below; epsilon per "
+        "round and in total is recorded in every round's aggregate.json. A plan whose rounds would exceed "
+        "the budget is refused when it starts.",
+        "section": _PRIVACY,
+    },
+    "dp_level": {
+        "type": "string",
+        "enum": list(DP_LEVELS),
+        "default": "client",
+        "title": "DP level",
+        "description": "client: each site's update is clipped and the central adds Gaussian noise to their "
+        "sum (DP-FedAvg; protects a whole site; needs a mean-based strategy and the parallel plan). "
+        "sample: DP-SGD at each site (protects one case; not available yet, refused).",
+        "section": _PRIVACY,
+    },
+    "dp_epsilon": {
+        "type": "number",
+        "exclusiveMinimum": 0,
+        "default": 8.0,
+        "title": "DP budget epsilon",
+        "description": "Total epsilon after all rounds; with an empty noise multiplier the noise is chosen "
+        "to spend exactly this.",
+        "section": _PRIVACY,
+    },
+    "dp_delta": {
+        "type": "number",
+        "exclusiveMinimum": 0,
+        "maximum": 0.1,
+        "default": 1e-5,
+        "title": "DP delta",
+        "description": "delta of the (epsilon, delta) guarantee; well below 1 / number of protected units.",
+        "section": _PRIVACY,
+    },
+    "dp_clip_norm": {
+        "type": "number",
+        "exclusiveMinimum": 0,
+        "default": 0.5,
+        "title": "DP clip norm",
+        "description": "client: the L2 norm each site's model change is clipped to (the initial one with "
+        "adaptive clipping); sample: per-case gradient norm.",
+        "section": _PRIVACY,
+    },
+    "dp_noise_multiplier": {
+        "type": ["number", "null"],
+        "exclusiveMinimum": 0,
+        "default": None,
+        "title": "DP noise multiplier",
+        "description": "Noise std / clip norm; empty = the smallest that keeps the budget.",
+        "section": _PRIVACY,
+    },
+    "dp_adaptive_clip": {
+        "type": "boolean",
+        "default": False,
+        "title": "DP adaptive clipping",
+        "description": "client: adapt the clip norm towards the median update norm each round (Andrew et "
+        "al. 2021; the count is noised and accounted).",
         "section": _PRIVACY,
     },
     "secure_aggregation": {
         "type": "boolean",
         "default": False,
         "title": "Secure aggregation",
-        "description": PRIVACY_NOTE,
+        "description": "Pairwise-masked updates so the central learns only their sum. The masking library "
+        "exists (jipfed.privacy.secagg); the round protocol does not carry masked updates yet: true is "
+        "refused when the experiment starts.",
         "section": _PRIVACY,
     },
 }
@@ -321,8 +378,8 @@ def experiment_config(params: Mapping[str, Any]) -> ExperimentConfig:
     """The ExperimentConfig the form's values describe (``step`` is ignored).
 
     Raises:
-        ValueError: a value is invalid (the message names the param), a privacy switch is on
-            (not available yet), or the values do not form a valid experiment together.
+        ValueError: a value is invalid (the message names the param), or the values do not form a
+            valid experiment together (e.g. secure aggregation with median aggregation: the reason).
     """
     p = validate(params)
     name = p["experiment"]
@@ -342,7 +399,7 @@ def experiment_config(params: Mapping[str, Any]) -> ExperimentConfig:
             f"experiment {name!r}: params task/model/model_size/local_epochs/local_steps/learning_rate/"
             f"batch_size: {exc}"
         ) from None
-    privacy = {switch: True for switch in PRIVACY_PARAMS if p[switch]}
+    privacy = privacy_settings(p)
     try:
         return ExperimentConfig(
             name=name,
@@ -365,9 +422,31 @@ def experiment_config(params: Mapping[str, Any]) -> ExperimentConfig:
             transport=p["transport"],
         )
     except ValueError as exc:
-        if privacy:
-            raise ValueError(f"param(s) {sorted(privacy)} must be false: {PRIVACY_NOTE} ({exc})") from None
         raise ValueError(f"the params do not form a valid experiment: {exc}") from None
+
+
+def privacy_settings(values: Mapping[str, Any]) -> dict[str, Any]:
+    """``ExperimentConfig.privacy`` from the validated form values (``{}`` with both switches off)."""
+    privacy: dict[str, Any] = {}
+    if values["differential_privacy"]:
+        if values["dp_level"] == "client":
+            privacy["client_dp"] = {
+                "epsilon": values["dp_epsilon"],
+                "delta": values["dp_delta"],
+                "clip_norm": values["dp_clip_norm"],
+                "noise_multiplier": values["dp_noise_multiplier"],
+                "adaptive_clip": values["dp_adaptive_clip"],
+            }
+        else:
+            privacy["sample_dp"] = {
+                "epsilon": values["dp_epsilon"],
+                "delta": values["dp_delta"],
+                "max_grad_norm": values["dp_clip_norm"],
+                "noise_multiplier": values["dp_noise_multiplier"] or 1.0,
+            }
+    if values["secure_aggregation"]:
+        privacy["secure_aggregation"] = {}
+    return privacy
 
 
 #: Keys of a param entry Kaapana's workflow form does not take.

@@ -66,7 +66,8 @@ class ExperimentConfig:
             weight); a site's claim is also bounded by the cohort size it reported for the step.
         norm_bound_factor: clip an update whose delta norm exceeds this many times the lower
             median of the round's update norms (:mod:`jipfed.federation.bounds`); None = off.
-        privacy: privacy settings; empty = off (the only supported value so far).
+        privacy: privacy settings (:mod:`jipfed.privacy.settings`: ``client_dp``, ``sample_dp``,
+            ``secure_aggregation``); empty = off. Stored with every default spelled out.
         seed: seeds the initial global model and the plan's rotation.
         in_channels: image channels of the model input (4 = FLAIR, T1, T1c, T2).
         datasets: per-site cohort selector (the StudyDescription of the studies a site trains
@@ -130,8 +131,6 @@ class ExperimentConfig:
             self, "strategy_kwargs", _json_mapping(self.strategy_kwargs, f"{where}: strategy_kwargs")
         )
         object.__setattr__(self, "privacy", _json_mapping(self.privacy, f"{where}: privacy"))
-        if self.privacy:
-            raise ValueError(f"{where}: privacy settings are not supported yet, got {dict(self.privacy)}")
         samples = _json_mapping(self.site_samples, f"{where}: site_samples")
         unknown = sorted(set(samples) - set(sites))
         if unknown:
@@ -215,7 +214,29 @@ class ExperimentConfig:
         for site, rule in selection.items():
             _json_mapping(rule, f"{where}: case_selection[{site!r}]")
         object.__setattr__(self, "case_selection", selection)
+        object.__setattr__(self, "privacy", self._checked_privacy(where))
         self.make_strategy()  # unknown strategy names and bad kwargs fail now, not in round 5
+
+    def _checked_privacy(self, where: str) -> dict[str, Any]:
+        """``privacy`` with every default spelled out; ValueError when it cannot work with the rest."""
+        if not self.privacy:
+            return {}
+        from jipfed.privacy.settings import PrivacySettings
+
+        try:
+            settings = PrivacySettings.from_mapping(self.privacy)
+            settings.check_combination(
+                strategy=self.strategy,
+                plan=self.plan,
+                n_sites=len(self.sites),
+                max_site_samples=self.max_site_samples,
+                encoding=self.encoding,
+                norm_bound_factor=self.norm_bound_factor,
+                max_update_norm=self.max_update_norm,
+            )
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+        return settings.to_dict()
 
     @property
     def min_quorum(self) -> int:
@@ -227,7 +248,18 @@ class ExperimentConfig:
         from jipfed.federation.strategies import make_strategy
 
         try:
-            return make_strategy(self.strategy, **dict(self.strategy_kwargs))
+            strategy = make_strategy(self.strategy, **dict(self.strategy_kwargs))
+            if self.privacy.get("client_dp"):
+                from jipfed.federation.strategies.dp_fedavg import DPFedAvg
+                from jipfed.privacy.settings import ClientDP
+
+                strategy = DPFedAvg(
+                    inner=strategy,
+                    dp=ClientDP(**self.privacy["client_dp"]),
+                    rounds=self.rounds,
+                    n_sites=len(self.sites),
+                )
+            return strategy
         except (TypeError, ValueError, KeyError) as exc:
             raise ValueError(f"experiment {self.name!r}: strategy {self.strategy!r}: {exc}") from exc
 

@@ -44,7 +44,7 @@ def test_the_form_offers_what_the_core_knows() -> None:
     assert PARAMS["min_sites"]["default"] is None
     for switch in PRIVACY_PARAMS:
         assert PARAMS[switch]["default"] is False
-        assert "available after the privacy issue" in PARAMS[switch]["description"].lower()
+    assert PARAMS["dp_level"]["enum"] == ["client", "sample"]
 
 
 @pytest.mark.parametrize("name", ["x", "site-a", "Site_1", "a" * 64, "a" * 65, "-a", "a/b", "a.b", "", "a b"])
@@ -162,10 +162,25 @@ def test_invalid_values_name_the_param(params: dict, message: str) -> None:
     assert message in str(raised.value)
 
 
-@pytest.mark.parametrize("switch", PRIVACY_PARAMS)
-def test_privacy_switches_are_refused_until_available(switch: str) -> None:
-    with pytest.raises(ValueError, match=rf"\['{switch}'\] must be false: Available after the privacy issue"):
-        experiment_config({switch: True})
+def test_client_dp_from_the_form_is_stored_with_the_experiment() -> None:
+    config = experiment_config({"differential_privacy": True, "dp_epsilon": 6.0, "dp_clip_norm": 0.3})
+    assert config.privacy["client_dp"]["epsilon"] == 6.0 and config.privacy["client_dp"]["clip_norm"] == 0.3
+    assert config.make_strategy().report() == {}
+
+
+@pytest.mark.parametrize(
+    ("params", "reason"),
+    [
+        ({"secure_aggregation": True, "strategy": "median"}, "needs the individual updates"),
+        ({"secure_aggregation": True, "plan": "cyclic"}, "secure aggregation needs the parallel plan"),
+        ({"secure_aggregation": True, "norm_bound_factor": None}, "secure_aggregation is not available"),
+        ({"differential_privacy": True, "dp_level": "sample"}, "sample_dp is not available"),
+        ({"differential_privacy": True, "dp_noise_multiplier": 0.5}, "beyond the budget 8"),
+    ],
+)
+def test_privacy_switches_that_cannot_work_are_refused_with_the_reason(params: dict, reason: str) -> None:
+    with pytest.raises(ValueError, match=reason):
+        experiment_config(params)
 
 
 def test_validate_fills_in_defaults() -> None:

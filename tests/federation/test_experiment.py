@@ -93,7 +93,7 @@ def test_from_dict_refuses_unknown_keys_and_formats() -> None:
         ({"site_samples": {"site-x": 3}}, "not in the experiment"),
         ({"round_timeout_s": 0}, "round_timeout_s"),
         ({"max_update_norm": -1.0}, "max_update_norm"),
-        ({"privacy": {"epsilon": 1.0}}, "privacy settings are not supported yet"),
+        ({"privacy": {"epsilon": 1.0}}, r"privacy: unknown key\(s\) \['epsilon'\]"),
         ({"seed": -1}, "seed"),
         ({"train": {"epochs": 1}}, "train must be a TrainConfig"),
     ],

@@ -151,6 +151,10 @@ class Strategy(ABC):
     def config(self) -> dict[str, Any]:
         """Constructor arguments as JSON (``make_strategy(name, **config)`` rebuilds the strategy)."""
 
+    def report(self) -> dict[str, Any]:
+        """JSON facts about the last aggregation for the round record (e.g. ε spent); ``{}`` = none."""
+        return {}
+
     def state_dict(self) -> StrategyState:
         """Server state to persist; stateless strategies have empty meta and tensors."""
         return StrategyState(strategy=self.name, config=self.config())
