@@ -1,0 +1,95 @@
+"""A site's work for model lines, in the core: answer a census, train a line step, score models.
+
+These are what a site's tasks call given the work's kind (``census``, a training step whose config
+carries ``case_selection``, ``evaluate``); :func:`answer_line_work` does all of a site's pending
+line work at once over the central store's functions (the central endpoint calls the same ones).
+Only counts and scores leave the site.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from jipfed.federation.evaluation import EvaluationError, evaluate_at_site, pending_evaluations
+from jipfed.lines.census import answer_census, pending_census
+from jipfed.lines.selection import select_training
+from jipfed.storage.base import ModelStore
+from jipfed.storage.state import ExperimentStore
+from jipfed.training.config import TrainConfig
+from jipfed.training.data import SiteData
+from jipfed.training.local import LocalTrainer
+
+logger = logging.getLogger(__name__)
+
+
+def apply_case_selection(
+    trainer: LocalTrainer, data_root: Path | str, config: Mapping[str, Any], site: str
+) -> dict[str, int] | None:
+    """Restrict ``trainer`` to the cases the experiment's ``case_selection`` names for ``site``.
+
+    Returns the counts (``new_cases``, ``replay_cases``), or None when the experiment selects
+    nothing (a plain experiment: the whole training split).
+    """
+    chosen = dict(config.get("case_selection") or {}).get(site)
+    if not chosen:
+        return None
+    records, counts = select_training(data_root, trainer.train_records, chosen)
+    if not records:
+        raise ValueError(f"line {chosen.get('line')!r}: site {site} has no case to train on in this run")
+    trainer.train_records = records
+    return counts
+
+
+@dataclass
+class LineSite:
+    """One site's line work: its id, data folder (ledger) and prepared cases."""
+
+    site: str
+    data_root: Path
+    data: SiteData
+    trained: list[dict[str, Any]] = field(default_factory=list)
+
+    def answer(self, store: ModelStore, now: datetime | None = None) -> int:
+        """Answer every pending census, training step and evaluation; returns how many."""
+        done = 0
+        for request in pending_census(store, self.site, now):
+            answer_census(store, request, self.site, self.data_root, [r.case_key for r in self.data.records])
+            done += 1
+        done += self._train(store, now)
+        for request in pending_evaluations(store, self.site, now):
+            train = TrainConfig.from_dict(
+                ExperimentStore(store, request.body["experiment"]).load_config()["train"]
+            )
+            try:
+                evaluate_at_site(store, request, self.site, LocalTrainer(train, self.data, device="cpu"))
+            except EvaluationError as exc:
+                logger.warning("site %s: evaluation %s failed: %s", self.site, request.id, exc)
+            done += 1
+        return done
+
+    def _train(self, store: ModelStore, now: datetime | None) -> int:
+        from jipfed.federation.dispatch import accept_in_time, model_for_site, pending_work, report_cohort
+        from jipfed.federation.site_round import run_site_step
+
+        done = 0
+        for item in pending_work(store, self.site, now):
+            ticket = item.ticket
+            exp_store = ExperimentStore(store, ticket.experiment)
+            trainer = LocalTrainer(TrainConfig.from_dict(item.config["train"]), self.data, device="cpu")
+            counts = apply_case_selection(trainer, self.data_root, item.config, self.site)
+            report_cohort(exp_store, self.site, ticket.round, ticket.step, len(trainer.train_records))
+            payload, manifest = model_for_site(exp_store, self.site, ticket.round, ticket.step)
+            encoded = run_site_step(
+                ticket, payload, manifest, trainer, self.site, ticket.experiment, ticket.config_hash
+            )
+            accept_in_time(exp_store, self.site, ticket.round, encoded.payload, encoded.manifest.to_json())
+            self.trained.append(
+                {"experiment": ticket.experiment, "cases": len(trainer.train_records), **(counts or {})}
+            )
+            done += 1
+        return done
