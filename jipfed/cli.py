@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "site-token": ("jipfed.commands.site_token", "print a site's token for the central endpoint"),
     "site-key": ("jipfed.commands.site_key", "make a site's Ed25519 signing key (prints the public key)"),
     "task": ("jipfed.commands.task", "run one heavy DAG step (a pod's entry point), configured by the environment"),
+    "lines": ("jipfed.commands.lines", "model lines: list, show, create, set, versions, fetch-released"),
 }
 
 #: Libraries that log routine detail at INFO (highdicom: every copied module); shown with -v only.
