@@ -8,9 +8,12 @@ The endpoint's upload route runs three phases:
 2. :func:`read_upload` streams the multipart body: the ``manifest`` field (bounded), the ``payload``
    file spooled to a temporary file (Starlette keeps at most 1 MiB of it in memory); a body past
    the limit is cut off with 413 while it is read.
-3. :func:`commit_upload`: the payload is written to its key (replacing a half-written one, i.e. a
-   payload without manifest), read back from the store and validated there, and the manifest is
-   written last, create-exclusive (a conditional PUT on S3): the commit marker. A site with a
+3. :func:`commit_upload`: the manifest is checked, then the payload is written to its key
+   (replacing a half-written one, i.e. a payload without manifest) and checked once while its
+   bytes stream into the store (sha256, safetensors header, tensor specs, NaN/Inf, norm bound);
+   the check is recorded next to the update (``updates/<site>.checked``, so aggregation does not
+   read the update to decide) and the manifest is written last, create-exclusive (a conditional
+   PUT on S3): the commit marker. A site with a
    registered Ed25519 key must sign its update (form field ``signature``); the signature is
    checked before the commit and stored as ``updates/<site>.sig``. A refused payload is removed.
 """
@@ -29,10 +32,16 @@ from starlette.types import Message, Receive
 
 from jipfed.central.credentials import load_credential
 from jipfed.federation.dispatch import check_deadline, current_dispatch
-from jipfed.federation.rounds import UpdateRefused, check_upload_allowed, validate_upload
+from jipfed.federation.payload_stream import CheckingReader
+from jipfed.federation.rounds import (
+    UpdateRefused,
+    check_upload_allowed,
+    commit_checked,
+    finish_upload,
+    open_upload,
+)
 from jipfed.federation.signing import SignatureInvalid, update_statement, verify
 from jipfed.federation.update import DTYPES, UpdateManifest
-from jipfed.storage.base import ObjectExistsError
 from jipfed.storage.state import ExperimentStore
 
 #: Default upload limit: this many times the byte size of the model the step starts from (an
@@ -209,10 +218,10 @@ def _check_signature(permit: UploadPermit, upload: ReceivedUpload, manifest: Upd
 def commit_upload(
     exp_store: ExperimentStore, site: str, round_: int, upload: ReceivedUpload, permit: UploadPermit
 ) -> UpdateManifest:
-    """Store the payload, validate it from the store, check its signature, then commit the manifest.
+    """Check the manifest, store the payload while checking it, check its signature, commit the manifest.
 
-    Order of writes: payload (replacing a half-written one), signature, manifest last
-    (create-exclusive: the commit marker).
+    Order of writes: payload (replacing a half-written one), signature, arrival check, manifest
+    last (create-exclusive: the commit marker).
 
     Raises:
         UpdateRefused: refused before or after reading the stored payload (``unsigned`` /
@@ -221,20 +230,22 @@ def commit_upload(
     lay = exp_store.layout
     key = lay.update(round_, site)
     with _site_lock(exp_store.experiment, round_, site):
-        check_upload_allowed(exp_store, site, round_)  # again: another upload may have committed
-        exp_store.store.put_stream(key, upload.payload, upload.size, overwrite=True)
+        # again: another upload may have committed; the manifest is checked before any payload byte
+        checker = open_upload(exp_store, site, round_, upload.manifest)
         try:
-            update = validate_upload(exp_store, site, round_, exp_store.store.get_bytes(key), upload.manifest)
-            signature = _check_signature(permit, upload, update.manifest)
+            # checked once, while the bytes stream into the store
+            exp_store.store.put_stream(
+                key, CheckingReader(upload.payload, checker), upload.size, overwrite=True
+            )
+            check = finish_upload(exp_store, checker)
+            signature = _check_signature(permit, upload, checker.manifest)
             if signature is not None:
                 exp_store.store.put_bytes(
                     lay.update_signature(round_, site), signature.encode(), overwrite=True
                 )
-            exp_store.commit_update_manifest(round_, site, update.manifest.to_dict())
-        except ObjectExistsError as exc:
-            raise UpdateRefused(exp_store.experiment, site, round_, "duplicate", str(exc)) from exc
+            commit_checked(exp_store, check, checker.manifest)
         except BaseException:
             if not exp_store.update_committed(round_, site):
                 exp_store.store.delete(key)  # never committed: no one may mistake it for an update
             raise
-    return update.manifest
+    return checker.manifest

@@ -1,22 +1,22 @@
-"""Accepting a site's upload for the current step: may it upload now, is it valid, store it once."""
+"""Accepting a site's upload for the current step: may it upload now, check it once, store it once.
+
+The payload is checked while its bytes pass (:func:`open_upload` → feed → :func:`finish_upload`),
+and the check is recorded next to the stored update before its manifest commits it
+(:func:`commit_checked`), so that deciding the step does not read the update again.
+"""
 
 from __future__ import annotations
 
 import logging
 from typing import Any
 
-from jipfed.federation.codec import decode_update
+from jipfed.federation.arrival import arrival_checker, record_arrival, start_expectation
 from jipfed.federation.experiment import ExperimentConfig
+from jipfed.federation.payload_stream import ArrivalCheck, PayloadChecker
 from jipfed.federation.plans import PlanStep
-from jipfed.federation.round_io import (
-    check_sample_bound,
-    decision_record_key,
-    expected_update,
-    input_keys,
-    load_model,
-)
+from jipfed.federation.round_io import decision_record_key
 from jipfed.federation.tickets import UpdateRefused, load_config
-from jipfed.federation.update import ModelUpdate, UpdateManifest
+from jipfed.federation.update import UpdateManifest
 from jipfed.federation.validation import UpdateRejected
 from jipfed.storage.base import ObjectExistsError
 from jipfed.storage.layout import validate_round, validate_slug
@@ -77,39 +77,65 @@ def check_upload_allowed(
     return config, config_hash, ps
 
 
-def validate_upload(
-    exp_store: ExperimentStore, site: str, round: int, payload: bytes, manifest_json: str | bytes
-) -> ModelUpdate:
-    """Check an upload is allowed and decode it against the step's start model (nothing stored).
+def open_upload(
+    exp_store: ExperimentStore, site: str, round: int, manifest_json: str | bytes
+) -> PayloadChecker:
+    """Check an upload is allowed and its manifest valid; the checker to feed its payload to.
+
+    Reads no payload: the caller feeds the bytes while it writes them to the store and then calls
+    :func:`finish_upload`.
 
     Raises:
-        UpdateRefused: as :func:`check_upload_allowed`, or ``code="rejected"`` with the codec's reason.
+        UpdateRefused: as :func:`check_upload_allowed`, or ``code="rejected"`` with the reason.
     """
     config, config_hash, ps = check_upload_allowed(exp_store, site, round)
-    start, _, _ = load_model(exp_store, input_keys(exp_store, ps), config_hash)
+    start = start_expectation(exp_store, config, config_hash, ps)
     try:
-        update = decode_update(
-            payload, manifest_json, expected_update(exp_store, config, config_hash, round, site, start)
-        )
-        check_sample_bound(exp_store, config, update)
+        return arrival_checker(exp_store, config, config_hash, round, site, manifest_json, start)
     except UpdateRejected as exc:
         raise _refuser(exp_store, site, round)("rejected", exc.reason) from exc
-    return update
+
+
+def finish_upload(exp_store: ExperimentStore, checker: PayloadChecker) -> ArrivalCheck:
+    """The arrival check of a payload fed to ``checker``.
+
+    Raises:
+        UpdateRefused: ``code="rejected"`` with the first problem found in the payload.
+    """
+    man = checker.manifest
+    try:
+        return checker.finish()
+    except UpdateRejected as exc:
+        raise _refuser(exp_store, man.site, man.round)("rejected", exc.reason) from exc
+
+
+def commit_checked(exp_store: ExperimentStore, check: ArrivalCheck, manifest: UpdateManifest) -> None:
+    """Record the arrival check, then commit the update's manifest (the commit marker, never replaced).
+
+    Raises:
+        UpdateRefused: ``code="duplicate"`` when the site's update of the round is already committed.
+    """
+    record_arrival(exp_store, check)
+    try:
+        exp_store.commit_update_manifest(manifest.round, manifest.site, manifest.to_dict())
+    except ObjectExistsError as exc:
+        raise _refuser(exp_store, manifest.site, manifest.round)("duplicate", str(exc)) from exc
 
 
 def accept_update(
     exp_store: ExperimentStore, site: str, round: int, payload: bytes, manifest_json: str | bytes
 ) -> UpdateManifest:
-    """Validate one site's upload for the current step and store it (never overwriting).
+    """Check one site's upload for the current step once and store it (never overwriting).
 
     Raises:
-        UpdateRefused: as :func:`validate_upload`; ``code="duplicate"`` also when a concurrent upload
-            of the same site committed first.
+        UpdateRefused: as :func:`open_upload` and :func:`finish_upload`; ``code="duplicate"`` also
+            when a concurrent upload of the same site committed first.
     """
-    update = validate_upload(exp_store, site, round, payload, manifest_json)
-    try:
-        exp_store.save_update(round, site, payload, update.manifest.to_dict())
-    except ObjectExistsError as exc:
-        raise _refuser(exp_store, site, round)("duplicate", str(exc)) from exc
+    checker = open_upload(exp_store, site, round, manifest_json)
+    checker.feed(payload)
+    check = finish_upload(exp_store, checker)
+    # a payload without its manifest is a half-written update: never committed, so replaced
+    exp_store.store.put_bytes(exp_store.layout.update(round, site), payload, overwrite=True)
+    commit_checked(exp_store, check, checker.manifest)
     logger.info("experiment %s: accepted update of %s for round %d", exp_store.experiment, site, round)
-    return update.manifest
+    return checker.manifest

@@ -10,10 +10,12 @@ produces the same bytes; a rerun of a completed step returns its stored record.
 from __future__ import annotations
 
 import logging
+import tempfile
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
-from jipfed.federation.codec import EncodedUpdate
+from jipfed.federation.codec import EncodedFile
 from jipfed.federation.compute import compute_output
 from jipfed.federation.decision import Decision, check_quorum, decide
 from jipfed.federation.experiment import ExperimentConfig
@@ -21,8 +23,9 @@ from jipfed.federation.plans import PlanStep
 from jipfed.federation.round_io import (
     decision_record_key,
     input_keys,
-    load_model,
+    open_model,
     output_keys,
+    put_file_once,
     put_once,
     running_state,
 )
@@ -102,7 +105,7 @@ def to_step_record(record: Mapping[str, Any]) -> StepRecord:
 
 
 def write_outputs(
-    exp_store: ExperimentStore, ps: PlanStep, encoded: EncodedUpdate, strategy_state: StrategyState | None
+    exp_store: ExperimentStore, ps: PlanStep, encoded: EncodedFile, strategy_state: StrategyState | None
 ) -> None:
     lay = exp_store.layout
     if strategy_state is not None:
@@ -110,8 +113,19 @@ def write_outputs(
         put_once(exp_store, lay.strategy_state(ps.round), payload)
         put_once(exp_store, lay.strategy_state_manifest(ps.round), text.encode("utf-8"))
     model_key, manifest_key, _ = output_keys(exp_store, ps)
-    put_once(exp_store, model_key, encoded.payload)
+    put_file_once(exp_store, model_key, encoded)
     put_once(exp_store, manifest_key, canonical_json(encoded.manifest.to_dict()))
+
+
+def _stored_decision(
+    exp_store: ExperimentStore, config: ExperimentConfig, ps: PlanStep
+) -> dict[str, Any] | None:
+    """The step's stored decision record when it was decided before a restart, else None."""
+    record_key = decision_record_key(exp_store, ps)
+    if not exp_store.store.exists(record_key):
+        return None
+    logger.info("experiment %s: step %d was decided before a restart; completing it", config.name, ps.step)
+    return exp_store.store.get_json(record_key)
 
 
 def aggregate_step(exp_store: ExperimentStore, step: int) -> StepRecord:
@@ -140,32 +154,40 @@ def aggregate_step(exp_store: ExperimentStore, step: int) -> StepRecord:
             f"experiment {config.name!r}: step {step} cannot run before step {state.next_step}"
         )
     ps = plan.step(step)
-    start, _, input_sha = load_model(exp_store, input_keys(exp_store, ps), config_hash)
-    record_key = decision_record_key(exp_store, ps)
-    if exp_store.store.exists(record_key):
-        record = exp_store.store.get_json(record_key)
-        logger.info("experiment %s: step %d was decided before a restart; completing it", config.name, step)
-        decision = Decision.from_record(record)
-    else:
-        decision = decide(exp_store, config, config_hash, ps, start)
-        check_quorum(exp_store, config, ps, state, decision)
-        record = None
-    encoded, strategy_state = compute_output(
-        exp_store, config, config_hash, ps, start, decision.included, decision.clips
-    )
-    if record is None:
-        record = record_dict(config, config_hash, ps, decision, input_sha, encoded.manifest.sha256 or "")
-        if ps.is_last_in_round and ps.hop is not None:
-            record["hops"] = [hop_summary(r) for r in state.history if r.round == ps.round]
-        if strategy_state is not None and strategy_state.meta.get("privacy"):
-            record["privacy"] = dict(strategy_state.meta["privacy"])  # what a DP strategy spent
-        put_once(exp_store, record_key, canonical_json(record))
-    elif record["output_sha256"] != encoded.manifest.sha256:
-        raise IntegrityError(
-            f"experiment {config.name!r}, step {step}: recomputed model {encoded.manifest.sha256} differs from "
-            f"the recorded {record['output_sha256']}"
+    with (
+        tempfile.TemporaryDirectory(prefix="jipfed-aggregate-") as tmp,
+        open_model(exp_store, input_keys(exp_store, ps), config_hash, Path(tmp)) as start,
+    ):
+        record = _stored_decision(exp_store, config, ps)
+        decision = Decision.from_record(record) if record is not None else None
+        if decision is None:
+            decision = decide(exp_store, config, config_hash, ps, start, Path(tmp))
+            check_quorum(exp_store, config, ps, state, decision)
+
+        def on_exclusion(changed: Decision) -> None:
+            if record is not None:  # the recorded decision cannot change: the step cannot complete
+                raise IntegrityError(
+                    f"experiment {config.name!r}, step {step}: a recorded update changed: {changed.rejected}"
+                )
+            check_quorum(exp_store, config, ps, state, changed)
+
+        encoded, strategy_state = compute_output(
+            exp_store, config, config_hash, ps, start, decision, Path(tmp), on_exclusion
         )
-    write_outputs(exp_store, ps, encoded, strategy_state)
+        if record is None:
+            input_sha = start.manifest.sha256 or ""
+            record = record_dict(config, config_hash, ps, decision, input_sha, encoded.manifest.sha256 or "")
+            if ps.is_last_in_round and ps.hop is not None:
+                record["hops"] = [hop_summary(r) for r in state.history if r.round == ps.round]
+            if strategy_state is not None and strategy_state.meta.get("privacy"):
+                record["privacy"] = dict(strategy_state.meta["privacy"])  # what a DP strategy spent
+            put_once(exp_store, decision_record_key(exp_store, ps), canonical_json(record))
+        elif record["output_sha256"] != encoded.manifest.sha256:
+            raise IntegrityError(
+                f"experiment {config.name!r}, step {step}: recomputed model {encoded.manifest.sha256} differs from "
+                f"the recorded {record['output_sha256']}"
+            )
+        write_outputs(exp_store, ps, encoded, strategy_state)
     step_record = to_step_record(record)
     next_round = plan.step(step + 1).round if step + 1 < plan.n_steps else ps.round + 1
     exp_store.save_state(state.complete_step(step_record, next_round=next_round))

@@ -24,8 +24,10 @@ missing payload.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
+import struct
 import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -44,6 +46,7 @@ from jipfed.federation.update import (
     ModelUpdate,
     TensorSpec,
     UpdateManifest,
+    dtype_name,
 )
 from jipfed.federation.validation import (
     ExpectedUpdate,
@@ -64,7 +67,7 @@ FP16_MAX = 65504.0
 INT8_LEVELS = 127
 _HASH_CHUNK = 1 << 20
 # safetensors dtype codes (``get_slice(...).get_dtype()``) of the dtypes in ``update.DTYPES``
-_ST_DTYPES = {
+ST_DTYPES = {
     "F64": "float64",
     "F32": "float32",
     "F16": "float16",
@@ -178,7 +181,84 @@ def encode_global(
     return encode_update(update, "fp32")
 
 
-def _parse_manifest(
+#: safetensors writes tensors by dtype (this order, last first), then by name.
+_ST_ORDER = ("BOOL", "U8", "I8", "I16", "F16", "BF16", "I32", "F32", "F64", "I64")
+_ST_CODES = {name: code for code, name in ST_DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class EncodedFile:
+    """A payload written to a local file (``size`` bytes) and the manifest whose ``sha256`` describes it."""
+
+    path: Path
+    manifest: UpdateManifest
+    size: int
+
+
+def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> tuple[str, int]:
+    """Write ``tensors`` to ``path`` tensor by tensor (no payload copy in memory); ``(sha256, size)``.
+
+    The bytes are those ``safetensors.torch.save`` produces (same tensor order, header and padding).
+    """
+    codes = {name: _ST_CODES[dtype_name(t.dtype)] for name, t in tensors.items()}
+    order = sorted(tensors, key=lambda n: (-_ST_ORDER.index(codes[n]), n))
+    header: dict[str, Any] = {}
+    offset = 0
+    for name in order:
+        t = tensors[name]
+        nbytes = t.numel() * t.element_size()
+        header[name] = {
+            "dtype": codes[name],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    digest = hashlib.sha256()
+    with open(path, "wb") as fh:
+        for part in (struct.pack("<Q", len(text)), text):
+            digest.update(part)
+            fh.write(part)
+        for name in order:
+            t = tensors[name].contiguous()
+            if t.numel():
+                data = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+                digest.update(data)
+                fh.write(data)
+    return digest.hexdigest(), 8 + len(text) + offset
+
+
+def write_global_file(
+    weights: Mapping[str, torch.Tensor],
+    path: Path,
+    *,
+    experiment: str,
+    round: int,
+    config_hash: str,
+    n_samples: int = 0,
+) -> EncodedFile:
+    """:func:`encode_global` written to ``path`` instead of memory (same bytes, same manifest).
+
+    Raises ValueError for NaN/Inf values, as :func:`encode_update` does.
+    """
+    for name, tensor in weights.items():
+        if count_non_finite(tensor):
+            raise ValueError(f"tensor {name!r} holds NaN/Inf; refusing to encode it")
+    manifest = ModelUpdate.build(
+        weights,
+        experiment=experiment,
+        round=round,
+        site=GLOBAL_SITE,
+        kind="weights",
+        n_samples=n_samples,
+        config_hash=config_hash,
+    ).manifest
+    digest, size = write_safetensors(path, weights)
+    return EncodedFile(path, manifest.replace(sha256=digest), size)
+
+
+def parse_manifest(
     manifest: UpdateManifest | str | bytes | Mapping[str, Any], expected: ExpectedUpdate
 ) -> UpdateManifest:
     if isinstance(manifest, UpdateManifest):
@@ -191,7 +271,7 @@ def _parse_manifest(
         raise UpdateRejected(expected.site, expected.round, f"invalid manifest: {exc}") from None
 
 
-def _check_hash(digest: str, manifest: UpdateManifest) -> None:
+def check_hash(digest: str, manifest: UpdateManifest) -> None:
     if manifest.sha256 is None:
         raise UpdateRejected(manifest.site, manifest.round, "manifest has no sha256")
     if digest != manifest.sha256:
@@ -202,7 +282,7 @@ def _check_hash(digest: str, manifest: UpdateManifest) -> None:
         )
 
 
-def _decode_entry(name: str, spec: TensorSpec, manifest: UpdateManifest, get: Any) -> torch.Tensor:
+def decode_entry(name: str, spec: TensorSpec, manifest: UpdateManifest, get: Any) -> torch.Tensor:
     """Decoded tensor ``name`` (dtype of ``spec``); ``get(key)`` returns a raw payload tensor."""
     raw = get(name)
     if not spec.is_floating or manifest.encoding == "fp32":
@@ -230,15 +310,15 @@ def decode_update(
     """
     if not isinstance(payload, (bytes, bytearray, memoryview)):
         raise TypeError(f"payload must be bytes, got {type(payload).__name__}")
-    man = _parse_manifest(manifest, expected)
-    _check_hash(hashlib.sha256(payload).hexdigest(), man)
+    man = parse_manifest(manifest, expected)
+    check_hash(hashlib.sha256(payload).hexdigest(), man)
     check_manifest(man, expected)
     try:
         raw = safetensors.torch.load(bytes(payload))
     except SafetensorError as exc:
         raise UpdateRejected(man.site, man.round, f"payload is not a safetensors file ({exc})") from None
     check_specs(spec_of_payload(raw, man), payload_specs(man), man.site, man.round, what="payload")
-    tensors = {name: _decode_entry(name, spec, man, raw.__getitem__) for name, spec in man.tensors.items()}
+    tensors = {name: decode_entry(name, spec, man, raw.__getitem__) for name, spec in man.tensors.items()}
     check_tensors(tensors, man, expected)
     return ModelUpdate(tensors=tensors, manifest=man)
 
@@ -299,7 +379,7 @@ def _read_manifest_file(path_stem: str | os.PathLike[str], expected: ExpectedUpd
         raise UpdateRejected(
             expected.site, expected.round, f"manifest {manifest_path(path_stem)} is missing"
         ) from None
-    return _parse_manifest(text, expected)
+    return parse_manifest(text, expected)
 
 
 def read_update(path_stem: str | os.PathLike[str], expected: ExpectedUpdate) -> ModelUpdate:
@@ -353,7 +433,7 @@ class LazyTensors(Mapping[str, torch.Tensor]):
     def __getitem__(self, name: str) -> torch.Tensor:
         spec = self._manifest.tensors[name]
         with self._open() as fh:
-            return _decode_entry(name, spec, self._manifest, fh.get_tensor)
+            return decode_entry(name, spec, self._manifest, fh.get_tensor)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._manifest.tensors)
@@ -365,7 +445,7 @@ class LazyTensors(Mapping[str, torch.Tensor]):
         """(name, decoded tensor) pairs in model order, one file open for the whole pass."""
         with self._open() as fh:
             for name, spec in self._manifest.tensors.items():
-                yield name, _decode_entry(name, spec, self._manifest, fh.get_tensor)
+                yield name, decode_entry(name, spec, self._manifest, fh.get_tensor)
 
 
 class LazyUpdate(ManifestFields):
@@ -396,7 +476,7 @@ def open_update(path_stem: str | os.PathLike[str], expected: ExpectedUpdate) -> 
     if not path.is_file():
         raise UpdateRejected(man.site, man.round, f"payload {path} is missing")
     identity = _file_identity(path)
-    _check_hash(_file_sha256(path), man)
+    check_hash(_file_sha256(path), man)
     check_manifest(man, expected)
     try:
         with safe_open(os.fspath(path), framework="pt") as fh:
@@ -404,7 +484,7 @@ def open_update(path_stem: str | os.PathLike[str], expected: ExpectedUpdate) -> 
             names = fh.keys()
             for key in names:
                 info = fh.get_slice(key)
-                dtype = _ST_DTYPES.get(info.get_dtype())
+                dtype = ST_DTYPES.get(info.get_dtype())
                 if dtype is None or dtype not in DTYPES:
                     raise UpdateRejected(
                         man.site,
@@ -415,7 +495,7 @@ def open_update(path_stem: str | os.PathLike[str], expected: ExpectedUpdate) -> 
             check_specs(raw_specs, payload_specs(man), man.site, man.round, what="payload")
             sq_norm = 0.0
             for name, spec in man.tensors.items():
-                tensor = _decode_entry(name, spec, man, fh.get_tensor)
+                tensor = decode_entry(name, spec, man, fh.get_tensor)
                 check_finite(name, tensor, man.site, man.round)
                 if expected.max_delta_norm is not None and spec.is_floating:
                     sq_norm += delta_sq_norm(name, tensor, man.kind, expected.reference)

@@ -1,20 +1,27 @@
-"""Computing a step's output model from its decided updates (and the server strategy state)."""
+"""Computing a step's output model from its decided updates (and the server strategy state).
+
+The updates are read from the store as :class:`~jipfed.federation.payload_stream.StoredUpdate`
+sources, one tensor per access, so the strategy aggregates them in the bounded-pass path of
+:func:`jipfed.federation.aggregate.mean_weights` (or tensor by tensor for the robust reducers).
+"""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping, Sequence
-
-import torch
+from collections.abc import Callable
+from contextlib import ExitStack
+from pathlib import Path
 
 from jipfed.federation.bounds import Clip, scaled
-from jipfed.federation.codec import EncodedUpdate, encode_global
-from jipfed.federation.decision import read_update
+from jipfed.federation.codec import EncodedFile, write_global_file
+from jipfed.federation.decision import Decision
 from jipfed.federation.experiment import ExperimentConfig
+from jipfed.federation.payload_stream import StoredUpdate
 from jipfed.federation.plans import PlanStep
-from jipfed.federation.round_io import output_keys
+from jipfed.federation.round_io import output_keys, stored_path
 from jipfed.federation.strategies import Strategy, StrategyState
-from jipfed.federation.update import ModelUpdate
+from jipfed.federation.update import ModelUpdate, UpdateManifest
+from jipfed.federation.validation import UpdateRejected
 from jipfed.storage.base import StoreError
 from jipfed.storage.state import ExperimentStore, IntegrityError
 
@@ -43,31 +50,102 @@ def compute_output(
     config: ExperimentConfig,
     config_hash: str,
     ps: PlanStep,
-    start: Mapping[str, torch.Tensor],
-    included: Sequence[str],
-    clips: Mapping[str, Clip],
-) -> tuple[EncodedUpdate, StrategyState | None]:
-    """The step's output model (encoded) and, for parallel plans, the new server state."""
+    start: StoredUpdate,
+    decision: Decision,
+    workdir: Path,
+    on_exclusion: Callable[[Decision], None],
+) -> tuple[EncodedFile, StrategyState | None]:
+    """The step's output model (a file in ``workdir``) and, for parallel plans, the new server state.
+
+    Each included update is read once, from the store, while it is aggregated, and its bytes are
+    hashed on the way; one whose bytes changed since its arrival check is moved from
+    ``decision.included`` to ``decision.rejected`` with the reason, ``on_exclusion(decision)`` is
+    called (it raises when the step cannot go on without it, e.g. QuorumNotMet) and the others are
+    aggregated again.
+
+    Raises:
+        IntegrityError: the start model's bytes differ from its manifest.
+    """
+    while True:
+        try:
+            return _compute_once(exp_store, config, config_hash, ps, start, decision, workdir)
+        except UpdateRejected as exc:
+            if exc.site not in decision.included:
+                raise IntegrityError(f"stored model {start.path} is invalid: {exc.reason}") from None
+            logger.warning(
+                "experiment %s: round %d: excluded %s while aggregating: %s",
+                config.name,
+                ps.round,
+                exc.site,
+                exc.reason,
+            )
+            decision.included.remove(exc.site)
+            decision.manifests.pop(exc.site, None)
+            decision.clips.pop(exc.site, None)
+            decision.rejected[exc.site] = exc.reason
+            on_exclusion(decision)
+
+
+def _compute_once(
+    exp_store: ExperimentStore,
+    config: ExperimentConfig,
+    config_hash: str,
+    ps: PlanStep,
+    start: StoredUpdate,
+    decision: Decision,
+    workdir: Path,
+) -> tuple[EncodedFile, StrategyState | None]:
+    lay = exp_store.layout
     _, _, out_round = output_keys(exp_store, ps)
     state: StrategyState | None = None
-    n_samples = 0
-
-    def updates() -> Iterator[ModelUpdate]:
-        nonlocal n_samples
-        for site in included:  # decoded one at a time: the strategy streams over them
-            update = read_update(exp_store, config, config_hash, ps.round, site, start)
-            n_samples += update.n_samples
-            yield scaled(update, start, clips[site].scale) if site in clips else update
-
-    if config.plan == "parallel":
-        strategy = strategy_for(exp_store, config, ps.round)
-        weights = strategy.aggregate(start, updates(), ps.round)
-        state = strategy.state_dict()
-    elif included:
-        weights = dict(next(updates()).tensors)
-    else:
-        weights = dict(start)
-    encoded = encode_global(
-        weights, experiment=config.name, round=out_round, config_hash=config_hash, n_samples=n_samples
+    with ExitStack() as stack:
+        sources: list[StoredUpdate] = []
+        for site in decision.included:
+            manifest = decision.manifests.get(site) or _stored_manifest(exp_store, ps.round, site)
+            path = stored_path(exp_store, lay.update(ps.round, site), workdir)
+            sources.append(stack.enter_context(StoredUpdate(path, manifest)))
+        if config.plan == "parallel":
+            used: list[StoredUpdate] = sources
+            views = [
+                _clipped(s, start, decision.clips[s.site]) if s.site in decision.clips else s for s in sources
+            ]
+            strategy = strategy_for(exp_store, config, ps.round)
+            weights = strategy.aggregate(start.tensors, views, ps.round)
+            state = strategy.state_dict()
+        elif sources:  # a cyclic hop passes its (only) site's model on
+            used = sources[:1]
+            weights = dict(used[0].tensors.items())
+        else:
+            used = []
+            weights = dict(start.tensors.items())
+        for source in [*used, start]:
+            source.verify()
+    order = [n for n in start.manifest.tensors if n in weights] + [
+        n for n in weights if n not in start.manifest.tensors
+    ]
+    encoded = write_global_file(
+        {name: weights[name] for name in order},
+        workdir / "output.safetensors",
+        experiment=config.name,
+        round=out_round,
+        config_hash=config_hash,
+        n_samples=sum(s.n_samples for s in used),
     )
     return encoded, state
+
+
+def _stored_manifest(exp_store: ExperimentStore, round_: int, site: str) -> UpdateManifest:
+    """A committed update's manifest (the decision was recorded before a restart)."""
+    try:
+        return UpdateManifest.from_dict(
+            exp_store.store.get_json(exp_store.layout.update_manifest(round_, site))
+        )
+    except (StoreError, ValueError) as exc:
+        raise UpdateRejected(site, round_, f"invalid manifest: {exc}") from None
+
+
+def _clipped(source: StoredUpdate, start: StoredUpdate, clip: Clip) -> ModelUpdate:
+    """A clipped site's update, scaled in memory (clipping is the exception: one model at a time)."""
+    tensors = dict(source.tensors.items())  # in file order: hashed as read
+    loaded = ModelUpdate(tensors={n: tensors[n] for n in source.manifest.tensors}, manifest=source.manifest)
+    return scaled(loaded, start.tensors, clip.scale)

@@ -9,20 +9,20 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-import torch
-
-from jipfed.federation.bounds import Clip, delta_norm, norm_clips
-from jipfed.federation.codec import decode_update
+from jipfed.federation.arrival import check_stored, recorded_arrival
+from jipfed.federation.bounds import Clip, norm_clips
 from jipfed.federation.experiment import ExperimentConfig
+from jipfed.federation.payload_stream import StoredUpdate
 from jipfed.federation.plans import PlanStep
-from jipfed.federation.round_io import check_sample_bound, expected_update
+from jipfed.federation.round_io import check_sample_bound, load_weights, needs_start_weights, update_kind
 from jipfed.federation.tickets import QuorumNotMet
-from jipfed.federation.update import ModelUpdate, UpdateManifest
-from jipfed.federation.validation import UpdateRejected
+from jipfed.federation.update import UpdateManifest
+from jipfed.federation.validation import ExpectedUpdate, UpdateRejected, check_manifest
 from jipfed.storage.base import StoreError
-from jipfed.storage.state import ExperimentState, ExperimentStore, IntegrityError
+from jipfed.storage.state import ExperimentState, ExperimentStore
 
 logger = logging.getLogger(__name__)
 
@@ -57,12 +57,19 @@ def decide(
     config: ExperimentConfig,
     config_hash: str,
     ps: PlanStep,
-    start: Mapping[str, torch.Tensor],
+    start: StoredUpdate,
+    workdir: Path,
 ) -> Decision:
-    """Validate every stored update of the step's round that this step could use."""
+    """Which stored updates of the step's round this step uses, from their arrival checks.
+
+    An update is used when its manifest is this step's and its arrival check (recorded when it was
+    received) covers exactly its bytes; the payloads are not read. An update without such a record
+    is checked from the store once (and recorded).
+    """
     decision = Decision(included=[], rejected={}, missing=[], manifests={})
     norms: dict[str, float] = {}
     present = set(exp_store.list_updates(ps.round))
+    expectation = None
     for site in sorted(present):
         if site not in ps.sites:
             # Another hop's site in a cyclic round, or an upload that bypassed accept_update.
@@ -70,10 +77,18 @@ def decide(
                 decision.rejected[site] = f"site {site!r} was not selected for round {ps.round}"
             continue
         try:
-            update = read_update(exp_store, config, config_hash, ps.round, site, start)
-            check_sample_bound(exp_store, config, update)
-            if config.plan == "parallel":
-                norms[site] = delta_norm(update, start)
+            manifest = committed_manifest(exp_store, config, config_hash, start, ps.round, site)
+            check = recorded_arrival(exp_store, manifest)
+            if check is None:
+                if expectation is None:
+                    expectation = (
+                        start.manifest.tensors,
+                        load_weights(start) if needs_start_weights(config) else None,
+                    )
+                check = check_stored(exp_store, config, config_hash, ps.round, site, expectation, workdir)
+            check_sample_bound(exp_store, config, manifest)
+            if config.plan == "parallel" and check.delta_norm is not None:
+                norms[site] = check.delta_norm
         except UpdateRejected as exc:
             decision.rejected[site] = exc.reason
             logger.warning(
@@ -87,7 +102,7 @@ def decide(
             decision.rejected[site] = f"the update could not be used ({type(exc).__name__})"
             continue
         decision.included.append(site)
-        decision.manifests[site] = update.manifest
+        decision.manifests[site] = manifest
     decision.clips = norm_clips(norms, config.norm_bound_factor)
     for site, clip in decision.clips.items():
         logger.warning("experiment %s: round %d: %s: %s", config.name, ps.round, site, clip.reason())
@@ -99,21 +114,36 @@ def decide(
     return decision
 
 
-def read_update(
+def committed_manifest(
     exp_store: ExperimentStore,
     config: ExperimentConfig,
     config_hash: str,
+    start: StoredUpdate,
     round_: int,
     site: str,
-    start: Mapping[str, torch.Tensor],
-) -> ModelUpdate:
+) -> UpdateManifest:
+    """``site``'s committed manifest of ``round_``, checked against the step (identity, kind, specs).
+
+    Raises:
+        UpdateRejected: it is unreadable or not an update of this step.
+    """
     try:
-        payload, manifest = exp_store.load_update(round_, site)
-    except (IntegrityError, StoreError) as exc:
-        raise UpdateRejected(site, round_, str(exc)) from exc
-    return decode_update(
-        payload, manifest, expected_update(exp_store, config, config_hash, round_, site, start)
+        data = exp_store.store.get_json(exp_store.layout.update_manifest(round_, site))
+        manifest = UpdateManifest.from_dict(data)
+    except (StoreError, ValueError) as exc:
+        raise UpdateRejected(site, round_, f"invalid manifest: {exc}") from None
+    identity = ExpectedUpdate(
+        experiment=exp_store.experiment,
+        round=round_,
+        site=site,
+        config_hash=config_hash,
+        tensors=start.manifest.tensors,
+        kinds=(update_kind(config),),
     )
+    check_manifest(manifest, identity)
+    if manifest.sha256 is None:
+        raise UpdateRejected(site, round_, "manifest has no sha256")
+    return manifest
 
 
 def check_quorum(

@@ -1,24 +1,29 @@
-"""Where a plan step's models and decision record live in the store, and reading them back.
+"""Where a plan step's models and decision record live in the store, and reading / writing them.
 
 Shared by the round actions (start, accept, decide, compute, close, finalize): the keys of a step's
-input and output models, loading a stored model through the codec, what an update of a step must
-look like (:class:`ExpectedUpdate`) and the sample-count bound.
+input and output models, opening a stored model for reading (:class:`StoredUpdate`), write-once of
+a model file, what an update of a step must look like (:class:`ExpectedUpdate`) and the
+sample-count bound.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 
 from jipfed.federation.bounds import sample_count_problem
-from jipfed.federation.codec import decode_update
+from jipfed.federation.codec import EncodedFile
 from jipfed.federation.experiment import ExperimentConfig
+from jipfed.federation.payload_stream import StoredUpdate
 from jipfed.federation.plans import PlanStep
 from jipfed.federation.tickets import ProtocolError
-from jipfed.federation.update import ModelUpdate, UpdateManifest
-from jipfed.federation.validation import ExpectedUpdate, UpdateRejected
+from jipfed.federation.update import TensorSpec, UpdateManifest
+from jipfed.federation.validation import ExpectedUpdate, UpdateRejected, check_manifest
+from jipfed.storage.base import ObjectExistsError
+from jipfed.storage.local import LocalFolderStore
 from jipfed.storage.state import ExperimentState, ExperimentStore, IntegrityError, Status, sha256_hex
 
 logger = logging.getLogger(__name__)
@@ -57,25 +62,61 @@ def decision_record_key(exp_store: ExperimentStore, ps: PlanStep) -> str:
     return exp_store.layout.hop_record(ps.round, ps.hop or 0)
 
 
-def load_model(
-    exp_store: ExperimentStore, keys: tuple[str, str], config_hash: str
-) -> tuple[dict[str, torch.Tensor], UpdateManifest, str]:
-    """(weights, manifest, sha256) of a stored global / hop model, validated by the codec."""
-    model_key, manifest_key = keys
+def stored_path(exp_store: ExperimentStore, key: str, workdir: Path) -> Path:
+    """A local file holding the object ``key``: the store's own file, or a copy in ``workdir``."""
     store = exp_store.store
+    if isinstance(store, LocalFolderStore):
+        return Path(store.uri(key))
+    path = workdir / key.replace("/", "__")
+    path.write_bytes(store.get_bytes(key))
+    return path
+
+
+def open_model(
+    exp_store: ExperimentStore, keys: tuple[str, str], config_hash: str, workdir: Path
+) -> StoredUpdate:
+    """A stored global / hop model, opened for reading (its sha256 is checked by ``verify()``).
+
+    Raises:
+        IntegrityError: the manifest is invalid or not this experiment's, or the payload's header
+            does not match it.
+    """
+    model_key, manifest_key = keys
     try:
-        manifest = UpdateManifest.from_dict(store.get_json(manifest_key))
-        payload = store.get_bytes(model_key)
+        manifest = UpdateManifest.from_dict(exp_store.store.get_json(manifest_key))
         expected = ExpectedUpdate.for_global(
             experiment=exp_store.experiment,
             round=manifest.round,
             config_hash=config_hash,
             tensors=manifest.tensors,
         )
-        update = decode_update(payload, manifest, expected)
+        check_manifest(manifest, expected)
+        if manifest.sha256 is None:
+            raise UpdateRejected(manifest.site, manifest.round, "manifest has no sha256")
+        return StoredUpdate(stored_path(exp_store, model_key, workdir), manifest)
     except (ValueError, UpdateRejected) as exc:
         raise IntegrityError(f"stored model {model_key!r} is invalid: {exc}") from exc
-    return dict(update.tensors), update.manifest, sha256_hex(payload)
+
+
+def load_weights(model: StoredUpdate) -> dict[str, torch.Tensor]:
+    """All tensors of a stored model, checked against the sha256 of its manifest."""
+    weights = dict(model.tensors.items())
+    try:
+        model.verify()
+    except UpdateRejected as exc:
+        raise IntegrityError(f"stored model {model.path} is invalid: {exc.reason}") from None
+    return {name: weights[name] for name in model.manifest.tensors}
+
+
+def put_file_once(exp_store: ExperimentStore, key: str, encoded: EncodedFile) -> None:
+    """Write-once of a file's bytes, as ``put_if_absent_or_same`` (a rerun finds the same bytes)."""
+    store = exp_store.store
+    try:
+        with open(encoded.path, "rb") as fh:
+            store.put_stream(key, fh, encoded.size)
+    except ObjectExistsError:
+        if sha256_hex(store.get_bytes(key)) != encoded.manifest.sha256:
+            raise ObjectExistsError(key, "it holds different content") from None
 
 
 def put_once(exp_store: ExperimentStore, key: str, data: bytes) -> None:
@@ -86,30 +127,36 @@ def update_kind(config: ExperimentConfig) -> str:
     return "weights" if config.plan == "cyclic" else "delta"
 
 
+def needs_start_weights(config: ExperimentConfig) -> bool:
+    """Whether checking an update needs the start weights (to bound the norm of a weights update)."""
+    return config.max_update_norm is not None and update_kind(config) == "weights"
+
+
 def expected_update(
     exp_store: ExperimentStore,
     config: ExperimentConfig,
     config_hash: str,
     round_: int,
     site: str,
-    start: Mapping[str, torch.Tensor],
+    specs: Mapping[str, TensorSpec],
+    reference: Mapping[str, torch.Tensor] | None = None,
 ) -> ExpectedUpdate:
-    kind = update_kind(config)
-    return ExpectedUpdate.from_weights(
-        start,
-        keep_reference=config.max_update_norm is not None and kind == "weights",
+    """What ``site``'s update of ``round_`` must be (``reference``: see :func:`needs_start_weights`)."""
+    return ExpectedUpdate(
+        tensors=specs,
+        reference=reference,
         experiment=exp_store.experiment,
         round=round_,
         site=site,
         config_hash=config_hash,
-        kinds=(kind,),
+        kinds=(update_kind(config),),
         min_samples=1,
         max_delta_norm=config.max_update_norm,
     )
 
 
-def check_sample_bound(exp_store: ExperimentStore, config: ExperimentConfig, update: ModelUpdate) -> None:
-    """UpdateRejected when the update claims more cases than its site's cohort or the configured cap."""
+def check_sample_bound(exp_store: ExperimentStore, config: ExperimentConfig, update: UpdateManifest) -> None:
+    """UpdateRejected when the update (manifest) claims more cases than its site's cohort or the configured cap."""
     cohort = exp_store.reported_cohort(update.round, update.site)
     problem = sample_count_problem(update.n_samples, config.max_site_samples, cohort)
     if problem is not None:

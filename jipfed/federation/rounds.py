@@ -22,7 +22,13 @@ cyclic round's hops pass their models on through ``rounds/<r>/hops/<h>``.
 
 from __future__ import annotations
 
-from jipfed.federation.acceptance import accept_update, check_upload_allowed, validate_upload
+from jipfed.federation.acceptance import (
+    accept_update,
+    check_upload_allowed,
+    commit_checked,
+    finish_upload,
+    open_upload,
+)
 from jipfed.federation.closing import RECORD_FORMAT, aggregate_step
 from jipfed.federation.decision import NO_UPDATE_REASON
 from jipfed.federation.finalize import FINAL_METRICS, FINAL_MODEL, MODEL_CARD, finalize
@@ -42,11 +48,13 @@ __all__ = [
     "accept_update",
     "aggregate_step",
     "check_upload_allowed",
+    "commit_checked",
     "fail_experiment",
     "finalize",
+    "finish_upload",
     "initial_weights",
     "load_config",
     "open_step",
+    "open_upload",
     "start_experiment",
-    "validate_upload",
 ]

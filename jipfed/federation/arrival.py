@@ -1,0 +1,126 @@
+"""An update's check at arrival: the checker for a step's upload and the record kept next to the update.
+
+The central checks each update once, while its bytes stream into the store
+(:class:`~jipfed.federation.payload_stream.PayloadChecker`), and records the result
+(``updates/<site>.checked``: sha256, size, delta norm) before it commits the update's manifest.
+Deciding a step reads these records, not the updates; only a committed update without a record
+for its bytes (written around the upload path) is checked from the store, once, and recorded.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from jipfed.federation.codec import parse_manifest
+from jipfed.federation.experiment import ExperimentConfig
+from jipfed.federation.payload_stream import HASH_CHUNK, ArrivalCheck, PayloadChecker
+from jipfed.federation.plans import PlanStep
+from jipfed.federation.round_io import (
+    check_sample_bound,
+    expected_update,
+    input_keys,
+    load_weights,
+    needs_start_weights,
+    open_model,
+    stored_path,
+)
+from jipfed.federation.update import TensorSpec, UpdateManifest
+from jipfed.storage.base import StoreError, canonical_json
+from jipfed.storage.layout import validate_slug
+from jipfed.storage.state import ExperimentStore
+
+logger = logging.getLogger(__name__)
+
+#: Suffix of the arrival record next to ``updates/<site>.safetensors`` (not ``.json``: not a manifest).
+ARRIVAL_SUFFIX = ".checked"
+
+
+def arrival_key(exp_store: ExperimentStore, round_: int, site: str) -> str:
+    """Key of the arrival record of ``site``'s update of ``round_``."""
+    return f"{exp_store.layout.updates_prefix(round_)}{validate_slug(site, 'site id')}{ARRIVAL_SUFFIX}"
+
+
+def start_expectation(
+    exp_store: ExperimentStore, config: ExperimentConfig, config_hash: str, ps: PlanStep
+) -> tuple[Mapping[str, TensorSpec], dict[str, torch.Tensor] | None]:
+    """The specs of the step's start model, and its weights when checking an update needs them."""
+    keys = input_keys(exp_store, ps)
+    if not needs_start_weights(config):
+        return UpdateManifest.from_dict(exp_store.store.get_json(keys[1])).tensors, None
+    with (
+        tempfile.TemporaryDirectory(prefix="jipfed-start-") as tmp,
+        open_model(exp_store, keys, config_hash, Path(tmp)) as start,
+    ):
+        return start.manifest.tensors, load_weights(start)
+
+
+def arrival_checker(
+    exp_store: ExperimentStore,
+    config: ExperimentConfig,
+    config_hash: str,
+    round_: int,
+    site: str,
+    manifest_json: str | bytes,
+    start: tuple[Mapping[str, TensorSpec], Mapping[str, torch.Tensor] | None],
+) -> PayloadChecker:
+    """The checker of ``site``'s payload for ``round_``, after checking its manifest and sample count.
+
+    Raises:
+        UpdateRejected: the manifest is invalid, not for this step, or claims too many samples.
+    """
+    specs, reference = start
+    expected = expected_update(exp_store, config, config_hash, round_, site, specs, reference)
+    manifest = parse_manifest(manifest_json, expected)
+    check_sample_bound(exp_store, config, manifest)
+    return PayloadChecker(manifest, expected)
+
+
+def record_arrival(exp_store: ExperimentStore, check: ArrivalCheck) -> None:
+    """Store the arrival check next to the update (before its manifest commits it; a retry replaces it)."""
+    key = arrival_key(exp_store, check.round, check.site)
+    exp_store.store.put_bytes(key, canonical_json(check.to_dict()), overwrite=True)
+
+
+def recorded_arrival(exp_store: ExperimentStore, manifest: UpdateManifest) -> ArrivalCheck | None:
+    """The arrival check recorded for exactly this manifest's bytes; None when there is none."""
+    key = arrival_key(exp_store, manifest.round, manifest.site)
+    try:
+        check = ArrivalCheck.from_dict(exp_store.store.get_json(key))
+    except (StoreError, ValueError):
+        return None
+    same = (check.site, check.round, check.sha256) == (manifest.site, manifest.round, manifest.sha256)
+    return check if same else None
+
+
+def check_stored(
+    exp_store: ExperimentStore,
+    config: ExperimentConfig,
+    config_hash: str,
+    round_: int,
+    site: str,
+    start: tuple[Mapping[str, TensorSpec], Mapping[str, torch.Tensor] | None],
+    workdir: Path,
+) -> ArrivalCheck:
+    """Check a committed update that has no arrival record from the store (one read), and record it.
+
+    Raises:
+        UpdateRejected: as :func:`arrival_checker` and :meth:`PayloadChecker.finish`.
+        StoreError: the update cannot be read.
+    """
+    lay = exp_store.layout
+    manifest_json = exp_store.store.get_bytes(lay.update_manifest(round_, site))
+    checker = arrival_checker(exp_store, config, config_hash, round_, site, manifest_json, start)
+    logger.info(
+        "experiment %s: round %d: checking the update of %s from the store", config.name, round_, site
+    )
+    with open(stored_path(exp_store, lay.update(round_, site), workdir), "rb") as fh:
+        while chunk := fh.read(HASH_CHUNK):
+            checker.feed(chunk)
+    check = checker.finish()
+    record_arrival(exp_store, check)
+    return check

@@ -1,0 +1,452 @@
+"""Safetensors update payloads checked while their bytes stream past, and read back from a stored file.
+
+:class:`PayloadChecker` is fed a payload's bytes in order (chunks of any size, e.g. while the
+central writes an upload to its store). It hashes them (sha256), parses the safetensors header as
+soon as it is complete (checked as safetensors checks it: JSON, known dtypes, offsets contiguous
+from 0 to the end of the data), checks the payload's tensor names / shapes / dtypes against the
+manifest and its encoding, and decodes and checks each tensor (NaN/Inf, int8 scale, delta norm)
+as soon as its bytes are complete. Memory: the header plus the tensor being received. The result,
+an :class:`ArrivalCheck`, is what the central records next to the stored update, so aggregation
+does not read the update to decide whether to use it. The first problem found is reported, except
+that a payload whose bytes do not match the manifest's sha256 is always reported as such.
+
+:class:`StoredUpdate` reads a stored payload file back for aggregation, one tensor per access
+(``os.preadv`` into a fresh buffer: no memory map, so nothing but the tensor being read counts in
+the process's memory), and hashes the bytes as they are read. Read in file order (the order its
+``tensors`` mapping iterates in), the file is hashed in the same single read; :meth:`StoredUpdate.verify`
+hashes what was not read and compares the digest with the one recorded at arrival.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import struct
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from jipfed.federation.codec import ST_DTYPES, check_hash, decode_entry, payload_specs
+from jipfed.federation.update import (
+    DTYPES,
+    SCALE_SUFFIX,
+    ManifestFields,
+    TensorSpec,
+    UpdateManifest,
+    is_buffer,
+    is_control,
+)
+from jipfed.federation.validation import (
+    ExpectedUpdate,
+    UpdateRejected,
+    check_finite,
+    check_manifest,
+    check_norm,
+    check_specs,
+    delta_sq_norm,
+)
+
+#: safetensors refuses headers above 100 MB; so do we.
+MAX_HEADER_BYTES = 100_000_000
+#: Bytes hashed per read when :meth:`StoredUpdate.verify` reads what aggregation did not.
+HASH_CHUNK = 1 << 22
+ARRIVAL_FORMAT = 1
+_LENGTH = struct.Struct("<Q")
+
+
+@dataclass(frozen=True)
+class PayloadEntry:
+    """One tensor of a safetensors payload: its key, dtype name, shape and absolute byte range."""
+
+    key: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+    @property
+    def spec(self) -> TensorSpec:
+        return TensorSpec(self.shape, self.dtype)
+
+
+def parse_header(text: bytes, data_start: int, data_bytes: int | None) -> list[PayloadEntry]:
+    """The entries of a safetensors header in file order; ValueError saying what is wrong.
+
+    ``data_bytes`` (the file size minus ``data_start``), when known, must equal the end of the
+    last tensor.
+    """
+    try:
+        header = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"header is not JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise ValueError("header is not a JSON object")
+    entries = []
+    for key, info in header.items():
+        if key == "__metadata__":
+            if not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values()):
+                raise ValueError("__metadata__ must map strings to strings")
+            continue
+        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+            raise ValueError(f"tensor {key!r}: entry must have dtype, shape and data_offsets")
+        dtype, shape, offsets = ST_DTYPES.get(info["dtype"]), info["shape"], info["data_offsets"]
+        if dtype is None:
+            raise ValueError(f"tensor {key!r} has unsupported dtype {info['dtype']!r}")
+        ints = isinstance(shape, list) and isinstance(offsets, list) and len(offsets) == 2
+        if not ints or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in shape + offsets
+        ):
+            raise ValueError(f"tensor {key!r}: shape and data_offsets must be lists of integers >= 0")
+        begin, end = offsets
+        if end - begin != math.prod(shape) * DTYPES[dtype].itemsize:
+            raise ValueError(f"tensor {key!r}: data_offsets {offsets} do not hold shape {shape} of {dtype}")
+        entries.append(PayloadEntry(key, dtype, tuple(shape), data_start + begin, data_start + end))
+    entries.sort(key=lambda e: (e.begin, e.end))
+    position = data_start
+    for entry in entries:
+        if entry.begin != position:
+            raise ValueError(f"tensor {entry.key!r} does not start where the previous one ends")
+        position = entry.end
+    if data_bytes is not None and position != data_start + data_bytes:
+        raise ValueError(
+            f"the tensors cover {position - data_start} bytes of data, the file has {data_bytes}"
+        )
+    return entries
+
+
+@dataclass(frozen=True)
+class ArrivalCheck:
+    """What the central found when an update arrived: its bytes' sha256 and size, its delta norm.
+
+    ``delta_norm`` is the L2 norm of the change to the model's float weights (no buffers, no
+    control variates), as :func:`jipfed.federation.bounds.delta_norm` computes it; None when it
+    could not be computed (a ``"weights"`` update checked without the start model).
+    """
+
+    site: str
+    round: int
+    sha256: str
+    size: int
+    delta_norm: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": ARRIVAL_FORMAT, **self.__dict__}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ArrivalCheck:
+        """Inverse of :meth:`to_dict`; ValueError when it is not one."""
+        if not isinstance(data, Mapping) or data.get("format") != ARRIVAL_FORMAT:
+            raise ValueError(f"an arrival check is a JSON object with format {ARRIVAL_FORMAT}")
+        try:
+            return cls(data["site"], data["round"], data["sha256"], data["size"], data["delta_norm"])
+        except KeyError as exc:
+            raise ValueError(f"arrival check lacks {exc}") from None
+
+
+class PayloadChecker:
+    """Check a payload fed in order with :meth:`feed`; :meth:`finish` returns the :class:`ArrivalCheck`.
+
+    Args:
+        manifest: the update's manifest (checked against ``expected`` here, before any byte).
+        expected: what the update must be (identity, specs, norm bound).
+        start: the step's start model, to compute the norm of a ``"weights"`` update (optional).
+
+    Raises:
+        UpdateRejected: from the constructor (manifest) or :meth:`finish` (payload).
+    """
+
+    def __init__(
+        self,
+        manifest: UpdateManifest,
+        expected: ExpectedUpdate,
+        start: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
+        if manifest.sha256 is None:
+            raise UpdateRejected(manifest.site, manifest.round, "manifest has no sha256")
+        check_manifest(manifest, expected)
+        self.manifest, self.expected = manifest, expected
+        self._start = start if start is not None else expected.reference
+        self._hash = hashlib.sha256()
+        self._size = 0
+        self._head = bytearray()
+        self._header_end = 0
+        self._entries: list[PayloadEntry] | None = None
+        self._index = 0
+        self._buffer = bytearray()
+        self._scales: dict[str, torch.Tensor] = {}
+        self._waiting: dict[str, torch.Tensor] = {}  # int8 tensors whose scale comes later
+        self._sq_norm = 0.0
+        self._bounded_sq: float | None = 0.0 if manifest.kind == "delta" or self._start is not None else None
+        self._error: UpdateRejected | None = None
+
+    def _reject(self, reason: str) -> UpdateRejected:
+        return UpdateRejected(self.manifest.site, self.manifest.round, reason)
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        """Hash and check the next bytes of the payload."""
+        view = memoryview(data).cast("B")
+        self._hash.update(view)
+        self._size += len(view)
+        try:
+            while view and self._error is None:
+                view = self._take_header(view) if self._entries is None else self._take_data(view)
+        except UpdateRejected as exc:
+            self._error = exc  # reported by finish(), unless the bytes are not the manifest's
+
+    def _take_header(self, view: memoryview) -> memoryview:
+        if len(self._head) < _LENGTH.size:
+            take = min(_LENGTH.size - len(self._head), len(view))
+            self._head += view[:take]
+            view = view[take:]
+            if len(self._head) < _LENGTH.size:
+                return view
+            (length,) = _LENGTH.unpack(self._head)
+            if not 0 < length <= MAX_HEADER_BYTES:
+                raise self._reject(f"payload is not a safetensors file (header length {length})")
+            self._header_end = _LENGTH.size + length
+        take = min(self._header_end - len(self._head), len(view))
+        self._head += view[:take]
+        if len(self._head) == self._header_end:
+            try:
+                self._entries = parse_header(bytes(self._head[_LENGTH.size :]), self._header_end, None)
+            except ValueError as exc:
+                raise self._reject(f"payload is not a safetensors file ({exc})") from None
+            raw = {e.key: e.spec for e in self._entries}
+            man = self.manifest
+            check_specs(raw, payload_specs(man), man.site, man.round, what="payload")
+            self._next_entry()
+        return view[take:]
+
+    def _take_data(self, view: memoryview) -> memoryview:
+        assert self._entries is not None
+        if self._index >= len(self._entries):
+            raise self._reject("payload has bytes after its last tensor")
+        entry = self._entries[self._index]
+        take = min(entry.nbytes - len(self._buffer), len(view))
+        self._buffer += view[:take]
+        if len(self._buffer) == entry.nbytes:
+            self._index += 1
+            self._on_entry(entry, self._buffer)
+            self._next_entry()
+        return view[take:]
+
+    def _next_entry(self) -> None:
+        """Start the next tensor's buffer; tensors of zero bytes are complete at once."""
+        assert self._entries is not None
+        self._buffer = bytearray()
+        while self._index < len(self._entries) and self._entries[self._index].nbytes == 0:
+            self._index += 1
+            self._on_entry(self._entries[self._index - 1], bytearray())
+
+    def _on_entry(self, entry: PayloadEntry, data: bytearray) -> None:
+        raw = _tensor_from(data, entry)
+        if entry.key.endswith(SCALE_SUFFIX):
+            name = entry.key[: -len(SCALE_SUFFIX)]
+            self._scales[name] = raw
+            if name in self._waiting:
+                self._check(name, self._waiting.pop(name))
+        elif self.manifest.encoding == "int8" and self.manifest.tensors[entry.key].is_floating:
+            if entry.key in self._scales:
+                self._check(entry.key, raw)
+            else:
+                self._waiting[entry.key] = raw
+        else:
+            self._check(entry.key, raw)
+
+    def _check(self, name: str, raw: torch.Tensor) -> None:
+        spec, man = self.manifest.tensors[name], self.manifest
+        tensor = decode_entry(name, spec, man, lambda key: raw if key == name else self._scales[name])
+        check_finite(name, tensor, man.site, man.round)
+        if not tensor.is_floating_point():
+            return
+        if self.expected.max_delta_norm is not None:
+            self._sq_norm += delta_sq_norm(name, tensor, man.kind, self.expected.reference)
+        if self._bounded_sq is not None and not is_control(name) and not is_buffer(name):
+            delta = tensor.double() if man.kind == "delta" else tensor.double() - self._start[name].double()
+            self._bounded_sq += float(torch.sum(delta * delta))
+
+    def finish(self) -> ArrivalCheck:
+        """The check of the whole payload; UpdateRejected naming the first problem."""
+        check_hash(self._hash.hexdigest(), self.manifest)
+        if self._error is not None:
+            raise self._error
+        if self._entries is None or self._index < len(self._entries):
+            raise self._reject(f"payload ends after {self._size} bytes, before its last tensor")
+        man = self.manifest
+        check_norm(self._sq_norm, self.expected, man.site, man.round)
+        norm = None if self._bounded_sq is None else math.sqrt(self._bounded_sq)
+        return ArrivalCheck(man.site, man.round, self._hash.hexdigest(), self._size, norm)
+
+
+def _tensor_from(data: bytearray | memoryview, entry: PayloadEntry) -> torch.Tensor:
+    dtype = DTYPES[entry.dtype]
+    if not entry.nbytes:
+        return torch.empty(entry.shape, dtype=dtype)
+    return torch.frombuffer(data, dtype=dtype).reshape(entry.shape)
+
+
+class CheckingReader:
+    """A binary stream that feeds every byte read from ``stream`` to ``checker`` (for ``put_stream``)."""
+
+    def __init__(self, stream: Any, checker: PayloadChecker) -> None:
+        self._stream, self._checker = stream, checker
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._stream.read(size)
+        self._checker.feed(data)
+        return data
+
+
+def check_payload(payload: bytes, checker: PayloadChecker, chunk: int = HASH_CHUNK) -> ArrivalCheck:
+    """Feed ``payload`` to ``checker`` in chunks and finish it."""
+    view = memoryview(payload)
+    for start in range(0, len(view), chunk):
+        checker.feed(view[start : start + chunk])
+    return checker.finish()
+
+
+class StoredUpdate(ManifestFields):
+    """A stored update file read back one tensor per access, hashed as it is read (see module docstring).
+
+    Args:
+        path: the payload file (the store's own file, or a local copy of it).
+        manifest: its manifest; ``manifest.sha256`` is the digest checked at arrival.
+
+    Raises:
+        UpdateRejected: the file is missing, not safetensors, or its tensors differ from the manifest.
+    """
+
+    def __init__(self, path: Path, manifest: UpdateManifest) -> None:
+        self.path, self.manifest = path, manifest
+        try:
+            self._fd = os.open(path, os.O_RDONLY)
+        except OSError as exc:
+            raise self._reject(f"stored payload cannot be opened ({exc.strerror})") from None
+        try:
+            self._open()
+        except BaseException:
+            self.close()
+            raise
+        self.tensors: Mapping[str, torch.Tensor] = _StoredTensors(self)
+
+    def _reject(self, reason: str) -> UpdateRejected:
+        return UpdateRejected(self.manifest.site, self.manifest.round, reason)
+
+    def _open(self) -> None:
+        self._file_size = os.fstat(self._fd).st_size
+        head = os.pread(self._fd, _LENGTH.size, 0)
+        (length,) = _LENGTH.unpack(head) if len(head) == _LENGTH.size else (0,)
+        if not 0 < length <= min(MAX_HEADER_BYTES, self._file_size - _LENGTH.size):
+            raise self._reject("stored payload is not a safetensors file (header length)")
+        text = os.pread(self._fd, length, _LENGTH.size)
+        start = _LENGTH.size + length
+        try:
+            entries = parse_header(text, start, self._file_size - start)
+        except ValueError as exc:
+            raise self._reject(f"stored payload is not a safetensors file ({exc})") from None
+        self._entries = {e.key: e for e in entries}
+        check_specs(
+            {e.key: e.spec for e in entries},
+            payload_specs(self.manifest),
+            self.site,
+            self.round,
+            what="stored payload",
+        )
+        self._hash = hashlib.sha256(head + text)
+        self._hashed_to = start
+        self._in_order = True
+        # the order of the model tensors in the file (an int8 tensor by its data, not its scale)
+        self.order = sorted(self.manifest.tensors, key=lambda n: self._entries[n].begin)
+
+    @property
+    def tensor_bytes(self) -> tuple[int, int]:
+        """(largest tensor, whole model) in bytes, decoded: what one pass over this update holds at once."""
+        sizes = [spec.numel * DTYPES[spec.dtype].itemsize for spec in self.manifest.tensors.values()]
+        return max(sizes), sum(sizes)
+
+    def read_raw(self, key: str) -> torch.Tensor:
+        """The raw payload tensor ``key`` (its bytes hashed when they follow what was hashed so far)."""
+        entry = self._entries[key]
+        buffer = torch.empty(entry.nbytes, dtype=torch.uint8)
+        view = memoryview(buffer.numpy())
+        got = 0
+        while got < entry.nbytes:
+            n = os.preadv(self._fd, [view[got:]], entry.begin + got)
+            if n == 0:
+                raise self._reject(f"stored payload ends inside tensor {key!r} (changed since arrival)")
+            got += n
+        if entry.begin == self._hashed_to:
+            self._hash.update(view)
+            self._hashed_to = entry.end
+        elif entry.begin > self._hashed_to:
+            self._in_order = False
+        return (
+            buffer.view(DTYPES[entry.dtype]).reshape(entry.shape)
+            if entry.nbytes
+            else torch.empty(entry.shape, dtype=DTYPES[entry.dtype])
+        )
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """Decoded tensor ``name`` (dtype of its manifest spec)."""
+        return decode_entry(name, self.manifest.tensors[name], self.manifest, self.read_raw)
+
+    def verify(self) -> None:
+        """Hash what was not read in order and compare with the arrival digest; UpdateRejected if changed."""
+        if not self._in_order:  # read out of file order: hash the whole file again
+            self._hash = hashlib.sha256()
+            self._hashed_to = 0
+        buffer = bytearray(HASH_CHUNK)
+        view = memoryview(buffer)
+        while self._hashed_to < self._file_size:
+            n = os.preadv(self._fd, [view[: self._file_size - self._hashed_to]], self._hashed_to)
+            if n == 0:
+                break
+            self._hash.update(view[:n])
+            self._hashed_to += n
+        digest = self._hash.hexdigest()
+        if digest != self.manifest.sha256:
+            raise self._reject(
+                f"stored payload sha256 {digest[:12]}... differs from the {str(self.manifest.sha256)[:12]}... "
+                "checked at arrival (changed since)"
+            )
+
+    def close(self) -> None:
+        if getattr(self, "_fd", -1) >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> StoredUpdate:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"StoredUpdate({self.path}, site={self.site!r}, round={self.round}, kind={self.kind!r})"
+
+
+class _StoredTensors(Mapping[str, torch.Tensor]):
+    """Read-only mapping over a :class:`StoredUpdate`; iterates in file order, each access reads."""
+
+    def __init__(self, update: StoredUpdate) -> None:
+        self._update = update
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._update.manifest.tensors:
+            raise KeyError(name)
+        return self._update.tensor(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._update.order)
+
+    def __len__(self) -> int:
+        return len(self._update.order)
