@@ -116,6 +116,8 @@ def site_metrics(
         "epochs": result.metrics["epochs"],
         "steps": float(result.steps),
     }
+    if "epsilon" in result.privacy:  # DP-SGD: this site's epsilon so far
+        metrics["dp_epsilon"] = float(result.privacy["epsilon"])
     for prefix, scores in (("val_", evaluation), ("global_val_", start_evaluation)):
         for name, value in (scores or {}).items():
             if math.isfinite(value):
@@ -200,6 +202,7 @@ def run_site_step(
         n_samples=result.n_samples,
         config_hash=config_hash,
         metrics=site_metrics(result, evaluation, start_evaluation),
+        privacy=result.privacy,
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
     encoded = encode_update(update, ticket.encoding)
