@@ -11,8 +11,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from jipfed.privacy.settings import SampleDP
+
 #: Keys a fit config may hold.
-FIT_KEYS = ("mu", "lr_scale", "local_patterns", "scaffold", "feddyn_alpha")
+FIT_KEYS = ("mu", "lr_scale", "local_patterns", "scaffold", "feddyn_alpha", "dp_sgd")
 
 
 def _number(value: Any, what: str, *, positive: bool) -> float:
@@ -30,6 +32,7 @@ class FitSettings:
     local_patterns: fnmatch patterns of state-dict entries that stay at the site (FedBN-style).
     scaffold: train with SCAFFOLD control variates and return the control correction.
     feddyn_alpha: FedDyn regulariser weight (0 = off).
+    dp_sgd: sample-level DP settings (:class:`jipfed.privacy.settings.SampleDP`); None = off.
     """
 
     mu: float | None = None
@@ -37,6 +40,7 @@ class FitSettings:
     local_patterns: tuple[str, ...] = ()
     scaffold: bool = False
     feddyn_alpha: float = 0.0
+    dp_sgd: SampleDP | None = None
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> FitSettings:
@@ -59,4 +63,16 @@ class FitSettings:
             local_patterns=tuple(patterns),
             scaffold=scaffold,
             feddyn_alpha=_number(config.get("feddyn_alpha", 0.0), "feddyn_alpha", positive=False),
+            dp_sgd=_sample_dp(config.get("dp_sgd")),
         )
+
+
+def _sample_dp(value: Any) -> SampleDP | None:
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise ValueError(f"dp_sgd must be an object of DP-SGD settings, got {value!r}")
+    try:
+        return SampleDP(**value)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"dp_sgd: {exc}") from None
