@@ -227,6 +227,8 @@ class ExperimentConfig:
             settings = PrivacySettings.from_mapping(self.privacy)
             settings.check_combination(
                 strategy=self.strategy,
+                model=self.train.model,
+                fedprox_mu=self.train.fedprox_mu,
                 plan=self.plan,
                 n_sites=len(self.sites),
                 max_site_samples=self.max_site_samples,
@@ -249,6 +251,11 @@ class ExperimentConfig:
 
         try:
             strategy = make_strategy(self.strategy, **dict(self.strategy_kwargs))
+            if self.privacy.get("sample_dp"):
+                from jipfed.federation.strategies.dp_sgd_fit import DPSGDFit
+                from jipfed.privacy.settings import SampleDP
+
+                strategy = DPSGDFit(inner=strategy, dp=SampleDP(**self.privacy["sample_dp"]))
             if self.privacy.get("client_dp"):
                 from jipfed.federation.strategies.dp_fedavg import DPFedAvg
                 from jipfed.privacy.settings import ClientDP
