@@ -256,7 +256,8 @@ PARAMS: dict[str, dict[str, Any]] = {
         "title": "DP level",
         "description": "client: each site's update is clipped and the central adds Gaussian noise to their "
         "sum (DP-FedAvg; protects a whole site; needs a mean-based strategy and the parallel plan). "
-        "sample: DP-SGD at each site (protects one case; not available yet, refused).",
+        "sample: DP-SGD at each site (protects one case; opacus; unet only; each site's epsilon is "
+        "recorded with its update and a site refuses a round beyond the budget).",
         "section": _PRIVACY,
     },
     "dp_epsilon": {

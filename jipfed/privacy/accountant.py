@@ -46,7 +46,9 @@ def epsilon_after(
     with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
         warnings.simplefilter("ignore", RuntimeWarning)  # PRV's log(1 - q) at q = 1
         warnings.simplefilter("ignore", UserWarning)  # RDP's "optimal order is the smallest alpha" (tiny ε)
-        return float(_accountant(accountant, noise_multiplier, sample_rate, releases).get_epsilon(delta=delta))
+        return float(
+            _accountant(accountant, noise_multiplier, sample_rate, releases).get_epsilon(delta=delta)
+        )
 
 
 def noise_for_budget(
@@ -73,7 +75,9 @@ def noise_for_budget(
                 )
             )
         except ValueError as exc:
-            raise ValueError(f"no noise multiplier reaches epsilon {epsilon} after {releases} releases: {exc}") from None
+            raise ValueError(
+                f"no noise multiplier reaches epsilon {epsilon} after {releases} releases: {exc}"
+            ) from None
 
 
 def update_noise_multiplier(noise_multiplier: float, count_stddev: float) -> float:

@@ -71,5 +71,7 @@ def next_clip_norm(
     generator: torch.Generator,
 ) -> tuple[float, float]:
     """Geometric update of C (Andrew et al.): (new C, the noised fraction of unclipped updates)."""
-    noisy = (unclipped + count_stddev * float(torch.randn((), generator=generator, dtype=torch.float64))) / n_sites
+    noisy = (
+        unclipped + count_stddev * float(torch.randn((), generator=generator, dtype=torch.float64))
+    ) / n_sites
     return clip_norm * math.exp(-clip_lr * (noisy - target_quantile)), noisy

@@ -41,7 +41,9 @@ def site_vector(
     if noise is None:
         return delta, float(update.manifest.n_samples)
     client_dp.clip_(delta, noise.clip_norm)
-    client_dp.add_gaussian_(delta, noise.noise_multiplier * noise.clip_norm / math.sqrt(n_sites), noise.generator)
+    client_dp.add_gaussian_(
+        delta, noise.noise_multiplier * noise.clip_norm / math.sqrt(n_sites), noise.generator
+    )
     return delta, 1.0
 
 

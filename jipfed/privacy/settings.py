@@ -27,10 +27,11 @@ ACCOUNTANTS = ("rdp", "prv")
 NOT_WIRED = {
     "secure_aggregation": "the masking (jipfed.privacy.secagg) runs in-process (benchmarks/privacy.py); "
     "sites do not exchange keys through the central endpoint and the codec does not accept masked updates",
-    "sample_dp": "DP-SGD (jipfed.privacy.sample_dp) is not hooked into the site's local training yet",
 }
 #: Strategies whose server step is a function of the (noised) mean of the sites' deltas.
 MEAN_STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadagrad", "fedadam", "fedyogi", "fedbn")
+#: Models DP-SGD can train (mirrors ``jipfed.privacy.sample_dp.DP_SGD_MODELS``; no torch here).
+DP_SGD_MODELS = ("unet",)
 #: Fixed-point arithmetic of secure aggregation is modulo 2**RING_BITS (signed values below 2**63).
 RING_BITS = 64
 
@@ -171,6 +172,8 @@ class PrivacySettings:
         self,
         *,
         strategy: str,
+        model: str,
+        fedprox_mu: float,
         plan: str,
         n_sites: int,
         max_site_samples: int,
@@ -189,6 +192,17 @@ class PrivacySettings:
                 raise ValueError(
                     f"client-level DP calibrates noise to a sum of clipped updates; strategy {strategy!r} "
                     f"does not aggregate a mean (use one of {MEAN_STRATEGIES})"
+                )
+        if self.sample_dp is not None:
+            if model not in DP_SGD_MODELS:
+                raise ValueError(
+                    f"sample-level DP (DP-SGD) supports the models {DP_SGD_MODELS}; {model!r} has BatchNorm or "
+                    "in-place activations opacus cannot compute per-case gradients for"
+                )
+            if strategy in ("scaffold", "feddyn") or strategy == "fedprox" or fedprox_mu > 0:
+                raise ValueError(
+                    f"sample-level DP clips per-case gradients of the task loss only; strategy {strategy!r} "
+                    "adds a regulariser or gradient correction it would not cover (use e.g. fedavg or fedadam)"
                 )
         agg = self.secure_aggregation
         if agg is not None:

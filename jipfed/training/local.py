@@ -29,6 +29,7 @@ from torch import nn
 
 from jipfed.federation.strategies.fedprox import proximal_term
 from jipfed.federation.update import is_buffer, split_controls
+from jipfed.privacy.sample_dp import DPSGD, check_model
 from jipfed.training.config import TrainConfig
 from jipfed.training.data import CaseDataset, CaseRecord, SiteData, load_case, make_loader
 from jipfed.training.fit import FitSettings
@@ -36,6 +37,9 @@ from jipfed.training.metrics import RegionDice, classification_metrics
 from jipfed.training.models import build_model, check_input_size, shared_parameter_names
 
 logger = logging.getLogger(__name__)
+
+#: Site-state key of the DP-SGD accountant history.
+DP_HISTORY = "dp/history"
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,7 @@ class LocalResult:
         seconds: wall-clock time of the training loop.
         controls: SCAFFOLD only: the site's control correction ``c_i+ - c_i`` per trainable
             shared weight (zero for site-local entries); empty otherwise.
+        privacy: DP-SGD only: ``epsilon`` (this site's total so far), ``delta``, ``noise_multiplier``.
     """
 
     weights: dict[str, torch.Tensor]
@@ -60,6 +65,7 @@ class LocalResult:
     steps: int
     seconds: float
     controls: dict[str, torch.Tensor] = field(default_factory=dict)
+    privacy: dict[str, float] = field(default_factory=dict)
 
 
 def _derive_seed(seed: int, round_: int | None) -> int:
@@ -102,6 +108,8 @@ class LocalTrainer:
         #: SCAFFOLD's site control ``c_i`` and FedDyn's linearised gradient ``g_i``: site state
         self.site_control: dict[str, torch.Tensor] = {}
         self.dyn_gradient: dict[str, torch.Tensor] = {}
+        #: DP-SGD accountant history ``(noise, sample rate, steps)`` of this site: site state
+        self.dp_history: list[tuple[float, float, int]] = []
         self._use_amp = config.amp and self.device.type == "cuda"
         self._parallel = (
             self.device.type == "cuda" and self.device.index is None and torch.cuda.device_count() > 1
@@ -154,19 +162,27 @@ class LocalTrainer:
         """What the site must keep between rounds besides its data (CPU copies, for safetensors).
 
         ``local/<name>``: site-local entries (FedBN-style), ``control/<name>``: SCAFFOLD's ``c_i``,
-        ``dyn/<name>``: FedDyn's ``g_i``. A site that builds a new trainer every round restores
+        ``dyn/<name>``: FedDyn's ``g_i``, ``dp/history``: the DP-SGD accountant's history. A site that builds a new trainer every round restores
         it with :meth:`load_site_state`. None of it is sent to the central.
         """
         state = self.model.state_dict()
         out = {f"local/{n}": state[n].detach().to("cpu", copy=True) for n in sorted(self.local_names)}
         for prefix, tensors in (("control/", self.site_control), ("dyn/", self.dyn_gradient)):
             out.update({prefix + n: t.detach().to("cpu", copy=True) for n, t in tensors.items()})
+        if self.dp_history:
+            out[DP_HISTORY] = torch.tensor(self.dp_history, dtype=torch.float64)
         return out
 
     def load_site_state(self, state: Mapping[str, torch.Tensor]) -> None:
         """Restore :meth:`site_state` output; ValueError naming an entry that does not fit the model."""
         params = dict(self.model.named_parameters())
         local, control, dyn = {}, {}, {}
+        state = dict(state)
+        history = state.pop(DP_HISTORY, None)
+        if history is not None and (history.ndim != 2 or history.shape[1] != 3):
+            raise ValueError(
+                f"site state entry {DP_HISTORY!r} must be (phases, 3), got {tuple(history.shape)}"
+            )
         for key, tensor in state.items():
             prefix, sep, name = key.partition("/")
             target = {"local": local, "control": control, "dyn": dyn}.get(prefix) if sep else None
@@ -185,6 +201,9 @@ class LocalTrainer:
                 model_state[name].copy_(tensor)
         self.local_names = frozenset(local)
         self.site_control, self.dyn_gradient = control, dyn
+        self.dp_history = (
+            [] if history is None else [(float(z), float(q), int(t)) for z, q, t in history.tolist()]
+        )
 
     def _wrapped(self, model: nn.Module) -> nn.Module:
         return nn.DataParallel(model) if self._parallel else model
@@ -274,6 +293,9 @@ class LocalTrainer:
         scaler = torch.amp.GradScaler("cuda", enabled=self._use_amp)
         loss_fn = self._loss_fn()
         net = self._wrapped(self.model)
+        dp = self._dp_sgd(fit, mu, total, loader, round)
+        if dp is not None:
+            net, optimizer, _ = dp.wrap(self.model, optimizer, loader)
         net.train()
         losses: list[float] = []
         prox_sum = 0.0
@@ -323,6 +345,15 @@ class LocalTrainer:
                 )
                 epoch += 1
         seconds = time.perf_counter() - start
+        privacy: dict[str, float] = {}
+        if dp is not None:
+            epsilon = dp.finish(net, step, cfg.batch_size / len(dataset))
+            self.dp_history = dp.history
+            privacy = {
+                "epsilon": epsilon,
+                "delta": dp.settings.delta,
+                "noise_multiplier": dp.settings.noise_multiplier,
+            }
         controls = drift.finish(step)
         state = self.model.state_dict()
         weights = {n: state[n].detach().to("cpu", copy=True) for n in self.shared_names}
@@ -342,7 +373,26 @@ class LocalTrainer:
             steps=step,
             seconds=seconds,
             controls=controls,
+            privacy=privacy,
         )
+
+    def _dp_sgd(
+        self, fit: FitSettings, mu: float, steps: int, loader: torch.utils.data.DataLoader, round_: int | None
+    ) -> DPSGD | None:
+        """This round's DP-SGD (None when off); ValueError for what it cannot protect or a spent budget."""
+        if fit.dp_sgd is None:
+            return None
+        where = f"round {round_}: DP-SGD"
+        check_model(self.config.model)
+        if mu > 0 or fit.scaffold or fit.feddyn_alpha > 0:
+            raise ValueError(
+                f"{where} clips per-case gradients of the task loss only: FedProx, SCAFFOLD and FedDyn are refused"
+            )
+        if self._parallel or self._use_amp:
+            raise ValueError(f"{where} runs on one device without mixed precision")
+        dp = DPSGD(fit.dp_sgd, list(self.dp_history))
+        dp.check_budget(steps, self.config.batch_size / len(loader.dataset), where)
+        return dp
 
     @torch.no_grad()
     def evaluate(

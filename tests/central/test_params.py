@@ -174,7 +174,7 @@ def test_client_dp_from_the_form_is_stored_with_the_experiment() -> None:
         ({"secure_aggregation": True, "strategy": "median"}, "needs the individual updates"),
         ({"secure_aggregation": True, "plan": "cyclic"}, "secure aggregation needs the parallel plan"),
         ({"secure_aggregation": True, "norm_bound_factor": None}, "secure_aggregation is not available"),
-        ({"differential_privacy": True, "dp_level": "sample"}, "sample_dp is not available"),
+        ({"differential_privacy": True, "dp_level": "sample", "model": "segresnet"}, "supports the models"),
         ({"differential_privacy": True, "dp_noise_multiplier": 0.5}, "beyond the budget 8"),
     ],
 )

@@ -8,6 +8,7 @@ import pytest
 
 from jipfed.federation.experiment import ExperimentConfig
 from jipfed.privacy.settings import PrivacySettings
+from jipfed.training.config import TrainConfig
 
 SITES = ("site-a", "site-b", "site-c")
 
@@ -51,7 +52,8 @@ def test_client_dp_is_stored_with_its_defaults_and_round_trips() -> None:
             "use a fixed clip_norm",
         ),
         ({"secure_aggregation": True}, {"norm_bound_factor": None}, "secure_aggregation is not available"),
-        ({"sample_dp": True}, {}, "sample_dp is not available"),
+        ({"sample_dp": True}, {"train": TrainConfig(model="segresnet")}, "supports the models"),
+        ({"sample_dp": True}, {"strategy": "scaffold"}, "per-case gradients of the task loss only"),
     ],
 )
 def test_refused_with_the_reason(privacy: dict[str, Any], overrides: dict[str, Any], match: str) -> None:

@@ -1,0 +1,115 @@
+"""Sample-level DP at a site: DP-SGD with opacus (per-case gradient clipping, Gaussian noise, accountant).
+
+Abadi et al., "Deep Learning with Differential Privacy", CCS 2016 (https://arxiv.org/abs/1607.00133).
+:class:`DPSGD` wraps one round's model, optimiser and loader with opacus' ``PrivacyEngine`` and
+keeps the site's accountant history across rounds (``history``: ``(noise, sample rate, steps)``,
+persisted with the site's state). Sampling: the site's shuffled fixed-size batches are accounted
+with sample rate ``batch / cases`` (opacus' ``poisson_sampling=False``; the usual approximation of
+Poisson sampling). The noise comes from a generator seeded with fresh OS randomness, never from the
+experiment seed (which the central knows).
+
+Models: MONAI's ``unet`` (Conv3d, ConvTranspose3d, PReLU, InstanceNorm without affine) works in all
+size presets. ``segresnet`` fails in opacus' hooks (in-place activations on views); ``densenet`` and
+``resnet`` use BatchNorm, whose per-batch statistics mix cases (opacus refuses it; replacing it by
+GroupNorm would change the shared weights): those are refused with this reason.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from jipfed.privacy.accountant import epsilon_after
+from jipfed.privacy.settings import DP_SGD_MODELS, SampleDP
+
+
+def check_model(model_name: str) -> None:
+    """ValueError naming why DP-SGD cannot train ``model_name``."""
+    if model_name not in DP_SGD_MODELS:
+        raise ValueError(
+            f"sample-level DP (DP-SGD) supports {DP_SGD_MODELS}; {model_name!r} has BatchNorm or in-place "
+            "activations that opacus cannot compute per-case gradients for"
+        )
+
+
+def epsilon_of(history: Sequence[tuple[float, float, int]], settings: SampleDP) -> float:
+    """ε of a site's DP-SGD history (phases with one noise and sample rate each)."""
+    if settings.accountant == "rdp":
+        from opacus.accountants import RDPAccountant
+
+        accountant = RDPAccountant()
+        accountant.history = [(float(z), float(q), int(t)) for z, q, t in history]
+        return float(accountant.get_epsilon(delta=settings.delta)) if history else 0.0
+    if len({(z, q) for z, q, _ in history}) > 1:
+        raise ValueError("the PRV accountant here takes one noise and sample rate per site")
+    z, q, _ = history[0] if history else (settings.noise_multiplier, 1.0, 0)
+    return epsilon_after(
+        z, sum(t for *_, t in history), delta=settings.delta, sample_rate=q, accountant="prv"
+    )
+
+
+@dataclass
+class DPSGD:
+    """One site's DP-SGD: :meth:`wrap` a round's training objects, :meth:`finish` it, ε via :meth:`epsilon`."""
+
+    settings: SampleDP
+    history: list[tuple[float, float, int]] = field(default_factory=list)
+
+    def epsilon(self, extra_steps: int = 0, sample_rate: float | None = None) -> float:
+        """ε spent so far, or after ``extra_steps`` more steps at ``sample_rate``."""
+        history = list(self.history)
+        if extra_steps:
+            history.append((self.settings.noise_multiplier, float(sample_rate or 1.0), extra_steps))
+        return epsilon_of(history, self.settings)
+
+    def check_budget(self, steps: int, sample_rate: float, where: str) -> None:
+        """ValueError when ``steps`` more steps would take this site beyond its ε budget."""
+        budget = self.settings.epsilon
+        if budget is None:
+            return
+        after = self.epsilon(steps, sample_rate)
+        if after > budget:
+            raise ValueError(
+                f"{where}: {steps} DP-SGD steps would take this site's epsilon to {after:.3f} > its budget {budget}"
+            )
+
+    def wrap(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, loader: torch.utils.data.DataLoader
+    ) -> tuple[nn.Module, torch.optim.Optimizer, object]:
+        """(per-sample-gradient module, DP optimiser, engine) for one round; close with :meth:`finish`."""
+        from opacus import PrivacyEngine
+
+        engine = PrivacyEngine(accountant="rdp")
+        generator = torch.Generator().manual_seed(secrets.randbits(63))
+        module, dp_optimizer, _ = engine.make_private(
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=self.settings.noise_multiplier,
+            max_grad_norm=self.settings.max_grad_norm,
+            poisson_sampling=False,
+            noise_generator=generator,
+        )
+        return module, dp_optimizer, engine
+
+    def finish(self, module: nn.Module, steps: int, sample_rate: float) -> float:
+        """Detach opacus' hooks, record ``steps`` at ``sample_rate``; the site's ε after this round."""
+        close = getattr(module, "_close", None)
+        if close is not None:
+            close()
+        if steps:
+            self.history.append((self.settings.noise_multiplier, float(sample_rate), int(steps)))
+        return self.epsilon()
+
+    def history_tensor(self) -> torch.Tensor:
+        """The history as a float64 (phases, 3) tensor (kept with the site's state between rounds)."""
+        return torch.tensor(self.history, dtype=torch.float64).reshape(-1, 3)
+
+    def load_history(self, tensor: torch.Tensor) -> None:
+        if tensor.ndim != 2 or tensor.shape[1] != 3:
+            raise ValueError(f"DP-SGD history must be (phases, 3), got {tuple(tensor.shape)}")
+        self.history = [(float(z), float(q), int(t)) for z, q, t in tensor.tolist()]

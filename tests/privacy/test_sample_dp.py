@@ -1,0 +1,96 @@
+"""DP-SGD at a site: opacus trains the U-Net, the site's ε accumulates over rounds and travels with the update."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from opacus.accountants import RDPAccountant
+from training.synth import write_site
+
+from jipfed.federation.experiment import ExperimentConfig
+from jipfed.privacy.settings import SampleDP
+from jipfed.simulation import simulate
+from jipfed.training.config import TrainConfig
+from jipfed.training.data import SiteData
+from jipfed.training.fit import FitSettings
+from jipfed.training.local import LocalTrainer
+
+TRAIN = TrainConfig(size="tiny", steps=3, batch_size=2, lr=0.01, amp=False, augment=False)
+DP = SampleDP(noise_multiplier=1.1, max_grad_norm=1.0, delta=1e-5)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> SiteData:
+    return SiteData.from_dir(
+        write_site(tmp_path_factory.mktemp("site"), 6, seed=0, size=16, prefix="0"), group="a"
+    )
+
+
+def test_site_epsilon_is_opacus_rdp_of_its_steps_and_accumulates(data: SiteData) -> None:
+    torch.set_num_threads(1)
+    trainer = LocalTrainer(TRAIN, data, device="cpu")
+    start = trainer.get_weights()
+    first = trainer.train(start, round=0, fit=FitSettings(dp_sgd=DP))
+    second = trainer.train(first.weights, round=1, fit=FitSettings(dp_sgd=DP))
+    q = TRAIN.batch_size / first.n_samples
+    accountant = RDPAccountant()
+    for _ in range(first.steps + second.steps):
+        accountant.step(noise_multiplier=1.1, sample_rate=q)
+    assert second.privacy["epsilon"] == pytest.approx(accountant.get_epsilon(delta=1e-5), rel=1e-9)
+    assert 0 < first.privacy["epsilon"] < second.privacy["epsilon"]
+    assert any(not torch.equal(first.weights[n], start[n]) for n in first.weights)
+    # the history is site state: a new trainer (the next round's process) counts on
+    fresh = LocalTrainer(TRAIN, data, device="cpu")
+    fresh.load_site_state(trainer.site_state())
+    assert fresh.dp_history == trainer.dp_history and len(fresh.dp_history) == 2
+
+
+def test_a_round_beyond_the_site_budget_is_refused_before_training(data: SiteData) -> None:
+    trainer = LocalTrainer(TRAIN, data, device="cpu")
+    before = trainer.get_weights()
+    with pytest.raises(
+        ValueError,
+        match=r"round 0: DP-SGD: 3 DP-SGD steps would take this site's epsilon to .* > its budget 0.1",
+    ):
+        trainer.train(before, round=0, fit=FitSettings(dp_sgd=SampleDP(noise_multiplier=1.1, epsilon=0.1)))
+    assert all(torch.equal(before[n], w) for n, w in trainer.get_weights().items())
+
+
+def test_models_opacus_cannot_handle_are_refused(data: SiteData) -> None:
+    trainer = LocalTrainer(
+        TrainConfig(model="segresnet", size="tiny", steps=1, batch_size=2, amp=False), data, device="cpu"
+    )
+    with pytest.raises(ValueError, match="supports \\('unet',\\); 'segresnet'"):
+        trainer.train(trainer.get_weights(), round=0, fit=FitSettings(dp_sgd=DP))
+    with pytest.raises(ValueError, match="FedProx, SCAFFOLD and FedDyn are refused"):
+        unet = LocalTrainer(TRAIN, data, device="cpu")
+        unet.train(unet.get_weights(), mu=0.1, round=0, fit=FitSettings(dp_sgd=DP))
+
+
+@pytest.mark.slow
+def test_simulated_sample_dp_records_each_site_epsilon(tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    sites = {
+        s: SiteData.from_dir(write_site(tmp_path / s, 4, seed=i, size=16, prefix=str(i)), group=s)
+        for i, s in enumerate(("site-a", "site-b"))
+    }
+    train = TrainConfig(size="tiny", steps=1, batch_size=2, lr=0.01, amp=False, augment=False)
+    config = ExperimentConfig(
+        name="dpsgd",
+        sites=("site-a", "site-b"),
+        rounds=2,
+        train=train,
+        privacy={"sample_dp": {"noise_multiplier": 1.0}},
+    )
+    simulate(sites, config, tmp_path / "sim", progress=False, device="cpu")
+    rounds = tmp_path / "sim" / "store" / "experiments" / "dpsgd" / "rounds"
+    eps = [
+        json.loads((rounds / str(r) / "aggregate.json").read_text())["sites"]["site-a"]["dp_epsilon"]
+        for r in range(2)
+    ]
+    assert 0 < eps[0] < eps[1]
+    manifest = json.loads((rounds / "1" / "updates" / "site-b.json").read_text())
+    assert manifest["privacy"]["epsilon"] == manifest["metrics"]["dp_epsilon"]
