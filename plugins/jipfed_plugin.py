@@ -5,9 +5,14 @@ On Airflow 3 the plugin mounts one FastAPI app at ``/jipfed`` of the central's A
 * ``/jipfed/healthz`` and ``/jipfed/v1/...``: the endpoint sites talk to
   (:mod:`jipfed.central.app`). Airflow serves plugin apps without its own authentication; the
   site tokens are the gate (sites are not Airflow users).
-* ``/jipfed/ui/experiments[/<exp>[/plot.png]]``: experiment pages for Airflow users
-  (:mod:`jipfed.central.ui`) behind Airflow's authentication (the UI session cookie or a JWT);
-  a nav entry "Federated experiments" shows them inside the Airflow UI.
+* ``/jipfed/ui/...``: experiment pages for Airflow users (:mod:`jipfed.central.ui`), read-only,
+  behind Airflow's authentication (the UI session cookie or a JWT). A nav entry "Federated
+  experiments" shows them inside the Airflow UI, and a "Federated experiment" tab on each DAG run
+  opens the experiment of a central run (``/jipfed/ui/runs/{DAG_ID}/{RUN_ID}``).
+
+On Airflow 2.11 the same pages are a Flask AppBuilder view at ``/jipfed/...`` with a "Federated
+experiments" entry under Browse (:mod:`jipfed.plugins.jipfed_af2_view`), behind Airflow's login;
+the site endpoint is not served there.
 
 Settings, read on each request (so a changed Connection or secret needs no restart):
 
@@ -18,12 +23,13 @@ Settings, read on each request (so a changed Connection or secret needs no resta
 * the site token secret: ``[jipfed] site_token_secret`` (env ``AIRFLOW__JIPFED__SITE_TOKEN_SECRET``).
 
 The app is built on the first request: every Airflow process loads plugins, and only the API
-server needs the endpoint (and its torch import). On Airflow 2 the plugin registers nothing.
+server needs the endpoint (and its torch import).
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -33,6 +39,11 @@ from jipfed.operators.compat import AIRFLOW_V3
 URL_PREFIX = "/jipfed"
 CONFIG_SECTION = "jipfed"
 DEFAULT_MODEL_STORE_CONN_ID = "jipfed_model_store_default"
+UI_PREFIX = f"{URL_PREFIX}/ui"
+CENTRAL_DAG_ID = "jipfed_central"
+#: Candidate run ids of an experiment's steps; :func:`experiment_of_run` checks them against
+#: ``jipfed.operators.central.chain.next_run_id`` (the one place that names them).
+STEP_RUN_ID = re.compile(r"jipfed__(?P<experiment>.+)__step(?P<step>[0-9]+)")
 
 
 def model_store_conn_id() -> str:
@@ -58,8 +69,29 @@ def site_token_secret() -> str:
     return conf.get(CONFIG_SECTION, "site_token_secret", fallback="") or ""
 
 
+def experiment_of_run(dag_id: str, run_id: str) -> str | None:
+    """The experiment a central DAG run works on (None: another DAG, or a run not started by a step)."""
+    from jipfed.operators.central.chain import next_run_id
+
+    match = STEP_RUN_ID.fullmatch(run_id) if dag_id == CENTRAL_DAG_ID else None
+    if match is None or next_run_id(match["experiment"], int(match["step"])) != run_id:
+        return None
+    return match["experiment"]
+
+
+def ui_links(base: str, dag_run_href: Callable[[str], str]) -> Any:
+    """Where the pages live (``base``) and how a central run's Airflow page is addressed."""
+    from jipfed.operators.central.chain import next_run_id
+
+    from jipfed.central.ui_html import Links
+
+    return Links(base=base, dag_run=lambda experiment, step: dag_run_href(next_run_id(experiment, step)))
+
+
 def build_app() -> Any:
     """The central endpoint with the experiment pages under ``/ui`` (Airflow auth)."""
+    from urllib.parse import quote
+
     from airflow.api_fastapi.core_api.security import requires_authenticated
     from fastapi import Depends
 
@@ -67,8 +99,14 @@ def build_app() -> Any:
     from jipfed.central.ui import ui_router
 
     app = create_app(open_model_store, site_token_secret)
+    links = ui_links(UI_PREFIX, lambda run_id: f"/dags/{CENTRAL_DAG_ID}/runs/{quote(run_id)}")
     app.include_router(
-        ui_router(open_model_store, dependencies=[Depends(requires_authenticated())]),
+        ui_router(
+            open_model_store,
+            links=links,
+            experiment_of_run=experiment_of_run,
+            dependencies=[Depends(requires_authenticated())],
+        ),
         prefix="/ui",
         include_in_schema=False,
     )
@@ -95,7 +133,7 @@ class LazyASGIApp:
 
 
 class JipfedPlugin(AirflowPlugin):
-    """Registers the central endpoint and the experiment pages (Airflow 3 only)."""
+    """The central endpoint and the experiment pages (Airflow 3); the pages only (Airflow 2.11)."""
 
     name = "jipfed"
     if AIRFLOW_V3:
@@ -103,9 +141,19 @@ class JipfedPlugin(AirflowPlugin):
         external_views = [
             {
                 "name": "Federated experiments",
-                "href": f"{URL_PREFIX}/ui/experiments",
+                "href": f"{UI_PREFIX}/experiments",
                 "url_route": "jipfed-experiments",
                 "destination": "nav",
                 "category": "browse",
-            }
+            },
+            {
+                "name": "Federated experiment",
+                "href": f"{UI_PREFIX}/runs/{{DAG_ID}}/{{RUN_ID}}",
+                "url_route": "jipfed-run",
+                "destination": "dag_run",
+            },
         ]
+    else:
+        from jipfed.plugins.jipfed_af2_view import appbuilder_view
+
+        appbuilder_views = [appbuilder_view()]

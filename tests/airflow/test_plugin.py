@@ -1,4 +1,5 @@
-"""The JIP Federated plugin in a real `airflow standalone` (Airflow 3): endpoint, site tokens, pages.
+"""The JIP Federated plugin in a real `airflow standalone` (Airflow 3): endpoint, site tokens, pages;
+and on Airflow 2.11 (.venv-af2): the pages as an appbuilder view behind Airflow's login.
 
 The API server reads the model store Connection (an AIRFLOW_CONN_* variable, conn_type fs) and
 the site token secret (``[jipfed] site_token_secret``) per request. Sites talk to
@@ -100,8 +101,9 @@ def test_plugin_is_registered_with_a_nav_entry(central: Central) -> None:
     plugins = requests.get(f"{central.standalone.base_url}/api/v2/plugins", headers=central.jwt(), timeout=30)
     [plugin] = [p for p in plugins.json()["plugins"] if p["name"] == "jipfed"]
     assert [app["url_prefix"] for app in plugin["fastapi_apps"]] == ["/jipfed"]
-    assert [(v["href"], v["url_route"]) for v in plugin["external_views"]] == [
-        ("/jipfed/ui/experiments", "jipfed-experiments")
+    assert [(v["href"], v["url_route"], v["destination"]) for v in plugin["external_views"]] == [
+        ("/jipfed/ui/experiments", "jipfed-experiments", "nav"),
+        ("/jipfed/ui/runs/{DAG_ID}/{RUN_ID}", "jipfed-run", "dag_run"),
     ]
     assert requests.get(f"{central.url}/healthz", timeout=60).json() == {"status": "ok"}
 
@@ -143,37 +145,91 @@ def test_experiment_pages_need_airflow_auth(central: Central) -> None:
     assert requests.get(page, headers=site, timeout=30).status_code == 403
     answer = requests.get(page, headers=central.jwt(), timeout=30)
     assert answer.status_code == 200
-    assert "<td>0</td><td>site-a, site-b</td>" in answer.text
-    assert f"<b>site-c</b>: connection in fetch_dicom: {REASON}" in answer.text and "<td>0.5000</td>" in answer.text
+    assert "<b id='progress'>1 of 2 rounds closed</b>" in answer.text
+    assert (
+        f"title='missing: connection in fetch_dicom: {REASON}' data-site='site-c' data-round='0'"
+        in answer.text
+    )
+    assert "<td class='num metric'>0.5000</td>" in answer.text  # (3 x 0.25 + 3 x 0.75) / 6
+    assert "href='/dags/jipfed_central/runs/jipfed__exp1__step0000'>step 0</a>" in answer.text
     listing = requests.get(f"{central.url}/ui/experiments", headers=central.jwt(), timeout=30)
-    assert "step 1 of 2" in listing.text
-    plot = requests.get(f"{page}/plot.png", headers=central.jwt(), timeout=60)
-    assert plot.status_code == 200 and plot.content.startswith(b"\x89PNG")
+    assert "round 1 of 2 (step 1 of 2)" in listing.text
+    script = f"{central.url}/ui/static/uplot/uPlot.iife.min.js"
+    assert requests.get(script, timeout=30).status_code == 401
+    assert requests.get(script, headers=central.jwt(), timeout=30).content.startswith(
+        b"/*! https://github.com/leeoniya/uPlot"
+    )
+    run_tab = requests.get(
+        f"{central.url}/ui/runs/jipfed_central/jipfed__exp1__step0001",
+        headers=central.jwt(),
+        timeout=30,
+        allow_redirects=False,
+    )
+    assert (run_tab.status_code, run_tab.headers["location"]) == (307, "/jipfed/ui/experiments/exp1")
+    assert requests.post(page, headers=central.jwt(), timeout=30).status_code == 405  # read-only
     # The UI's session cookie works as well (what the nav entry's iframe sends).
     cookie = requests.get(page, cookies={"_token": central.standalone.client.token()}, timeout=30)
     assert cookie.status_code == 200
 
 
-AIRFLOW2_PLUGIN_CHECK = """
+AIRFLOW2_VIEW_CHECK = """
 import json
 from airflow import plugins_manager
+from airflow.utils import db
+from airflow.www.app import create_app
+
+db.initdb()
 plugins_manager.ensure_plugins_loaded()
 [plugin] = [p for p in plugins_manager.plugins if p.name == "jipfed"]
-print(json.dumps({"errors": plugins_manager.import_errors, "fastapi_apps": getattr(plugin, "fastapi_apps", None)}))
+app = create_app(testing=True)
+app.config["WTF_CSRF_ENABLED"] = False
+sm = app.appbuilder.sm
+sm.add_user("viewer", "V", "User", "viewer@example.org", sm.find_role("Viewer"), password="pw-viewer")
+client = app.test_client()
+out = {"errors": plugins_manager.import_errors, "fastapi_apps": getattr(plugin, "fastapi_apps", None)}
+anonymous = client.get("/jipfed/experiments/exp1")
+out["anonymous"] = [anonymous.status_code, anonymous.headers.get("Location")]
+out["login"] = client.post("/login/", data={"username": "viewer", "password": "pw-viewer"}).status_code
+for name, url in [("list", "/jipfed/experiments"), ("experiment", "/jipfed/experiments/exp1"),
+                  ("missing", "/jipfed/experiments/nope"), ("post", "/jipfed/experiments")]:
+    answer = client.post(url) if name == "post" else client.get(url)
+    out[name] = [answer.status_code, answer.get_data(as_text=True)]
+print(json.dumps(out))
 """
 
 
-def test_plugin_loads_on_airflow2_and_registers_nothing(tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_airflow2_view_shows_the_pages_inside_airflow_after_login(central: Central, tmp_path: Path) -> None:
     if not AF2_PYTHON.exists():
         pytest.fail(f"{AF2_PYTHON} is missing: create it with `make setup` (scripts/setup.sh)")
+    if not central.exp_store.store.exists(central.exp_store.layout.aggregate(0)):
+        pytest.fail("needs the round closed by test_sites_work_a_round_through_the_api_server")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW__", "AIRFLOW_CONN_"))}
-    env.update({"AIRFLOW_HOME": str(tmp_path), "AIRFLOW__CORE__LOAD_EXAMPLES": "False"})
+    env.update(
+        {
+            "AIRFLOW_HOME": str(tmp_path),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW_CONN_JIPFED_MODEL_STORE_DEFAULT": json.dumps(
+                {"conn_type": "fs", "extra": {"path": str(central.exp_store.store.root)}}
+            ),
+        }
+    )
     done = subprocess.run(
-        [str(AF2_PYTHON), "-W", "ignore", "-c", AIRFLOW2_PLUGIN_CHECK],
+        [str(AF2_PYTHON), "-W", "ignore", "-c", AIRFLOW2_VIEW_CHECK],
         env=env,
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"errors": {}, "fastapi_apps": None}
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert (out["errors"], out["fastapi_apps"]) == ({}, None)
+    assert out["anonymous"][0] == 302 and out["anonymous"][1].startswith("/login/")
+    assert out["login"] == 302
+    status, text = out["list"]
+    assert status == 200 and "<a href='/jipfed/experiments/exp1'>exp1</a>" in text
+    assert "Log Out" in text and "Federated experiments" in text  # Airflow's own layout and menu around it
+    status, text = out["experiment"]
+    assert status == 200 and "<h1>Experiment exp1</h1>" in text and "/jipfed/static/jipfed-charts.js" in text
+    assert "href='/dags/jipfed_central/grid?dag_run_id=jipfed__exp1__step0000'" in text
+    assert out["missing"][0] == 404 and out["post"][0] == 405

@@ -1,8 +1,8 @@
-"""The experiment pages (without Airflow's auth here; tests/airflow/test_plugin.py adds it)."""
+"""The page router's defaults (the pages over real experiments: tests/ui/test_pages.py; with
+Airflow's auth: tests/airflow/test_plugin.py)."""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 
 import pytest
@@ -11,44 +11,12 @@ from fastapi import FastAPI
 
 from jipfed.central.serve import serve_in_thread
 from jipfed.central.ui import ui_router
-from jipfed.federation.codec import EncodedUpdate
-from jipfed.federation.dispatch import (
-    accept_in_time,
-    dispatch_step,
-    model_for_site,
-    pending_work,
-    report_site_failure,
-)
-from jipfed.federation.rounds import aggregate_step
-from jipfed.federation.site_round import run_site_step
 from jipfed.storage.local import LocalFolderStore
-from jipfed.storage.state import ExperimentStore
-from jipfed.training.local import LocalTrainer
-
-from .helpers import start
-
-REASON = "fetch_dicom failed: <PACS> unreachable"
-
-
-def local_update(exp_store: ExperimentStore, site: str, trainer: LocalTrainer) -> EncodedUpdate:
-    """A site's step-0 update, trained in process (the HTTP path is tested in test_app.py)."""
-    payload, manifest = model_for_site(exp_store, site, 0, 0)
-    [item] = pending_work(exp_store.store, site)
-    return run_site_step(item.ticket, payload, manifest, trainer, site, "exp1", exp_store.config_hash())
 
 
 @pytest.fixture(scope="module")
-def pages(tmp_path_factory: pytest.TempPathFactory, trainers: dict[str, LocalTrainer]) -> Iterator[str]:
-    """Base URL of the pages over a store with one closed round and step 1 open."""
+def empty_pages(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     store = LocalFolderStore(tmp_path_factory.mktemp("ui") / "store")
-    exp_store = start(store, rounds=2)
-    for site in ("site-a", "site-b"):
-        encoded = local_update(exp_store, site, trainers[site])
-        accept_in_time(exp_store, site, 0, encoded.payload, encoded.manifest.to_json())
-    report_site_failure(exp_store, "site-c", 0, 0, REASON)
-    aggregate_step(exp_store, 0)
-    dispatch_step(exp_store, 1)
-    store.put_bytes("experiments/broken/state.json", b"{}")
     app = FastAPI()
     app.include_router(ui_router(lambda: store), prefix="/ui")
     url, stop = serve_in_thread(app)
@@ -56,26 +24,18 @@ def pages(tmp_path_factory: pytest.TempPathFactory, trainers: dict[str, LocalTra
     stop()
 
 
-def test_list_shows_status_and_progress(pages: str) -> None:
-    text = requests.get(f"{pages}/experiments", timeout=10).text
-    assert "<a href='experiments/exp1'>exp1</a>" in text
-    assert "running" in text and "step 1 of 2 (round 1 of 2)" in text
-    assert "broken" in text and "unreadable" in text
-
-
-def test_experiment_page_has_the_round_table_and_the_open_step(pages: str) -> None:
-    answer = requests.get(f"{pages}/experiments/exp1", timeout=10)
+def test_an_empty_store_says_so(empty_pages: str) -> None:
+    answer = requests.get(f"{empty_pages}/experiments", timeout=10)
     assert answer.status_code == 200 and answer.headers["content-type"].startswith("text/html")
-    text = answer.text
-    assert "<td>0</td><td>site-a, site-b</td>" in text
-    assert "<b>site-c</b>: fetch_dicom failed: &lt;PACS&gt; unreachable" in text and "<PACS>" not in text
-    assert re.search(r"<td>\d+</td><td>0\.\d{4}</td></tr>", text), "no weighted val Dice in the round row"
-    assert "weighted val_dice_mean" in text and "<img src='exp1/plot.png'" in text
-    assert "Open step 1 (round 1)" in text and "<td>site-a</td><td>waiting</td>" in text
+    assert "No experiments in the model store yet." in answer.text
 
 
-def test_plot_is_a_png_and_unknown_experiments_are_404(pages: str) -> None:
-    plot = requests.get(f"{pages}/experiments/exp1/plot.png", timeout=30)
-    assert plot.status_code == 200 and plot.content.startswith(b"\x89PNG\r\n\x1a\n")
-    assert requests.get(f"{pages}/experiments/nope", timeout=10).status_code == 404
-    assert requests.get(f"{pages}/experiments/nope/plot.png", timeout=10).status_code == 404
+def test_a_run_that_is_no_step_gets_an_escaped_note(empty_pages: str) -> None:
+    text = requests.get(f"{empty_pages}/runs/some_dag/manual__<b>", timeout=10).text
+    assert "manual__&lt;b&gt; of some_dag is not a step of a federated experiment" in text
+    assert "<a href='/ui/experiments'>All experiments</a>" in text
+
+
+def test_only_get_is_served(empty_pages: str) -> None:
+    assert requests.post(f"{empty_pages}/experiments", timeout=10).status_code == 405
+    assert requests.get(f"{empty_pages}/compare", timeout=10).status_code == 400
