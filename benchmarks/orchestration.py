@@ -16,6 +16,7 @@ Usage: ``.venv/bin/python benchmarks/orchestration.py [--rounds 4] [--transports
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 from datetime import datetime
@@ -113,6 +114,8 @@ def main() -> None:
                 f"overhead per round: median {statistics.median(overheads):.2f} s, mean {statistics.mean(overheads):.2f} s, "
                 f"max {max(overheads):.2f} s (goal <= 5 s: {'PASS' if statistics.median(overheads) <= 5 else 'MISS'})"
             )
+            # the machine's load changes every figure above: say what it was
+            print("load average (1, 5, 15 min) after the rounds: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
             for site in fed.sites:
                 fed.client.set_paused(site.site_dag if transport == "push" else site.pull_dag, True)
 

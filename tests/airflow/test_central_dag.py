@@ -15,7 +15,6 @@ import json
 import shutil
 import sys
 import threading
-import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -48,7 +47,6 @@ from jipfed.testing.airflow import (
     RESULT_MARKER,
     AirflowStandalone,
     check_dag_folder,
-    free_port,
     run_airflow_script,
     run_dag_test,
 )
@@ -169,6 +167,8 @@ class SimulatedSites:
         self.ready = ready
         self.answered: list[tuple[str, str, int]] = []
         self.errors: list[str] = []
+        self.polls = 0  # full passes over every site's pending work
+        self._polled = threading.Condition()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="simulated-sites", daemon=True)
 
@@ -191,7 +191,16 @@ class SimulatedSites:
                 except Exception as exc:  # the test asserts the list is empty
                     self.errors.append(f"{site}: {type(exc).__name__}: {exc}")
                     return
+            with self._polled:
+                self.polls += 1
+                self._polled.notify_all()
             self._stop.wait(0.2)
+
+    def wait_for_polls(self, n: int, timeout_s: float = 120.0) -> None:
+        """Wait until ``n`` more full passes over the sites' pending work have ended."""
+        with self._polled:
+            target = self.polls + n
+            assert self._polled.wait_for(lambda: self.polls >= target, timeout_s), (self.polls, self.errors)
 
     def _answer(self, site: str, item: WorkItem) -> None:
         ticket = item.ticket
@@ -310,11 +319,10 @@ def test_trigger_waits_then_reports_each_outcome(
     with pytest.raises(TimeoutError):  # site-c has not answered: before the deadline the trigger waits
         first_event(trigger("site-c"), timeout_s=0.5)
     short = started_experiment(tmp_path / "store", "exp-short", round_timeout_s=1.0)
-    dispatch_step(short, 0)
-    waited = time.monotonic()
+    short_dispatch = dispatch_step(short, 0)
     timed_out = first_event(trigger("site-c", "exp-short"))
     assert timed_out["status"] == TIMED_OUT and "deadline" in timed_out["detail"]
-    assert time.monotonic() - waited > 0.5
+    assert utcnow() >= short_dispatch.deadline  # it fired only once the deadline had passed
 
 
 def test_trigger_reports_a_store_it_cannot_open(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -527,7 +535,7 @@ def test_steps_run_one_per_run_with_quorum_and_reruns_repeat_nothing(
         # other settings under the same name: the run fails at start, nothing is overwritten
         conflict = only(run_central(dags, af3_home, [{**form, "rounds": 3}], env=env))
         assert conflict["state"] == "failed" and conflict["tasks"]["start[-1]"] == "failed"
-        time.sleep(1.0)  # the sites poll every 0.2 s: they would have seen new work by now
+        sites.wait_for_polls(2)  # two full polls of every site after the runs: new work would be answered
     assert listing(store, "exp-chain") == before
     assert sites.answered == answered == [("exp-chain", s, step) for step in (0, 1) for s in SITES]
     assert sites.errors == []
@@ -535,13 +543,13 @@ def test_steps_run_one_per_run_with_quorum_and_reruns_repeat_nothing(
 
 @pytest.mark.slow
 def test_quorum_not_met_fails_the_run_and_leaves_model_and_state_alone(
-    dags: Path, af3_home: Path, tmp_path: Path
+    dags: Path, af3_home: Path, tmp_path: Path, closed_port: int
 ) -> None:
     # push transport: no site's Airflow can be reached (a closed port, no Connection at all)
     env = {
         STORE_CONN_ENV: fs_connection(tmp_path / "store"),
         "AIRFLOW_CONN_JIPFED_SITE_SITE-A": json.dumps(
-            {"conn_type": "http", "host": "127.0.0.1", "port": free_port(), "login": "u", "password": "p"}
+            {"conn_type": "http", "host": "127.0.0.1", "port": closed_port, "login": "u", "password": "p"}
         ),
     }
     store = LocalFolderStore(tmp_path / "store")

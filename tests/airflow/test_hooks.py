@@ -12,7 +12,6 @@ from jipfed.operators.hooks import AirflowApiHook, ModelStoreHook, PacsHook
 from jipfed.operators.hooks.pacs_hook import pacs_config_kwargs
 
 from jipfed.airflow_rest import AirflowRestClient, AirflowRestError
-from jipfed.testing.airflow import free_port
 
 
 def set_conn(monkeypatch: pytest.MonkeyPatch, conn_id: str, value: dict | str) -> None:
@@ -305,8 +304,10 @@ def test_airflow_api_bad_connections(monkeypatch: pytest.MonkeyPatch, conn: dict
         AirflowApiHook(airflow_api_conn_id="site_a_api").get_conn()
 
 
-def test_airflow_api_unreachable_site_error_names_connection_and_url(monkeypatch: pytest.MonkeyPatch) -> None:
-    port = free_port()  # nothing listens there
+def test_airflow_api_unreachable_site_error_names_connection_and_url(
+    monkeypatch: pytest.MonkeyPatch, closed_port: int
+) -> None:
+    port = closed_port  # nothing listens there
     set_conn(
         monkeypatch,
         "site_b_api",

@@ -5,12 +5,15 @@ central DAG, the plugin endpoint and the three sites' DAGs (``JIPFED_HOSTED_SITE
 fetches from its own Orthanc and talks to the central only over HTTP with its own token, as a
 remote hospital would (:mod:`jipfed.localfed`). Nothing is mocked.
 
-Order matters (one Airflow for the module): push, pull, PACS down, late update, crash + restart.
+One federation serves the module; each test runs its own experiment and needs nothing from
+another test (any order, any subset). Waits end on the store's state or the sites' folders, never
+on a fixed sleep.
 """
 
 from __future__ import annotations
 
 import hashlib
+import time
 from typing import Any
 
 import pytest
@@ -55,6 +58,22 @@ def run_experiment(fed: LocalFederation, name: str, timeout_s: float = 900, **pa
     return fed.experiment_store(name)
 
 
+def run_folders(site: LocalSite) -> list[str]:
+    workflows = site.data_root / "workflows"
+    return sorted(p.name for p in workflows.iterdir()) if workflows.exists() else []
+
+
+def assert_run_folders_removed(fed: LocalFederation, timeout_s: float = 300) -> None:
+    """Every site's runs delete their run folder (the cleanup teardown ends a site's run after the
+    upload the central waits for, so this waits for the folders to go); the caches stay."""
+    deadline = time.monotonic() + timeout_s
+    while any(run_folders(site) for site in fed.sites) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert {site.site_id: run_folders(site) for site in fed.sites} == {site.site_id: [] for site in fed.sites}
+    for site in fed.sites:
+        assert any((site.data_root / "dicom").iterdir()), site.site_id
+
+
 def global_sha(exp_store: ExperimentStore, round_: int) -> str:
     return hashlib.sha256(exp_store.store.get_bytes(exp_store.layout.global_model(round_))).hexdigest()
 
@@ -95,12 +114,14 @@ def test_push_experiment_completes(fed: LocalFederation) -> None:
     check_rounds(exp_store, 4, [s.site_id for s in fed.sites])
     before, after = site_dice(fed, exp_store, 0), site_dice(fed, exp_store, 4)
     assert after > max(0.03, 3 * before), (before, after)
+    assert_run_folders_removed(fed)
 
 
 def test_pull_experiment_completes(fed: LocalFederation) -> None:
     fed.enable_sites("pull")
     exp_store = run_experiment(fed, "e2e-pull", rounds=2, transport="pull")
     check_rounds(exp_store, 2, [s.site_id for s in fed.sites])
+    assert_run_folders_removed(fed)
 
 
 def test_a_site_whose_pacs_is_down_is_left_out_with_the_reason(fed: LocalFederation) -> None:
@@ -118,12 +139,23 @@ def test_a_site_whose_pacs_is_down_is_left_out_with_the_reason(fed: LocalFederat
 
 
 def test_an_update_after_the_round_timeout_is_refused(fed: LocalFederation) -> None:
-    """A fourth site, ``site-late``, joins the experiment but answers only after the timeout."""
+    """A second site, ``site-late``, joins the experiment but answers only after the timeout.
+
+    Only site-a answers in time: one site's (mostly cached) data preparation and one local epoch,
+    well inside the 120 s round timeout even on a loaded machine.
+    """
     name, late = "e2e-late", "site-late"
     fed.enable_sites("pull")
-    hosted = [s.site_id for s in fed.sites]
+    hosted = [fed.sites[0].site_id]
     exp_store = run_experiment(
-        fed, name, rounds=1, transport="pull", sites=[*hosted, late], min_sites=3, round_timeout_s=75
+        fed,
+        name,
+        rounds=1,
+        transport="pull",
+        sites=[*hosted, late],
+        min_sites=1,
+        local_epochs=1,
+        round_timeout_s=120,
     )
     record = exp_store.load_aggregate(0)
     assert record["included"] == hosted and record["missing"] == [late]
@@ -147,17 +179,10 @@ def test_an_update_after_the_round_timeout_is_refused(fed: LocalFederation) -> N
 def test_crash_and_restart_resumes_without_losing_or_repeating_a_round(fed: LocalFederation) -> None:
     name = "e2e-crash"
     fed.enable_sites("pull")
-    fed.trigger({**BASE, "experiment": name, "rounds": 3, "transport": "pull"})
+    fed.trigger({**BASE, "experiment": name, "rounds": 2, "transport": "pull"})
     exp_store = fed.experiment_store(name)
-    fed.wait_for_step(name, 1, timeout_s=600)
+    fed.wait_for_step(name, 0, timeout_s=600)  # round 1 is dispatched or under way when Airflow dies
     fed.crash_and_restart_airflow()
     assert fed.wait(name, 900) is Status.FINISHED
-    check_rounds(exp_store, 3, [s.site_id for s in fed.sites])
-
-
-def test_nothing_left_in_run_folders(fed: LocalFederation) -> None:
-    for site in fed.sites:
-        workflows = site.data_root / "workflows"
-        leftovers = [p for p in workflows.iterdir()] if workflows.exists() else []
-        assert leftovers == [], leftovers
-        assert any((site.data_root / "dicom").iterdir())
+    check_rounds(exp_store, 2, [s.site_id for s in fed.sites])
+    assert_run_folders_removed(fed)  # the retried runs of the crashed ones clean up too

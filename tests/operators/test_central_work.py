@@ -40,7 +40,6 @@ from jipfed.storage.local import LocalFolderStore
 from jipfed.storage.state import ExperimentStore
 from jipfed.tasks.errors import TaskError, TaskFailed
 from jipfed.tasks.site_model import upload_update
-from jipfed.testing.airflow import free_port
 from jipfed.training.config import TrainConfig
 
 SITE = "site-a"
@@ -155,8 +154,10 @@ def test_trigger_ends_idle_when_no_work_comes(central: Central, site: Path) -> N
     assert event["status"] == "idle" and "no work from the central after" in event["message"]
 
 
-def test_trigger_polls_through_an_unreachable_central(monkeypatch: pytest.MonkeyPatch, site: Path) -> None:
-    set_connection(monkeypatch, f"http://127.0.0.1:{free_port()}", "jipfed.site-a.x")
+def test_trigger_polls_through_an_unreachable_central(
+    monkeypatch: pytest.MonkeyPatch, site: Path, closed_port: int
+) -> None:
+    set_connection(monkeypatch, f"http://127.0.0.1:{closed_port}", "jipfed.site-a.x")
     event = first_event(trigger(seconds=0.2))
     assert event["status"] == "idle"
 
@@ -250,7 +251,7 @@ def test_find_work_names_what_is_pending(central: Central) -> None:
     assert "Pending for this site: exp1 round 0 step 0, exp2 round 0 step 0" in str(missing.value)
 
 
-def test_upload_refusal_fails_with_the_code_and_reason(central: Central) -> None:
+def test_upload_refusal_fails_with_the_code_and_reason(central: Central, closed_port: int) -> None:
     exp_store = central.dispatch("exp1")
     [item] = central.client().pending_work()
     where = "site 'site-a', experiment 'exp1', round 0, step 0"
@@ -272,7 +273,7 @@ def test_upload_refusal_fails_with_the_code_and_reason(central: Central) -> None
     )
     with pytest.raises(TaskError, match=f"^{where}: upload failed: ") as unreachable:
         upload_update(
-            CentralClient(f"http://127.0.0.1:{free_port()}", "t"),
+            CentralClient(f"http://127.0.0.1:{closed_port}", "t"),
             item.ticket,
             plain.payload,
             plain.manifest.to_json(),
