@@ -14,6 +14,12 @@ model their ticket names, upload their update or report a failure. Every ``/v1``
     PUT  /v1/experiments/{exp}/rounds/{r}/update                      multipart: manifest + payload (+ signature)
     POST /v1/experiments/{exp}/rounds/{r}/steps/{s}/failure           {"reason": "..."}
     GET  /v1/central-key                                              the central's Ed25519 public key
+    GET  /v1/requests                                                 open census / evaluation requests for the site
+    POST /v1/requests/{kind}/{id}/answer                              JSON object of numbers only
+    POST /v1/requests/{kind}/{id}/failure                             {"reason": "..."}
+    GET  /v1/requests/evaluate/{id}/models/{label}                    a model to score (X-Jipfed-Sha256)
+    GET  /v1/requests/evaluate/{id}/models/{label}/manifest           its manifest
+    GET  /v1/lines/{line}/released                                    the line's released model (X-Jipfed-Version)
 
 Errors are JSON ``{"code": ..., "detail": ...}`` (see ``docs/central-api.md``): 400 bad_request,
 401 no_token, 403 bad_token / expired_token / revoked_token / rotated_token / not_selected, 404
@@ -436,4 +442,94 @@ def create_app(
             record = report_site_failure(exp_store, site, round_, step, reason)
         return JSONResponse(record, status_code=201)
 
+    _add_request_routes(app, open_store)
     return app
+
+
+def _add_request_routes(app: FastAPI, open_store: Callable[[_Call], ModelStore]) -> None:
+    """Routes of the site requests (a line's census, federated evaluation) and released line models."""
+    from jipfed.federation import evaluation, site_requests
+    from jipfed.lines.store import LineStore
+
+    def open_request(site: str, kind: str, request_id: str) -> tuple[ModelStore, site_requests.SiteRequest]:
+        store = open_store(_Call(site))
+        try:
+            request = site_requests.find_open_request(store, kind, request_id)
+        except LookupError as exc:
+            raise CentralAPIError(404, "unknown_request", str(exc)) from None
+        if site not in request.sites:
+            raise CentralAPIError(
+                403, "not_selected", f"{kind} request {request_id!r}: site {site!r} is not asked"
+            )
+        return store, request
+
+    @app.get("/v1/requests")
+    def requests_for_site(site: Site) -> dict[str, Any]:
+        """The open census and evaluation requests the site has not answered."""
+        with _protocol_errors(_Call(site)):
+            store = open_store(_Call(site))
+            return {
+                kind: [r.to_dict() for r in site_requests.pending_requests(store, site, kind)]
+                for kind in site_requests.KINDS
+            }
+
+    @app.post("/v1/requests/{kind}/{request_id}/answer", status_code=201)
+    def answer_request(kind: str, request_id: str, numbers: dict[str, Any], site: Site) -> JSONResponse:
+        """Record the site's answer: a JSON object of finite numbers (nested objects allowed)."""
+        store, request = open_request(site, kind, request_id)
+        try:
+            site_requests.answer(store, request, site, numbers)
+        except ValueError as exc:
+            raise CentralAPIError(400, "bad_request", str(exc)) from None
+        except PermissionError as exc:
+            raise CentralAPIError(409, "refused", str(exc)) from None
+        return JSONResponse({"request": request_id, "site": site}, status_code=201)
+
+    @app.post("/v1/requests/{kind}/{request_id}/failure", status_code=201)
+    def request_failure(kind: str, request_id: str, report: FailureReport, site: Site) -> JSONResponse:
+        """Record that the site cannot answer the request, and why."""
+        store, request = open_request(site, kind, request_id)
+        site_requests.fail(store, request, site, sanitize_text(report.reason, MAX_REPORT_CHARS))
+        return JSONResponse({"request": request_id, "site": site}, status_code=201)
+
+    @app.get("/v1/requests/evaluate/{request_id}/models/{label}")
+    def evaluation_model(request_id: str, label: str, site: Site) -> Response:
+        """The payload of one model the evaluation asks the site to score."""
+        store, request = open_request(site, "evaluate", request_id)
+        try:
+            payload, _ = evaluation.model_for_evaluation(store, request, label, site)
+        except KeyError as exc:
+            raise CentralAPIError(404, "unknown_model", str(exc)) from None
+        return Response(
+            payload,
+            media_type="application/octet-stream",
+            headers={SHA256_HEADER: hashlib.sha256(payload).hexdigest()},
+        )
+
+    @app.get("/v1/requests/evaluate/{request_id}/models/{label}/manifest")
+    def evaluation_manifest(request_id: str, label: str, site: Site) -> dict[str, Any]:
+        """The manifest of one model the evaluation asks the site to score."""
+        store, request = open_request(site, "evaluate", request_id)
+        try:
+            return evaluation.model_for_evaluation(store, request, label, site)[1]
+        except KeyError as exc:
+            raise CentralAPIError(404, "unknown_model", str(exc)) from None
+
+    @app.get("/v1/lines/{line}/released")
+    def released_model(line: str, site: Site) -> Response:
+        """The released model of ``line`` (never a rejected candidate), for a site of the line."""
+        call = _Call(site)
+        try:
+            lines = LineStore(open_store(call), line)
+            if site not in lines.load().sites:
+                raise CentralAPIError(
+                    403, "not_selected", f"line {line!r}: site {site!r} is not one of its sites"
+                )
+            version, payload, manifest = lines.released_model()
+        except (KeyError, ValueError) as exc:
+            raise CentralAPIError(404, "not_released", str(exc)) from None
+        return Response(
+            payload,
+            media_type="application/octet-stream",
+            headers={SHA256_HEADER: manifest["sha256"], "X-Jipfed-Version": version},
+        )
