@@ -205,3 +205,13 @@ def collect(
         else:
             waiting.append(site)
     return answers, failures, waiting
+
+
+def find_open_request(store: ModelStore, kind: str, request_id: str) -> SiteRequest:
+    """The open request ``request_id`` of ``kind``; LookupError when there is none (closed or unknown)."""
+    if kind not in KINDS:
+        raise LookupError(f"no request kind {kind!r}; known: {KINDS}")
+    key = _index_key(kind, request_id)
+    if not store.exists(key):
+        raise LookupError(f"no open {kind} request {request_id!r}")
+    return load_request(store, store.get_json(key)["prefix"])

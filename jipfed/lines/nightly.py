@@ -14,6 +14,7 @@ central DAG's operators call) on a short experiment ``<line>-<slot>``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Any
 
@@ -291,3 +292,24 @@ def _decision(lines: LineStore, line: LineConfig, run: dict[str, Any], now: date
 def _failed(run: dict[str, Any], reason: str, now: datetime) -> dict[str, Any]:
     logger.error("line %s, slot %s: %s", run["line"], run["slot"], reason)
     return {**run, "status": FAILED, "reason": reason, "finished_at": _iso(now)}
+
+
+def define_line(store: ModelStore, data: Mapping[str, Any] | None) -> str | None:
+    """Create or change a line from a definition (a form's JSON); None when ``data`` is empty.
+
+    An existing line is changed key by key (``experiment`` and ``rule`` merged); a new one needs
+    at least ``name`` and ``sites``. ValueError names the line and the bad field.
+    """
+    if not data:
+        return None
+    name = data.get("name")
+    if not isinstance(name, str):
+        raise ValueError(f"a line definition needs a 'name', got {dict(data)}")
+    lines = LineStore(store, name)
+    if lines.exists():
+        line = lines.load().updated({k: v for k, v in data.items() if k != "name"})
+        lines.save(line, create=False)
+    else:
+        lines.save(LineConfig.from_dict(data), create=True)
+    logger.info("line %s defined: %s", name, lines.load().to_dict())
+    return name

@@ -88,7 +88,10 @@ class LineStore:
 
     def runs(self) -> list[dict[str, Any]]:
         """Every run record, oldest slot first."""
-        keys = sorted(k for k in self.store.list(f"{self.prefix}/runs/") if k.endswith(".json"))
+        prefix = f"{self.prefix}/runs/"
+        keys = sorted(
+            k for k in self.store.list(prefix) if k.endswith(".json") and "/" not in k[len(prefix) :]
+        )
         return [self.store.get_json(k) for k in keys]
 
     # -- versions ----------------------------------------------------------------------------------

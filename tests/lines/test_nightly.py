@@ -2,23 +2,38 @@
 
 Nights: 1 trains from scratch (released, first version); 2 trains only on the new cases of one
 site plus the replay sample and is compared with v1; 3 uses a far too high learning rate and is
-rejected (the released model stays); 4 has no new data and is skipped with its reason.
+rejected (the released model stays); 4 has no new data and is skipped with its reason. The other
+tests read the store those nights leave: the page, the CLI and the central's routes.
 """
 
 from __future__ import annotations
 
+import hashlib
+import re
 from datetime import datetime, timezone
 from pathlib import Path
 
+import pytest
+import requests
+import torch
+
+from jipfed.central.app import create_app
+from jipfed.central.serve import serve_in_thread
+from jipfed.central.tokens import site_token
+from jipfed.cli import main as jipfed_main
+from jipfed.federation import site_requests
 from jipfed.lines.nightly import REJECTED, RELEASED, RUNNING, SKIPPED, advance, due_runs
+from jipfed.lines.page import render_line_page, render_lines_page
 from jipfed.lines.site import LineSite
 from jipfed.lines.store import LineStore
 from jipfed.storage.base import ModelStore
+from jipfed.storage.local import LocalFolderStore
 from jipfed.training.data import SiteData
 from tests.lines.conftest import tiny_line
 from tests.training.synth import write_site
 
 SITES = ("site-a", "site-b")
+SECRET = "s" * 64
 
 
 def night(day: int) -> datetime:
@@ -49,53 +64,140 @@ def run_night(store: ModelStore, sites: list[LineSite], day: int) -> dict:
     raise AssertionError(f"the run did not finish: {record}")
 
 
-def test_two_nights_a_worse_candidate_and_an_empty_night(store: ModelStore, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def nights(tmp_path_factory: pytest.TempPathFactory) -> tuple[LocalFolderStore, list[dict]]:
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("nights")
+    store = LocalFolderStore(root / "central")
     lines = LineStore(store, "glioma")
     lines.save(tiny_line(), create=True)
+    runs = [run_night(store, sites_with(root, {"site-a": 4, "site-b": 4}), 5)]
+    assert due_runs(store, night(5)) == []  # ran once for its slot
+    runs.append(run_night(store, sites_with(root, {"site-a": 6, "site-b": 4}), 6))  # 2 new at site-a
+    bad_train = {"size": "tiny", "steps": 3, "batch_size": 2, "lr": 1e3, "val_fraction": 0.25}
+    lines.save(lines.load().updated({"experiment": {"train": bad_train}}), create=False)
+    runs.append(run_night(store, sites_with(root, {"site-a": 6, "site-b": 6}), 7))
+    runs.append(run_night(store, sites_with(root, {"site-a": 6, "site-b": 6}), 8))
+    return store, runs
 
-    first = run_night(store, sites_with(tmp_path, {"site-a": 4, "site-b": 4}), 5)
+
+def test_first_night_releases_the_first_version(nights: tuple[LocalFolderStore, list[dict]]) -> None:
+    store, (first, *_) = nights
     assert first["status"] == RELEASED, first
     assert first["verdict"]["reasons"] == ["first version of the line"]
     assert {s: c["new_cases"] for s, c in first["census"]["sites"].items()} == {"site-a": 4, "site-b": 4}
-    assert lines.released()["version"] == "v0001"
-    assert due_runs(store, night(5)) == []  # ran once for its slot
+    assert LineStore(store, "glioma").load_version("v0001")["status"] == "released"
 
-    sites = sites_with(tmp_path, {"site-a": 6, "site-b": 4})  # two new cases in site-a's PACS
-    second = run_night(store, sites, 6)
+
+def test_second_night_trains_on_new_cases_plus_replay_only(
+    nights: tuple[LocalFolderStore, list[dict]],
+) -> None:
+    store, (_, second, *_) = nights
     census = second["census"]["sites"]
     assert {s: c["new_cases"] for s, c in census.items()} == {"site-a": 2, "site-b": 0}
-    for site in SITES:  # trained on new training cases plus the replay sample, nothing else
-        assert (
-            second["trained"]["n_samples"].get(site, 0)
-            == census[site]["train_new"] + census[site]["train_replay"]
-        )
+    for site in SITES:
         assert census[site]["train_replay"] == 1
-    assert census["site-a"]["train_new"] >= 1
-    assert second["parent"] == "v0001"
-    assert set(second["evaluation"]["weighted"]) == {"candidate", "released"}
-    assert second["status"] in (RELEASED, REJECTED) and second["verdict"]["checks"]["sites"]
-    versions = lines.versions()
-    assert [v["version"] for v in versions] == ["v0001", "v0002"]
-    released_before = lines.released()
-
-    lines.save(
-        lines.load().updated(
-            {
-                "experiment": {
-                    "train": {"size": "tiny", "steps": 3, "batch_size": 2, "lr": 1e3, "val_fraction": 0.25}
-                }
-            }
-        ),
-        create=False,
+        assert second["trained"]["n_samples"].get(site, 0) == census[site]["train_new"] + 1
+    assert second["parent"] == "v0001" and set(second["evaluation"]["weighted"]) == {"candidate", "released"}
+    assert second["status"] in (RELEASED, REJECTED) and set(second["verdict"]["checks"]["sites"]) == set(
+        SITES
     )
-    sites = sites_with(tmp_path, {"site-a": 6, "site-b": 6})
-    third = run_night(store, sites, 7)
-    assert third["status"] == REJECTED, third["verdict"]
-    assert lines.released() == released_before
-    assert lines.load_version(third["version"])["status"] == "rejected"
-    assert not store.exists(f"lines/glioma/versions/{third['version']}/card.md")
 
-    fourth = run_night(store, sites, 8)
-    assert fourth["status"] == SKIPPED
-    assert "no new cases" in fourth["reason"]
-    assert len(lines.versions()) == 3 and lines.released() == released_before
+
+def test_a_worse_candidate_is_rejected_and_an_empty_night_skipped(
+    nights: tuple[LocalFolderStore, list[dict]],
+) -> None:
+    store, (_, second, third, fourth) = nights
+    lines = LineStore(store, "glioma")
+    assert third["status"] == REJECTED, third["verdict"]
+    assert lines.released()["version"] == (second["version"] if second["status"] == RELEASED else "v0001")
+    assert not store.exists(f"lines/glioma/versions/{third['version']}/card.md")
+    assert fourth["status"] == SKIPPED and "no new cases" in fourth["reason"]
+    assert [v["status"] for v in lines.versions()][2] == "rejected" and len(lines.versions()) == 3
+
+
+def test_page_shows_versions_and_per_site_scores(nights: tuple[LocalFolderStore, list[dict]]) -> None:
+    store, runs = nights
+    lines = LineStore(store, "glioma")
+    page = render_line_page(store, "glioma")
+    released = lines.released()["version"]
+    assert f"<b id='released'>{released}</b>" in page
+    for version in lines.versions():
+        row = re.search(rf"<tr class='{version['status']}'><td>{version['version']}</td>.*?</tr>", page)
+        assert row, version["version"]
+        for site in SITES:
+            score = version["evaluation"]["sites"][site]["metrics"]["candidate"]["dice_mean"]
+            assert f"{score:.4f}" in page
+    assert "no new cases" in page and page.count("<polyline") == len(SITES)
+    assert f"<td>glioma</td><td>{released}</td><td>3</td>" in render_lines_page(store)
+    card = lines.card("v0001")
+    assert "# glioma v0001" in card and "first version" in card
+
+
+def test_cli_lists_lines_and_versions_and_fetches_only_the_released(
+    nights: tuple[LocalFolderStore, list[dict]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store, _ = nights
+    lines = LineStore(store, "glioma")
+    assert jipfed_main(["lines", "list", "--store", str(store.root)]) == 0
+    assert (
+        f"glioma\tsites=site-a,site-b\tschedule='0 2 * * *'\treleased={lines.released()['version']}"
+        in capsys.readouterr().out
+    )
+    assert jipfed_main(["lines", "versions", "glioma", "--store", str(store.root)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [row.split("\t")[1] for row in out[1:]] == [v["status"] for v in lines.versions()]
+    assert (
+        jipfed_main(
+            [
+                "lines",
+                "fetch-released",
+                "glioma",
+                "--store",
+                str(store.root),
+                "--out",
+                str(tmp_path / "m.safetensors"),
+            ]
+        )
+        == 0
+    )
+    assert hashlib.sha256((tmp_path / "m.safetensors").read_bytes()).hexdigest() == lines.released()["sha256"]
+    assert jipfed_main(["lines", "set", "glioma", "--store", str(store.root), "--set", "paused=true"]) == 0
+    assert lines.load().paused and due_runs(store, night(9)) == []
+    lines.save(lines.load().updated({"paused": False}), create=False)
+
+
+def test_central_serves_the_released_model_and_requests(nights: tuple[LocalFolderStore, list[dict]]) -> None:
+    store, _ = nights
+    lines = LineStore(store, "glioma")
+    url, stop = serve_in_thread(create_app(lambda: store, SECRET))
+    try:
+        auth = {"Authorization": f"Bearer {site_token(SECRET, 'site-a')}"}
+        answer = requests.get(f"{url}/v1/lines/glioma/released", headers=auth, timeout=30)
+        assert answer.status_code == 200 and answer.headers["X-Jipfed-Version"] == lines.released()["version"]
+        assert hashlib.sha256(answer.content).hexdigest() == lines.released()["sha256"]
+        other = {"Authorization": f"Bearer {site_token(SECRET, 'site-z')}"}
+        assert requests.get(f"{url}/v1/lines/glioma/released", headers=other, timeout=30).status_code == 403
+        request = site_requests.open_request(
+            store,
+            kind="census",
+            request_id="glioma.probe",
+            prefix="lines/glioma/runs/probe/census",
+            sites=list(SITES),
+            timeout_s=60,
+            body={"line": "glioma"},
+        )
+        listed = requests.get(f"{url}/v1/requests", headers=auth, timeout=30).json()
+        assert [r["id"] for r in listed["census"]] == ["glioma.probe"]
+        bad = requests.post(
+            f"{url}/v1/requests/census/glioma.probe/answer", json={"who": "SYN-1"}, headers=auth, timeout=30
+        )
+        assert bad.status_code == 400 and "only finite numbers" in bad.json()["detail"]
+        ok = requests.post(
+            f"{url}/v1/requests/census/glioma.probe/answer", json={"new_cases": 1}, headers=auth, timeout=30
+        )
+        assert ok.status_code == 201
+        assert site_requests.collect(store, request)[0] == {"site-a": {"new_cases": 1}}
+        site_requests.close_request(store, request)
+    finally:
+        stop()
