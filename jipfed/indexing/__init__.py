@@ -1,0 +1,1 @@
+"""Round records indexed in OpenSearch (for OpenSearch Dashboards); the model store stays the truth."""
