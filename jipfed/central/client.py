@@ -384,3 +384,41 @@ class CentralClient:
         body = {"reason": failure_report(reason, task=task)}
         response = self._request("POST", path, experiment=experiment, round=round, json=body)
         return dict(response.json())
+
+    # -- site requests (a line's census, federated evaluation) and released line models ------------
+
+    def pending_requests(self) -> dict[str, list[dict[str, Any]]]:
+        """Open census / evaluation requests this site has not answered: ``{kind: [request dict]}``."""
+        return dict(self._request("GET", "/v1/requests").json())
+
+    def answer_request(self, kind: str, request_id: str, numbers: dict[str, Any]) -> None:
+        """Answer a request with a JSON object of finite numbers (nothing identifying leaves the site)."""
+        self._request("POST", f"/v1/requests/{_q(kind)}/{_q(request_id)}/answer", json=numbers)
+
+    def report_request_failure(self, kind: str, request_id: str, reason: str) -> None:
+        """Tell the central this site cannot answer a request, and why (sanitised before it leaves)."""
+        from jipfed.central.sanitize import failure_report
+
+        body = {"reason": failure_report(reason, task=kind)}
+        self._request("POST", f"/v1/requests/{_q(kind)}/{_q(request_id)}/failure", json=body)
+
+    def get_evaluation_model(self, request_id: str, label: str) -> tuple[bytes, dict[str, Any]]:
+        """(payload, manifest) of a model an evaluation request asks this site to score.
+
+        The caller checks the sha256 the request names (:func:`jipfed.federation.evaluation.decode_model`).
+        """
+        path = f"/v1/requests/evaluate/{_q(request_id)}/models/{_q(label)}"
+        payload = self._request("GET", path).content
+        return payload, dict(self._request("GET", f"{path}/manifest").json())
+
+    def get_released_model(self, line: str) -> tuple[str, bytes]:
+        """(version, payload) of ``line``'s released model (never a rejected candidate); sha256 checked."""
+        response = self._request("GET", f"/v1/lines/{_q(line)}/released")
+        if hashlib.sha256(response.content).hexdigest() != response.headers.get(SHA256_HEADER):
+            raise CentralError(
+                None,
+                f"line {line!r}: released model does not match its sha256",
+                method="GET",
+                path=f"/v1/lines/{line}/released",
+            )
+        return response.headers.get("X-Jipfed-Version", ""), response.content
