@@ -14,10 +14,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
-import requests
 import torch
 
 from jipfed.central.app import create_app
+from jipfed.central.client import CentralClient, CentralError, CentralRefused
 from jipfed.central.serve import serve_in_thread
 from jipfed.central.tokens import site_token
 from jipfed.cli import main as jipfed_main
@@ -172,12 +172,13 @@ def test_central_serves_the_released_model_and_requests(nights: tuple[LocalFolde
     lines = LineStore(store, "glioma")
     url, stop = serve_in_thread(create_app(lambda: store, SECRET))
     try:
-        auth = {"Authorization": f"Bearer {site_token(SECRET, 'site-a')}"}
-        answer = requests.get(f"{url}/v1/lines/glioma/released", headers=auth, timeout=30)
-        assert answer.status_code == 200 and answer.headers["X-Jipfed-Version"] == lines.released()["version"]
-        assert hashlib.sha256(answer.content).hexdigest() == lines.released()["sha256"]
-        other = {"Authorization": f"Bearer {site_token(SECRET, 'site-z')}"}
-        assert requests.get(f"{url}/v1/lines/glioma/released", headers=other, timeout=30).status_code == 403
+        client = CentralClient(url, site_token(SECRET, "site-a"), timeout_s=30, backoff_s=0.01)
+        version, payload = client.get_released_model("glioma")
+        assert version == lines.released()["version"]
+        assert hashlib.sha256(payload).hexdigest() == lines.released()["sha256"]
+        stranger = CentralClient(url, site_token(SECRET, "site-z"), timeout_s=30, backoff_s=0.01)
+        with pytest.raises(CentralError, match="not one of its sites"):
+            stranger.get_released_model("glioma")
         request = site_requests.open_request(
             store,
             kind="census",
@@ -187,16 +188,12 @@ def test_central_serves_the_released_model_and_requests(nights: tuple[LocalFolde
             timeout_s=60,
             body={"line": "glioma"},
         )
-        listed = requests.get(f"{url}/v1/requests", headers=auth, timeout=30).json()
-        assert [r["id"] for r in listed["census"]] == ["glioma.probe"]
-        bad = requests.post(
-            f"{url}/v1/requests/census/glioma.probe/answer", json={"who": "SYN-1"}, headers=auth, timeout=30
-        )
-        assert bad.status_code == 400 and "only finite numbers" in bad.json()["detail"]
-        ok = requests.post(
-            f"{url}/v1/requests/census/glioma.probe/answer", json={"new_cases": 1}, headers=auth, timeout=30
-        )
-        assert ok.status_code == 201
+        assert [r["id"] for r in client.pending_requests()["census"]] == ["glioma.probe"]
+        with pytest.raises(CentralError, match="only finite numbers"):
+            client.answer_request("census", "glioma.probe", {"who": "SYN-site-a-001"})
+        client.answer_request("census", "glioma.probe", {"new_cases": 1})
+        with pytest.raises(CentralRefused, match="already answered"):
+            client.answer_request("census", "glioma.probe", {"new_cases": 2})
         assert site_requests.collect(store, request)[0] == {"site-a": {"new_cases": 1}}
         site_requests.close_request(store, request)
     finally:
