@@ -12,6 +12,8 @@ need_apt=()
 command -v Orthanc >/dev/null 2>&1 || need_apt+=(orthanc)
 [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need_apt+=(orthanc-dicomweb)
 command -v dcmdump >/dev/null 2>&1 || need_apt+=(dcmtk)
+# headless browser for the experiment pages' browser test (tests/ui)
+command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     echo "[setup] apt-get install ${need_apt[*]}"
