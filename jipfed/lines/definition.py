@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -18,7 +17,7 @@ from typing import Any
 from croniter import croniter
 
 from jipfed.federation.experiment import ExperimentConfig
-from jipfed.lines.rule import ReleaseRule
+from jipfed.lines.rule import ReleaseRule, finite_number
 from jipfed.storage.layout import validate_slug
 
 LINE_FORMAT = 1
@@ -81,20 +80,11 @@ class LineConfig:
         object.__setattr__(self, "experiment", json.loads(json.dumps(dict(self.experiment))))
         if not isinstance(self.schedule, str) or not croniter.is_valid(self.schedule):
             raise ValueError(f"{where}: schedule must be a cron expression, got {self.schedule!r}")
-        for what in ("replay",):
-            value = getattr(self, what)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{where}: {what} must be an integer >= 0, got {value!r}")
+        if isinstance(self.replay, bool) or not isinstance(self.replay, int) or self.replay < 0:
+            raise ValueError(f"{where}: replay must be an integer >= 0, got {self.replay!r}")
         for what in ("evaluation_timeout_s", "census_timeout_s"):
-            value = getattr(self, what)
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, (int, float))
-                or not math.isfinite(value)
-                or value <= 0
-            ):
-                raise ValueError(f"{where}: {what} must be a number > 0, got {value!r}")
-            object.__setattr__(self, what, float(value))
+            value = finite_number(getattr(self, what), f"{where}: {what}", minimum=0.0, strict=True)
+            object.__setattr__(self, what, value)
         if not isinstance(self.paused, bool):
             raise ValueError(f"{where}: paused must be a boolean, got {self.paused!r}")
         if not isinstance(self.rule, ReleaseRule):

@@ -281,7 +281,8 @@ def _decision(lines: LineStore, line: LineConfig, run: dict[str, Any], now: date
     }
     card = model_card(line, record) if status == RELEASED else None
     lines.save_version(record, payload, manifest, card)
-    if status == RELEASED:
+    current = (lines.released() or {}).get("version")
+    if status == RELEASED and current in (run.get("parent"), run["version"]):  # never over a newer release
         lines.release(run["version"], manifest["sha256"], decided_at)
     lines.advance_watermarks(sorted(run["trained"]["n_samples"]), run["slot"])
     reason = "; ".join(verdict["reasons"])

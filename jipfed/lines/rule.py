@@ -14,6 +14,21 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 MISSING_POLICIES = ("block", "ignore")
+
+
+def finite_number(value: object, what: str, *, minimum: float, strict: bool = False) -> float:
+    """``value`` as a float if it is a finite number >= ``minimum`` (> with ``strict``); else ValueError."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value < minimum
+        or (strict and value == minimum)
+    ):
+        raise ValueError(f"{what} must be a finite number {'>' if strict else '>='} {minimum}, got {value!r}")
+    return float(value)
+
+
 CANDIDATE, RELEASED = "candidate", "released"
 
 
@@ -52,15 +67,7 @@ class ReleaseRule:
         if not isinstance(self.metric, str) or not self.metric:
             raise ValueError(f"metric must be a non-empty string, got {self.metric!r}")
         for what in ("max_weighted_drop", "site_tolerance"):
-            value = getattr(self, what)
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, (int, float))
-                or not math.isfinite(value)
-                or value < 0
-            ):
-                raise ValueError(f"{what} must be a finite number >= 0, got {value!r}")
-            object.__setattr__(self, what, float(value))
+            object.__setattr__(self, what, finite_number(getattr(self, what), what, minimum=0.0))
         if self.missing_site not in MISSING_POLICIES:
             raise ValueError(f"missing_site must be one of {MISSING_POLICIES}, got {self.missing_site!r}")
         if isinstance(self.min_sites, bool) or not isinstance(self.min_sites, int) or self.min_sites < 1:

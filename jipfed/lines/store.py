@@ -171,8 +171,10 @@ class LineStore:
         return self.store.get_json(self.watermarks_key) if self.store.exists(self.watermarks_key) else {}
 
     def advance_watermarks(self, sites: list[str], as_of: str) -> None:
+        """Move the sites' watermarks to ``as_of`` (never back: a repeated older run changes nothing)."""
         marks = self.watermarks()
-        marks.update({site: as_of for site in sites})
+        later = datetime.fromisoformat(as_of)
+        marks.update({s: as_of for s in sites if s not in marks or datetime.fromisoformat(marks[s]) < later})
         self.store.put_json(self.watermarks_key, marks, overwrite=True)
 
 

@@ -198,3 +198,29 @@ def test_central_serves_the_released_model_and_requests(nights: tuple[LocalFolde
         site_requests.close_request(store, request)
     finally:
         stop()
+
+
+def test_missed_nights_run_once_and_a_finished_run_is_left_alone(
+    nights: tuple[LocalFolderStore, list[dict]],
+) -> None:
+    store, (first, *_) = nights
+    at = datetime(2026, 12, 12, 3, 30, tzinfo=timezone.utc)  # Airflow was down for three nights
+    assert due_runs(store, at) == [{"line": "glioma", "slot": night(12).isoformat()}]
+    versions = LineStore(store, "glioma").versions()
+    assert advance(store, "glioma", first["slot"]) == first
+    assert LineStore(store, "glioma").versions() == versions
+
+
+def test_a_crash_during_the_decision_repeats_it_without_a_second_release(
+    nights: tuple[LocalFolderStore, list[dict]],
+) -> None:
+    store, (first, *_) = nights
+    lines = LineStore(store, "glioma")
+    before = (lines.versions(), lines.released(), lines.watermarks())
+    lines.save_run(first["slot_id"], {**first, "status": RUNNING, "stage": "decision"})  # died before its end
+    assert due_runs(store, night(12)) == [{"line": "glioma", "slot": first["slot"]}]  # resumed first
+    again = advance(store, "glioma", first["slot"])
+    assert again["status"] == RELEASED and again["version"] == first["version"]
+    assert (lines.versions(), lines.watermarks()) == (before[0], before[2])
+    assert lines.released() == before[1]  # the later release stays
+    lines.save_run(first["slot_id"], first)

@@ -15,6 +15,7 @@ import logging
 import shutil
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -34,7 +35,7 @@ from jipfed.lines.page import render_line_page
 from jipfed.lines.site import LineSite
 from jipfed.lines.store import LineStore
 from jipfed.storage.local import LocalFolderStore
-from jipfed.testing.airflow import RESULT_MARKER, run_airflow_script
+from jipfed.testing.airflow import RESULT_MARKER, check_dag_folder, run_airflow_script
 from jipfed.testing.orthanc import OrthancServer
 from jipfed.training.data import SiteData
 from tests.lines.conftest import tiny_line
@@ -42,26 +43,38 @@ from tests.lines.conftest import tiny_line
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
+AF2_PYTHON = REPO / ".venv-af2" / "bin" / "python"
 SITES = ("site-a", "site-b")
 SHAPE = (32, 32, 16)
 PREPROCESS = PreprocessConfig(spacing_mm=(4.0, 4.0, 4.0), spatial_size=(16, 16, 16))
 
-_NIGHT_SCRIPT = """
-import json
+#: Runs the nights one after the other in one Airflow process; after each it writes
+#: ``night-<i>.done`` and waits for the test's ``night-<i>.go`` (or ``stop``).
+_NIGHTS_SCRIPT = """
+import json, time
 from datetime import datetime
+from pathlib import Path
 try:
     from airflow.dag_processing.dagbag import DagBag
 except ImportError:
     from airflow.models.dagbag import DagBag
-bag = DagBag({folder!r})
-assert not bag.import_errors, bag.import_errors
-dag = bag.get_dag("jipfed_nightly")
-run = dag.test(logical_date=datetime.fromisoformat({logical!r}), run_conf=json.loads({conf!r}))
-tis = run.get_task_instances()
-print({marker!r} + json.dumps({{
-    "state": str(getattr(run.state, "value", run.state)),
-    "tasks": {{f"{{ti.task_id}}[{{ti.map_index}}]": str(getattr(ti.state, "value", ti.state)) for ti in tis}},
-}}))
+hand = Path({handshake!r})
+for i, (logical, conf) in enumerate(json.loads({nights!r})):
+    bag = DagBag({folder!r})  # parsed again: dag.test keeps a run's conf in the DAG's params
+    assert not bag.import_errors, bag.import_errors
+    run = bag.get_dag("jipfed_nightly").test(logical_date=datetime.fromisoformat(logical), run_conf=conf)
+    result = {{
+        "state": str(getattr(run.state, "value", run.state)),
+        "tasks": {{f"{{ti.task_id}}[{{ti.map_index}}]": str(getattr(ti.state, "value", ti.state))
+                  for ti in run.get_task_instances()}},
+    }}
+    (hand / f"night-{{i}}.done").write_text(json.dumps(result))
+    deadline = time.monotonic() + 600
+    while not (hand / f"night-{{i}}.go").exists():
+        if (hand / "stop").exists() or time.monotonic() > deadline:
+            raise SystemExit("stopped by the test")
+        time.sleep(0.2)
+print({marker!r} + "{{}}")
 """
 
 
@@ -123,14 +136,45 @@ class SiteThreads:
             self._stop.wait(0.3)
 
 
-def run_night(
-    dags: Path, home: Path, env: dict[str, str], day: int, conf: dict[str, Any] | None = None
-) -> dict:
-    logical = datetime(2026, 12, day, 2, 0, tzinfo=timezone.utc).isoformat()
-    script = _NIGHT_SCRIPT.format(
-        folder=str(dags), logical=logical, conf=json.dumps(conf or {}), marker=RESULT_MARKER
-    )
-    return run_airflow_script(sys.executable, script, home=home, dags_folder=dags, env=env, timeout_s=600)
+class Nights:
+    """The nightly DAG's runs for some logical dates in one Airflow 3 process, paced by the test."""
+
+    def __init__(self, dags: Path, home: Path, env: dict[str, str], nights: list[tuple[int, dict]]) -> None:
+        self.hand = home / "handshake"
+        self.hand.mkdir(parents=True)
+        dates = [
+            [datetime(2026, 12, day, 2, 0, tzinfo=timezone.utc).isoformat(), conf] for day, conf in nights
+        ]
+        script = _NIGHTS_SCRIPT.format(
+            folder=str(dags), nights=json.dumps(dates), handshake=str(self.hand), marker=RESULT_MARKER
+        )
+        self.error: BaseException | None = None
+
+        def run() -> None:
+            try:
+                run_airflow_script(
+                    sys.executable, script, home=home, dags_folder=dags, env=env, timeout_s=900
+                )
+            except BaseException as exc:  # reported by wait()
+                self.error = exc
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+
+    def wait(self, i: int) -> dict[str, Any]:
+        """The result of night ``i`` once its DAG run ended."""
+        done = self.hand / f"night-{i}.done"
+        while not done.exists():
+            assert self.thread.is_alive(), f"the Airflow process ended before night {i}: {self.error}"
+            time.sleep(0.2)
+        return json.loads(done.read_text())
+
+    def go_on(self, i: int) -> None:
+        (self.hand / f"night-{i}.go").touch()
+
+    def stop(self) -> None:
+        (self.hand / "stop").touch()
+        self.thread.join(timeout=120)
 
 
 @pytest.fixture(scope="module")
@@ -141,6 +185,14 @@ def pacs_sites(tmp_path_factory: pytest.TempPathFactory):
         for site in sites:
             site.add_cases(4)
         yield sites
+
+
+def test_the_nightly_dag_parses_on_airflow_2(tmp_path: Path) -> None:
+    """Airflow 3 runs it below; Kaapana 0.6 runs Airflow 2.11."""
+    dags = tmp_path / "dags"
+    dags.mkdir()
+    shutil.copy(REPO / "dags" / "jipfed_nightly.py", dags)
+    assert set(check_dag_folder(AF2_PYTHON, dags, home=tmp_path / "home")) == {"jipfed_nightly"}
 
 
 def test_nightly_runs_release_reject_and_skip(pacs_sites: list[PacsSite], tmp_path: Path) -> None:
@@ -154,50 +206,56 @@ def test_nightly_runs_release_reject_and_skip(pacs_sites: list[PacsSite], tmp_pa
         ),
         "JIPFED_LINES_POKE_S": "1",
     }
-    home = tmp_path / "af3"
     lines = LineStore(store, "glioma")
     figures: dict[str, Any] = {}
+    line = tiny_line(schedule="0 2 * * *").to_dict()
+    bad_train = {**line["experiment"]["train"], "lr": 1000.0, "steps": 3}
+    bad = {"name": "glioma", "experiment": {**line["experiment"], "train": bad_train}}
     with SiteThreads(store, pacs_sites) as sites:
-        line = tiny_line(schedule="0 2 * * *").to_dict()
-        first = run_night(dags, home, env, 5, {"line": line})
-        assert first["state"] == "success", (first, sites.errors)
-        (run1,) = lines.runs()
-        assert run1["status"] == "released", run1
-        assert {s: c["new_cases"] for s, c in run1["census"]["sites"].items()} == {"site-a": 4, "site-b": 4}
+        nights = Nights(
+            dags, tmp_path / "af3", env, [(5, {"line": line}), (6, {}), (7, {"line": bad}), (8, {})]
+        )
+        try:
+            first = nights.wait(0)
+            assert first["state"] == "success", (first, sites.errors)
+            (run1,) = lines.runs()
+            assert run1["status"] == "released", run1
+            assert {s: c["new_cases"] for s, c in run1["census"]["sites"].items()} == {
+                "site-a": 4,
+                "site-b": 4,
+            }
+            pacs_sites[0].add_cases(2)
+            nights.go_on(0)
 
-        pacs_sites[0].add_cases(2)
-        second = run_night(dags, home, env, 6)
-        assert second["state"] == "success", (second, sites.errors)
-        run2 = lines.runs()[1]
-        census = run2["census"]["sites"]
-        assert {s: c["new_cases"] for s, c in census.items()} == {"site-a": 2, "site-b": 0}
-        for site in SITES:
-            assert (
-                run2["trained"]["n_samples"].get(site, 0)
-                == census[site]["train_new"] + census[site]["train_replay"]
-            )
-        assert run2["parent"] == "v0001" and run2["verdict"]["checks"]["sites"]
-        released = lines.released()
+            second = nights.wait(1)
+            assert second["state"] == "success", (second, sites.errors)
+            run2 = lines.runs()[1]
+            census = run2["census"]["sites"]
+            assert {s: c["new_cases"] for s, c in census.items()} == {"site-a": 2, "site-b": 0}
+            for site in SITES:
+                trained = run2["trained"]["n_samples"].get(site, 0)
+                assert trained == census[site]["train_new"] + census[site]["train_replay"]
+            assert run2["parent"] == "v0001" and run2["verdict"]["checks"]["sites"]
+            released = lines.released()
+            pacs_sites[1].add_cases(2)
+            nights.go_on(1)
 
-        pacs_sites[1].add_cases(2)
-        bad = {
-            "name": "glioma",
-            "experiment": {
-                **line["experiment"],
-                "train": {**line["experiment"]["train"], "lr": 1000.0, "steps": 3},
-            },
-        }
-        third = run_night(dags, home, env, 7, {"line": bad})
-        assert third["state"] == "success", (third, sites.errors)
-        run3 = lines.runs()[2]
-        assert run3["status"] == "rejected", run3["verdict"]
-        assert lines.released() == released
+            third = nights.wait(2)
+            assert third["state"] == "success", (third, sites.errors)
+            run3 = lines.runs()[2]
+            assert run3["status"] == "rejected", run3["verdict"]
+            assert lines.released() == released
+            nights.go_on(2)
 
-        fourth = run_night(dags, home, env, 8)
-        assert fourth["state"] == "success", (fourth, sites.errors)
-        run4 = lines.runs()[3]
-        assert run4["status"] == "skipped" and "no new cases" in run4["reason"]
-        assert not sites.errors, sites.errors
+            fourth = nights.wait(3)
+            assert fourth["state"] == "success", (fourth, sites.errors)
+            run4 = lines.runs()[3]
+            assert run4["status"] == "skipped" and "no new cases" in run4["reason"]
+            assert not sites.errors, sites.errors
+            nights.go_on(3)
+        finally:
+            nights.stop()
+        assert nights.error is None, nights.error
 
     versions = lines.versions()
     assert [v["status"] for v in versions][2] == "rejected" and len(versions) == 3
