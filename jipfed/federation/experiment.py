@@ -225,17 +225,7 @@ class ExperimentConfig:
 
         try:
             settings = PrivacySettings.from_mapping(self.privacy)
-            settings.check_combination(
-                strategy=self.strategy,
-                model=self.train.model,
-                fedprox_mu=self.train.fedprox_mu,
-                plan=self.plan,
-                n_sites=len(self.sites),
-                max_site_samples=self.max_site_samples,
-                encoding=self.encoding,
-                norm_bound_factor=self.norm_bound_factor,
-                max_update_norm=self.max_update_norm,
-            )
+            settings.check_combination(self)
         except ValueError as exc:
             raise ValueError(f"{where}: {exc}") from None
         return settings.to_dict()
