@@ -19,14 +19,14 @@ from jipfed.federation.update import UpdateSource
 
 
 def site_delta(update: UpdateSource, global_weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The float tensors of ``update`` as a delta from ``global_weights`` (float32 or wider)."""
+    """The float tensors of ``update`` as a delta from ``global_weights`` (float32 or wider), new tensors."""
     out: dict[str, torch.Tensor] = {}
     tensors = update.tensors
     for name, g in global_weights.items():
         if not g.is_floating_point():
             continue
-        x = tensors[name].to(torch.promote_types(g.dtype, torch.float32))
-        out[name] = x - g if update.manifest.kind == "weights" else x
+        x = tensors[name].to(torch.promote_types(g.dtype, torch.float32), copy=True)  # never the site's
+        out[name] = x.sub_(g) if update.manifest.kind == "weights" else x  # (maybe memory-mapped) tensor
     return out
 
 

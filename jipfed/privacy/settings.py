@@ -20,7 +20,10 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from jipfed.federation.experiment import ExperimentConfig
 
 ACCOUNTANTS = ("rdp", "prv")
 #: Parts whose building blocks exist but that the central / site round does not run yet, and why.
@@ -168,82 +171,61 @@ class PrivacySettings:
         """Inverse of :meth:`from_mapping` with every default spelled out (off parts left out)."""
         return {f.name: asdict(getattr(self, f.name)) for f in fields(self) if getattr(self, f.name)}
 
-    def check_combination(
-        self,
-        *,
-        strategy: str,
-        model: str,
-        fedprox_mu: float,
-        plan: str,
-        n_sites: int,
-        max_site_samples: int,
-        encoding: str,
-        norm_bound_factor: float | None,
-        max_update_norm: float | None,
-    ) -> None:
-        """ValueError with the reason when these settings cannot work with the rest of the experiment."""
+    def check_combination(self, experiment: ExperimentConfig) -> None:
+        """ValueError with the reason when these settings cannot work with the rest of ``experiment``.
+
+        Called while the experiment config validates itself (its other fields are checked already).
+        """
+        e = experiment
         if self.client_dp is not None:
-            if plan != "parallel":
+            if e.plan != "parallel":
                 raise ValueError(
                     "client-level DP needs the parallel plan: a cyclic plan hands one site's model to the "
                     "next, there is no sum to add the noise to"
                 )
-            if strategy not in MEAN_STRATEGIES:
+            if e.strategy not in MEAN_STRATEGIES:
                 raise ValueError(
-                    f"client-level DP calibrates noise to a sum of clipped updates; strategy {strategy!r} "
+                    f"client-level DP calibrates noise to a sum of clipped updates; strategy {e.strategy!r} "
                     f"does not aggregate a mean (use one of {MEAN_STRATEGIES})"
                 )
         if self.sample_dp is not None:
-            if model not in DP_SGD_MODELS:
+            if e.train.model not in DP_SGD_MODELS:
                 raise ValueError(
-                    f"sample-level DP (DP-SGD) supports the models {DP_SGD_MODELS}; {model!r} has BatchNorm or "
-                    "in-place activations opacus cannot compute per-case gradients for"
+                    f"sample-level DP (DP-SGD) supports the models {DP_SGD_MODELS}; {e.train.model!r} has "
+                    "BatchNorm or in-place activations opacus cannot compute per-case gradients for"
                 )
-            if strategy in ("scaffold", "feddyn") or strategy == "fedprox" or fedprox_mu > 0:
+            if e.strategy in ("scaffold", "feddyn", "fedprox") or e.train.fedprox_mu > 0:
                 raise ValueError(
-                    f"sample-level DP clips per-case gradients of the task loss only; strategy {strategy!r} "
+                    f"sample-level DP clips per-case gradients of the task loss only; strategy {e.strategy!r} "
                     "adds a regulariser or gradient correction it would not cover (use e.g. fedavg or fedadam)"
                 )
-        agg = self.secure_aggregation
-        if agg is not None:
-            self._check_secure_aggregation(
-                agg, strategy, plan, n_sites, max_site_samples, encoding, norm_bound_factor, max_update_norm
-            )
+        if self.secure_aggregation is not None:
+            self._check_secure_aggregation(self.secure_aggregation, e)
         missing = [name for name in NOT_WIRED if getattr(self, name) is not None]
         if missing:
             raise ValueError(
                 f"privacy: {missing[0]} is not available in the round protocol yet: {NOT_WIRED[missing[0]]}"
             )
 
-    def _check_secure_aggregation(
-        self,
-        agg: SecureAggregation,
-        strategy: str,
-        plan: str,
-        n_sites: int,
-        max_site_samples: int,
-        encoding: str,
-        norm_bound_factor: float | None,
-        max_update_norm: float | None,
-    ) -> None:
-        if plan != "parallel":
+    def _check_secure_aggregation(self, agg: SecureAggregation, e: ExperimentConfig) -> None:
+        if e.plan != "parallel":
             raise ValueError(
                 "secure aggregation needs the parallel plan: a cyclic hop has one site, its masked update "
                 "could not be unmasked without revealing it"
             )
-        if strategy not in MEAN_STRATEGIES:
+        if e.strategy not in MEAN_STRATEGIES:
             raise ValueError(
-                f"secure aggregation reveals only the sum of the updates; strategy {strategy!r} needs the "
+                f"secure aggregation reveals only the sum of the updates; strategy {e.strategy!r} needs the "
                 f"individual updates (use one of {MEAN_STRATEGIES})"
             )
-        if n_sites < 2:
+        if len(e.sites) < 2:
             raise ValueError("secure aggregation needs at least 2 sites (a sum of one update is the update)")
-        if encoding != "fp32":
+        if e.encoding != "fp32":
             raise ValueError(
-                f"secure aggregation sends fixed-point masked integers; encoding {encoding!r} does not apply "
+                f"secure aggregation sends fixed-point masked integers; encoding {e.encoding!r} does not apply "
                 "(use fp32)"
             )
-        if norm_bound_factor is not None or max_update_norm is not None:
+        if e.norm_bound_factor is not None or e.max_update_norm is not None:
             raise ValueError(
                 "secure aggregation hides each update's norm from the central: set norm_bound_factor and "
                 "max_update_norm to empty (client-level DP clips at the sites instead)"
@@ -253,4 +235,4 @@ class PrivacySettings:
                 "adaptive clipping needs each site's clipped / not clipped bit at the central; with secure "
                 "aggregation use a fixed clip_norm"
             )
-        agg.check_capacity(n_sites, max_site_samples)
+        agg.check_capacity(len(e.sites), e.max_site_samples)

@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 from federation.helpers import update
-from training.synth import write_site
 
-from jipfed.federation.experiment import ExperimentConfig
 from jipfed.federation.strategies import make_strategy
 from jipfed.federation.strategies.dp_fedavg import DPFedAvg, PrivacyBudgetExceeded
 from jipfed.privacy.accountant import epsilon_after
 from jipfed.privacy.settings import ClientDP
-from jipfed.simulation import simulate
-from jipfed.training.config import TrainConfig
-from jipfed.training.data import SiteData
+from privacy.helpers import record, simulate_two_sites
 
 GLOBAL = {"w": torch.zeros(4), "n": torch.tensor(3)}
 
@@ -115,26 +110,17 @@ def test_fedadam_steps_on_the_noised_mean() -> None:
 
 @pytest.mark.slow
 def test_simulated_experiment_records_epsilon_in_every_round(tmp_path: Path) -> None:
-    torch.set_num_threads(1)
-    sites = {
-        s: SiteData.from_dir(write_site(tmp_path / s, 4, seed=i, size=16, prefix=str(i)), group=s)
-        for i, s in enumerate(("site-a", "site-b"))
-    }
-    train = TrainConfig(size="tiny", steps=1, batch_size=2, lr=0.01, amp=False, augment=False)
-    config = ExperimentConfig(
-        name="dp1", sites=("site-a", "site-b"), rounds=2, train=train, privacy={"client_dp": {"epsilon": 6.0}}
-    )
-    result = simulate(sites, config, tmp_path / "sim", progress=False, device="cpu")
-    records = [
-        json.loads(
-            (
-                tmp_path / "sim" / "store" / "experiments" / "dp1" / "rounds" / str(r) / "aggregate.json"
-            ).read_text()
-        )
-        for r in range(2)
-    ]
+    result, rounds = simulate_two_sites(tmp_path, "dp1", {"client_dp": {"epsilon": 6.0}})
+    records = [record(rounds, r) for r in range(2)]
     z = records[0]["privacy"]["noise_multiplier"]
     assert [r["privacy"]["releases"] for r in records] == [1, 2]
     assert records[1]["privacy"]["epsilon_total"] == pytest.approx(epsilon_after(z, 2, delta=1e-5))
     assert 5.9 <= records[1]["privacy"]["epsilon_total"] <= 6.0
     assert result.history[1].metrics["privacy"]["epsilon_total"] == records[1]["privacy"]["epsilon_total"]
+
+
+def test_the_updates_are_never_modified() -> None:
+    sites = two_sites()
+    before = [u.tensors["w"].clone() for u in sites]
+    wrapper().aggregate(GLOBAL, sites, 0)
+    assert all(torch.equal(u.tensors["w"], b) for u, b in zip(sites, before, strict=True))

@@ -10,13 +10,12 @@ import torch
 from opacus.accountants import RDPAccountant
 from training.synth import write_site
 
-from jipfed.federation.experiment import ExperimentConfig
 from jipfed.privacy.settings import SampleDP
-from jipfed.simulation import simulate
 from jipfed.training.config import TrainConfig
 from jipfed.training.data import SiteData
 from jipfed.training.fit import FitSettings
 from jipfed.training.local import LocalTrainer
+from privacy.helpers import record, simulate_two_sites
 
 TRAIN = TrainConfig(size="tiny", steps=3, batch_size=2, lr=0.01, amp=False, augment=False)
 DP = SampleDP(noise_multiplier=1.1, max_grad_norm=1.0, delta=1e-5)
@@ -72,25 +71,8 @@ def test_models_opacus_cannot_handle_are_refused(data: SiteData) -> None:
 
 @pytest.mark.slow
 def test_simulated_sample_dp_records_each_site_epsilon(tmp_path: Path) -> None:
-    torch.set_num_threads(1)
-    sites = {
-        s: SiteData.from_dir(write_site(tmp_path / s, 4, seed=i, size=16, prefix=str(i)), group=s)
-        for i, s in enumerate(("site-a", "site-b"))
-    }
-    train = TrainConfig(size="tiny", steps=1, batch_size=2, lr=0.01, amp=False, augment=False)
-    config = ExperimentConfig(
-        name="dpsgd",
-        sites=("site-a", "site-b"),
-        rounds=2,
-        train=train,
-        privacy={"sample_dp": {"noise_multiplier": 1.0}},
-    )
-    simulate(sites, config, tmp_path / "sim", progress=False, device="cpu")
-    rounds = tmp_path / "sim" / "store" / "experiments" / "dpsgd" / "rounds"
-    eps = [
-        json.loads((rounds / str(r) / "aggregate.json").read_text())["sites"]["site-a"]["dp_epsilon"]
-        for r in range(2)
-    ]
+    _, rounds = simulate_two_sites(tmp_path, "dpsgd", {"sample_dp": {"noise_multiplier": 1.0}})
+    eps = [record(rounds, r)["sites"]["site-a"]["dp_epsilon"] for r in range(2)]
     assert 0 < eps[0] < eps[1]
     manifest = json.loads((rounds / "1" / "updates" / "site-b.json").read_text())
     assert manifest["privacy"]["epsilon"] == manifest["metrics"]["dp_epsilon"]
