@@ -47,7 +47,11 @@ def request_evaluation(
     timeout_s: float,
     now: datetime | None = None,
 ) -> SiteRequest:
-    """Ask ``sites`` to score ``models`` (label → shared weights); idempotent per ``name``."""
+    """Ask ``sites`` to score ``models`` (label → shared weights); idempotent per ``name``.
+
+    The request carries the experiment's ``train`` settings: the site builds the network and its
+    held-out split from them.
+    """
     from jipfed.federation.codec import encode_global
 
     prefix = evaluation_prefix(exp_store, name)
@@ -65,7 +69,8 @@ def request_evaluation(
             f"{prefix}/models/{label}.json", canonical_json(encoded.manifest.to_dict())
         )
         listed[label] = {"key": key, "sha256": encoded.manifest.sha256}
-    body = {"experiment": exp_store.experiment, "config_hash": config_hash, "models": listed}
+    train = exp_store.load_config()["train"]
+    body = {"experiment": exp_store.experiment, "config_hash": config_hash, "train": train, "models": listed}
     return site_requests.open_request(
         store,
         kind="evaluate",

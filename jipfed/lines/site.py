@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jipfed.federation.evaluation import EvaluationError, evaluate_at_site, pending_evaluations
 from jipfed.lines.census import answer_census, pending_census
@@ -23,6 +23,9 @@ from jipfed.storage.state import ExperimentStore
 from jipfed.training.config import TrainConfig
 from jipfed.training.data import SiteData
 from jipfed.training.local import LocalTrainer
+
+if TYPE_CHECKING:
+    from jipfed.central.client import CentralClient
 
 logger = logging.getLogger(__name__)
 
@@ -93,3 +96,50 @@ class LineSite:
             )
             done += 1
         return done
+
+
+def answer_over_http(
+    client: CentralClient,
+    site: str,
+    data_root: Path | str,
+    data: SiteData,
+    *,
+    case_keys: list[str] | None = None,
+) -> dict[str, int]:
+    """What a site's task does through the central endpoint: answer its open census and evaluation requests.
+
+    ``case_keys`` are the site's current cases for the census (default: those of ``data``; pass the
+    cohort's keys when not every case is prepared yet). A request the site cannot answer is
+    reported as failed with the reason (sanitised by the client); the others go on. Returns how
+    many requests of each kind were answered.
+    """
+    from jipfed.central.client import CentralError
+    from jipfed.federation.evaluation import decode_model, score_models
+    from jipfed.federation.site_requests import SiteRequest
+    from jipfed.lines.census import site_counts
+
+    done = {"census": 0, "evaluate": 0}
+    pending = client.pending_requests()
+    keys = case_keys if case_keys is not None else [r.case_key for r in data.records]
+    for item in pending.get("census", []):
+        request = SiteRequest.from_dict(item)
+        try:
+            client.answer_request("census", request.id, site_counts(request, site, data_root, keys))
+            done["census"] += 1
+        except (OSError, ValueError) as exc:
+            client.report_request_failure("census", request.id, str(exc))
+    for item in pending.get("evaluate", []):
+        request = SiteRequest.from_dict(item)
+        try:
+            trainer = LocalTrainer(TrainConfig.from_dict(request.body["train"]), data, device="cpu")
+            shared = {n: t for n, t in trainer.get_weights().items() if n in trainer.shared_names}
+            models = {
+                label: decode_model(request, label, *client.get_evaluation_model(request.id, label), shared)
+                for label in request.body["models"]
+            }
+            client.answer_request("evaluate", request.id, score_models(trainer, models))
+            done["evaluate"] += 1
+        except (EvaluationError, ValueError, CentralError) as exc:
+            logger.warning("site %s: evaluation %s failed: %s", site, request.id, exc)
+            client.report_request_failure("evaluate", request.id, str(exc))
+    return done

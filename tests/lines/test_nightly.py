@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load as load_tensors
 
 from jipfed.central.app import create_app
 from jipfed.central.client import CentralClient, CentralError, CentralRefused
@@ -22,12 +23,15 @@ from jipfed.central.serve import serve_in_thread
 from jipfed.central.tokens import site_token
 from jipfed.cli import main as jipfed_main
 from jipfed.federation import site_requests
+from jipfed.federation.evaluation import request_evaluation, summarise
+from jipfed.lines.census import census_result, request_census
 from jipfed.lines.nightly import REJECTED, RELEASED, RUNNING, SKIPPED, advance, due_runs
 from jipfed.lines.page import render_line_page, render_lines_page
-from jipfed.lines.site import LineSite
+from jipfed.lines.site import LineSite, answer_over_http
 from jipfed.lines.store import LineStore
 from jipfed.storage.base import ModelStore
 from jipfed.storage.local import LocalFolderStore
+from jipfed.storage.state import ExperimentStore
 from jipfed.training.data import SiteData
 from tests.lines.conftest import tiny_line
 from tests.training.synth import write_site
@@ -224,3 +228,41 @@ def test_a_crash_during_the_decision_repeats_it_without_a_second_release(
     assert (lines.versions(), lines.watermarks()) == (before[0], before[2])
     assert lines.released() == before[1]  # the later release stays
     lines.save_run(first["slot_id"], first)
+
+
+def test_a_site_answers_census_and_evaluation_over_http(
+    nights: tuple[LocalFolderStore, list[dict]], tmp_path: Path
+) -> None:
+    store, (first, *_) = nights
+    exp_store = ExperimentStore(store, first["experiment"])
+    final = load_tensors(store.get_bytes(exp_store.layout.final("model.safetensors")))
+    census = request_census(
+        store,
+        line="glioma",
+        slot="http",
+        sites=["site-a"],
+        since={},
+        as_of=night(20).isoformat(),
+        replay=1,
+        seed=0,
+        val_fraction=0.25,
+        timeout_s=120,
+    )
+    scoring = request_evaluation(
+        exp_store, "http-check", {"candidate": final}, sites=["site-a"], timeout_s=120
+    )
+    data = SiteData.from_dir(write_site(tmp_path / "cases", 4, seed=0, prefix="0"), group="site-a")
+    url, stop = serve_in_thread(create_app(lambda: store, SECRET))
+    try:
+        client = CentralClient(url, site_token(SECRET, "site-a"), timeout_s=30, backoff_s=0.01)
+        assert answer_over_http(client, "site-a", tmp_path / "data", data) == {"census": 1, "evaluate": 1}
+        assert client.pending_requests() == {"census": [], "evaluate": []}
+    finally:
+        stop()
+    assert census_result(store, census)["sites"]["site-a"]["new_cases"] == 4
+    summary = summarise(store, scoring)
+    assert summary["sites"]["site-a"]["n_cases"] == 1
+    assert (
+        summary["weighted"]["candidate"]["dice_mean"]
+        == summary["sites"]["site-a"]["metrics"]["candidate"]["dice_mean"]
+    )
