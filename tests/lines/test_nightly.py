@@ -57,9 +57,9 @@ def sites_with(root: Path, counts: dict[str, int]) -> list[LineSite]:
     ]
 
 
-def run_night(store: ModelStore, sites: list[LineSite], day: int) -> dict:
-    (due,) = due_runs(store, night(day))
-    assert due == {"line": "glioma", "slot": night(day).isoformat(timespec="seconds")}
+def run_night(store: ModelStore, sites: list[LineSite], day: int, line: str = "glioma") -> dict:
+    (due,) = [d for d in due_runs(store, night(day)) if d["line"] == line]
+    assert due == {"line": line, "slot": night(day).isoformat(timespec="seconds")}
     for _ in range(20):
         record = advance(store, due["line"], due["slot"])
         if record["status"] != RUNNING:
@@ -266,3 +266,19 @@ def test_a_site_answers_census_and_evaluation_over_http(
         summary["weighted"]["candidate"]["dice_mean"]
         == summary["sites"]["site-a"]["metrics"]["candidate"]["dice_mean"]
     )
+
+
+def test_two_lines_run_independently(nights: tuple[LocalFolderStore, list[dict]], tmp_path: Path) -> None:
+    """Last in this module: it adds a line to the shared store (paused at the end)."""
+    store, _ = nights
+    glioma = LineStore(store, "glioma")
+    before = (glioma.versions(), glioma.released(), glioma.watermarks(), glioma.runs())
+    solo = LineStore(store, "solo")
+    solo.save(tiny_line("solo", sites=("site-a",)), create=True)
+    record = run_night(store, sites_with(tmp_path, {"site-a": 4, "site-b": 4}), 21, line="solo")
+    assert record["status"] == RELEASED and record["version"] == "v0001" and record["parent"] is None
+    assert record["census"]["sites"] == {
+        "site-a": {"new_cases": 4, "total_cases": 4, "train_new": 3, "train_replay": 0}
+    }
+    assert (glioma.versions(), glioma.released(), glioma.watermarks(), glioma.runs()) == before
+    solo.save(solo.load().updated({"paused": True}), create=False)
