@@ -16,7 +16,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 
-from jipfed.operators.compat import DAG, BaseOperator, Param, chain
+from jipfed.operators.compat import DAG, BaseOperator, Param, TriggerRule, chain
 from jipfed.operators.sensors.central_work import CentralWorkSensor
 from jipfed.operators.site import (
     CleanupRunFolderOperator,
@@ -57,7 +57,8 @@ Same file at every site; the site's identity comes from configuration:
 
 Tasks: work → select_cohort → fetch_dicom → convert → preprocess → get_global_model →
 train_local → upload_update → cleanup (teardown: deletes the run folder, never the caches in
-`data_root`). A failing task after the work is known reports the failure to the central.
+`data_root`). When every series of the cohort is in the DICOM cache, `select_cohort` also runs the
+cached fetch, convert and preprocess steps and skips those tasks (one task instead of four). A failing task after the work is known reports the failure to the central.
 New DAGs start paused: unpause `jipfed_site` to accept steps the central pushes, or
 `jipfed_site_pull` to poll for them (use one of the two). One Airflow can host several sites (demo): `JIPFED_HOSTED_SITES=site-a,site-b` makes one DAG
 pair per site, reading the Variable `jipfed_site__<id>`.
@@ -68,19 +69,27 @@ def site_chain(work: BaseOperator, *, site_variable: str, hosted_site: str | Non
     """The tasks after ``work`` (the task returning the work item), chained after it."""
     site = {"site_variable": site_variable, "hosted_site": hosted_site}
     after_work = {**site, "work_task_id": work.task_id, "on_failure_callback": report_failure_to_central}
-    cohort = SelectCohortOperator(task_id="select_cohort", **after_work)
-    fetch = FetchDicomOperator(task_id="fetch_dicom", input_operator=cohort, **after_work)
-    convert = ConvertOperator(task_id="convert", input_operator=fetch, **after_work)
-    preprocess = PreprocessOperator(task_id="preprocess", input_operator=convert, **after_work)
+    cached = ("fetch_dicom", "convert", "preprocess")
+    cohort = SelectCohortOperator(task_id="select_cohort", cached_stages=cached, **after_work)
+    fetch = FetchDicomOperator(task_id=cached[0], input_operator=cohort, **after_work)
+    convert = ConvertOperator(task_id=cached[1], input_operator=fetch, **after_work)
+    preprocess = PreprocessOperator(task_id=cached[2], input_operator=convert, **after_work)
     model = GetGlobalModelOperator(task_id="get_global_model", **after_work)
     train = TrainLocalOperator(
-        task_id="train_local", input_operator=preprocess, model_operator=model, **after_work
+        task_id="train_local",
+        input_operator=preprocess,
+        model_operator=model,
+        # preprocess is skipped when select_cohort prepared the cached data itself
+        trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS,
+        **after_work,
     )
     upload = UploadUpdateOperator(task_id="upload_update", input_operator=train, **after_work)
     cleanup = CleanupRunFolderOperator(task_id="cleanup", **site)
-    # The model download runs beside the (cached) data preparation; both feed the training.
+    # The model download runs beside the (cached) data preparation; both feed the training. When
+    # the cohort is cached, select_cohort prepares the data itself and skips fetch → preprocess.
     chain(work, cohort, fetch, convert, preprocess, train, upload, cleanup)
     chain(work, model, train)
+    cohort >> train
 
 
 def site_dags(hosted_site: str | None) -> list[DAG]:

@@ -3,17 +3,25 @@
 Each task runs one function of :mod:`jipfed.tasks.site_data` (in this process, or as the pod
 ``jipfed task <step>`` when the identity's ``execution`` says so) and returns the path of the
 JSON file it wrote. These files hold study and series UIDs: like the run folder they stay on site.
+
+Cached rounds cost one task, not four: when every series of the cohort is in the site's DICOM
+cache, the cohort task also runs the (cached) fetch, convert and preprocess steps in-process,
+writing their files into their tasks' out dirs, and skips those tasks; the grid shows them as
+separate tasks only in runs where they fetch and convert.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from jipfed.operators.compat import Context
+from jipfed.operators.compat import AIRFLOW_V3, Context
 from jipfed.operators.hooks.pacs_hook import PacsHook
-from jipfed.operators.site.base import SiteOperator, SiteRun
+from jipfed.operators.site.base import SiteOperator, SiteRun, task_errors
 
 from jipfed.tasks import site_data
+from jipfed.tasks.run import make_run, read_json
 from jipfed.tasks.site_data import (
     COHORT_FILE,
     CONVERT_FILE,
@@ -22,6 +30,11 @@ from jipfed.tasks.site_data import (
     cases_from_json,
     cases_to_json,
 )
+
+if AIRFLOW_V3:
+    from airflow.sdk.bases.branch import BranchMixIn
+else:
+    from airflow.operators.branch import BranchMixIn
 
 if TYPE_CHECKING:  # imports the DICOM stack: only at run time
     from jipfed.imaging.pacs import PacsConfig
@@ -56,8 +69,13 @@ class DataStageOperator(SiteOperator):
         return PacsHook(run.identity.pacs_conn_id).get_conn()
 
 
-class SelectCohortOperator(DataStageOperator):
+class SelectCohortOperator(DataStageOperator, BranchMixIn):
     """Query the PACS (QIDO-RS) for the studies of the work item's dataset; write ``cohort.json``.
+
+    With ``cached_stages`` (the task ids of fetch, convert and preprocess, in order): when every
+    series of the cohort is in the site's DICOM cache and none of those steps runs as a pod, also
+    run them here (in-process, each writing into its own task's out dir, so the tasks after
+    preprocess read what they always read) and skip the first of them (the others follow it).
 
     Fails when the PACS cannot be queried (naming it) or the dataset has no case.
     Returns (XCom): the path of ``cohort.json``.
@@ -65,6 +83,48 @@ class SelectCohortOperator(DataStageOperator):
 
     step = "cohort"
     function = "select_cohort"
+    inherits_from_skipmixin = True  # Airflow 3: the scheduler lets this task skip its downstream
+
+    def __init__(self, *, cached_stages: Sequence[str] = (), **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if cached_stages and len(cached_stages) != 3:
+            raise ValueError(f"cached_stages must name fetch, convert and preprocess, got {cached_stages!r}")
+        self.cached_stages = tuple(cached_stages)
+
+    def execute(self, context: Context) -> str:
+        cohort = super().execute(context)
+        if self.cached_stages and self._prepare_from_cache(context, cohort):
+            skipped = self.cached_stages[0]
+            self.skip_all_except(context["ti"], set(self.downstream_task_ids) - {skipped})
+        return cohort
+
+    def _prepare_from_cache(self, context: Context, cohort_file: str) -> bool:
+        """Run the cached stages here when the cohort is cached; False (nothing done) otherwise."""
+        from jipfed.imaging.dicom_cache import DicomCache
+
+        run = self.site_run(context)
+        stages = [self.dag.get_task(task_id) for task_id in self.cached_stages]
+        if any(run.identity.execution.runs_in_pod(str(stage.step)) for stage in stages):
+            return False
+        cases = cases_from_json(read_json(Path(cohort_file), f"{run.where}: {COHORT_FILE}")["cases"])
+        cache = DicomCache(run.identity.data_root)
+        missing = sum(not cache.is_cached(ref) for case in cases for ref in case.series)
+        if missing:
+            self.log.info("%s: %d series not in the DICOM cache: fetch, convert, preprocess run", run.where, missing)
+            return False
+        pacs = self._pacs(run)
+        for stage in stages:
+            stage_run = make_run(
+                run.identity,
+                run.run_dir,
+                operator_in_dir=stage.operator_in_dir,
+                operator_out_dir=stage.operator_out_dir,
+                work_data=run.work_data,
+            )
+            with task_errors():
+                written = getattr(site_data, stage.function)(stage_run, pacs)
+            self.log.info("%s: %s (cached) wrote %s", run.where, stage.task_id, written)
+        return True
 
 
 class FetchDicomOperator(DataStageOperator):
