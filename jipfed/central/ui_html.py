@@ -34,6 +34,7 @@ _STYLE = """
 .jipfed td.open{background:#e3ecfa}.jipfed td.grid{text-align:center;cursor:help;min-width:2em}
 .jipfed .progress{background:#eee;border-radius:4px;height:.8em;width:20em;display:inline-block}
 .jipfed .progress span{background:#05a;display:block;height:100%;border-radius:4px}
+.jipfed table.settings td{max-width:36em;overflow-wrap:anywhere}
 .jipfed .chart{width:100%;min-height:330px}.jipfed .differs{background:#fff6d5}.jipfed .muted{color:#777}
 """
 
@@ -164,7 +165,7 @@ def list_page(summaries: Sequence[tuple[str, Mapping[str, Any] | Exception]], li
                 _status(s),
                 f"{e(s['plan'])} / {e(s['strategy'])}",
                 e(", ".join(s["sites"])),
-                f"round {s['round']} of {s['rounds']} (step {s['steps_done']} of {s['steps']})",
+                f"{s['round']} of {s['rounds']} rounds closed (step {s['steps_done']} of {s['steps']})",
             ]
         )
     if not rows:

@@ -153,7 +153,7 @@ def test_experiment_pages_need_airflow_auth(central: Central) -> None:
     assert "<td class='num metric'>0.5000</td>" in answer.text  # (3 x 0.25 + 3 x 0.75) / 6
     assert "href='/dags/jipfed_central/runs/jipfed__exp1__step0000'>step 0</a>" in answer.text
     listing = requests.get(f"{central.url}/ui/experiments", headers=central.jwt(), timeout=30)
-    assert "round 1 of 2 (step 1 of 2)" in listing.text
+    assert "1 of 2 rounds closed (step 1 of 2)" in listing.text
     script = f"{central.url}/ui/static/uplot/uPlot.iife.min.js"
     assert requests.get(script, timeout=30).status_code == 401
     assert requests.get(script, headers=central.jwt(), timeout=30).content.startswith(

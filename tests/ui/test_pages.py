@@ -53,7 +53,7 @@ def aggregate(store: ModelStore, exp: str, round_: int) -> dict:
 def test_list_shows_every_experiment_and_a_compare_form(pages: str) -> None:
     text = get(f"{pages}/experiments")
     assert "<a href='/ui/experiments/running'>running</a>" in text
-    assert "round 2 of 3 (step 2 of 3)" in text and "round 2 of 2 (step 2 of 2)" in text
+    assert "2 of 3 rounds closed (step 2 of 3)" in text and "2 of 2 rounds closed (step 2 of 2)" in text
     assert "<form method='get' action='/ui/compare'>" in text and "value='fedprox'" in text
     assert "broken" in text and "unreadable" in text
 
