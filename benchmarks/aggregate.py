@@ -29,9 +29,18 @@ best of a numpy copy and torch copies with 1 and all threads, of a model-sized a
 read + written per second. Flower runs in its own venv, ``.venv-flwr``, created on demand with
 ``pip install flwr numpy safetensors``; without it the benchmark stops with that command.
 
+* ``aggregate_step``: the central's whole step on a local store whose updates were accepted
+  (checked once at arrival, not timed; the median arrival check per update is printed): decide
+  from the arrival records, read each stored update once (hashed on the way) in bounded passes,
+  write the global model. Compared with Flower loading and averaging the same stored files, cold,
+  each in a fresh process. Its peak memory (VmHWM growth, exact, no sampling) is measured for 4 and
+  16 sites, each in a fresh process. The goals print as PASS / MISS lines: aggregate_step >= 5x
+  Flower for ``--sites`` sites, peak <= 2x one model for 4 and 16 sites.
+
 Usage::
 
     .venv/bin/python benchmarks/aggregate.py [--sites 8] [--params 30000000] [--repeats 4] [--json out.json]
+    .venv/bin/python benchmarks/aggregate.py --only-step   # just the aggregate_step rows and goals
 """
 
 from __future__ import annotations
@@ -258,7 +267,7 @@ def flower_worker(
         def run() -> list[Any]:
             loaded = []
             for i in range(args.sites):
-                arrays = load_file(f"{args.dir}/site-{i}.safetensors")
+                arrays = load_file(args.pattern.format(dir=args.dir, i=i))
                 loaded.append(([arrays[n] for n in names], n_samples(i)))
                 del arrays
             return aggregate(loaded)
@@ -338,8 +347,41 @@ def ours_worker(
     return {**res, "label": label}
 
 
+def step_worker(args: argparse.Namespace, shapes: list[tuple[str, tuple[int, ...], str]]) -> dict[str, Any]:
+    """The central's whole ``aggregate_step`` on a prepared store (checked updates in, global model out).
+
+    One call per process (a step aggregates once): wall time, system time, and the peak RSS growth
+    (VmHWM, kernel-tracked: no sampling) of the call.
+    """
+    import torch
+    from safetensors.numpy import load_file
+
+    from jipfed.federation.rounds import aggregate_step
+    from jipfed.storage.local import LocalFolderStore
+    from jipfed.storage.state import ExperimentStore
+
+    torch.set_num_threads(args.threads)
+    exp_store = ExperimentStore(LocalFolderStore(args.dir), EXPERIMENT)
+    base = _reset_peak()
+    record, wall, kernel = _timed_run(lambda: aggregate_step(exp_store, 0))
+    peak = _status("VmHWM") - base
+    out = load_file(exp_store.store.uri(exp_store.layout.global_model(1)))
+    float_names = [name for name, _, dtype in shapes if dtype != "int64"]
+    return {
+        "times": [wall],
+        "sys_times": [kernel],
+        "peak_extra": peak,
+        "anon_extra": float("nan"),
+        "checksum": _checksum(out, float_names),
+        "included": len(record.included),
+        "label": f"jipfed aggregate_step (store in, global model out), {args.threads} thread(s)",
+    }
+
+
 def worker(mode: str, args: argparse.Namespace) -> dict[str, Any]:
     shapes = layer_shapes(args.params)
+    if mode == "step":
+        return step_worker(args, shapes)
     if mode == "copy":
         return copy_bandwidth(model_bytes(shapes))
     if mode.startswith("flower"):
@@ -412,6 +454,93 @@ def write_sites(directory: Path, args: argparse.Namespace) -> None:
         write_update(directory / f"site-{i}", encode_update(update))
 
 
+EXPERIMENT = "bench"
+
+
+def prepare_store(root: Path, sites: int, args: argparse.Namespace) -> tuple[str, list[float]]:
+    """An experiment whose step 0 has ``sites`` accepted updates (deltas of the benchmark's sites).
+
+    The global model of round 0 is all zeros, so the step's result equals Flower's average of the
+    same files. Returns the path pattern of the stored update files (``{dir}``, ``{i}``) and the
+    seconds each ``accept_update`` took (the check at arrival, done once per update).
+    """
+    import torch
+
+    from jipfed.federation.codec import encode_global, encode_update
+    from jipfed.federation.experiment import ExperimentConfig
+    from jipfed.federation.rounds import accept_update, start_experiment
+    from jipfed.federation.update import ModelUpdate
+    from jipfed.storage.local import LocalFolderStore
+    from jipfed.storage.state import ExperimentStore
+
+    torch.set_num_threads(args.threads)
+    shapes = layer_shapes(args.params)
+    config = ExperimentConfig(name=EXPERIMENT, sites=tuple(f"site-{i}" for i in range(sites)), rounds=1)
+    exp_store = ExperimentStore(LocalFolderStore(root), EXPERIMENT)
+    config_hash = exp_store.save_config(config.to_dict())
+    zeros = {name: torch.zeros(shape, dtype=getattr(torch, dtype)) for name, shape, dtype in shapes}
+    encoded = encode_global(zeros, experiment=EXPERIMENT, round=0, config_hash=config_hash)
+    exp_store.save_global(0, encoded.payload, encoded.manifest.to_dict())
+    start_experiment(exp_store, config)
+    seconds = []
+    for i in range(sites):
+        update = ModelUpdate.build(
+            {n: torch.from_numpy(a) for n, a in make_site(i, shapes).items()},
+            experiment=EXPERIMENT,
+            round=0,
+            site=f"site-{i}",
+            kind="delta",
+            n_samples=n_samples(i),
+            config_hash=config_hash,
+        )
+        encoded = encode_update(update)
+        start = time.perf_counter()
+        accept_update(exp_store, f"site-{i}", 0, encoded.payload, encoded.manifest.to_json())
+        seconds.append(time.perf_counter() - start)
+    pattern = exp_store.store.uri(exp_store.layout.update(0, "site-0")).replace("site-0", "site-{i}")
+    return pattern, seconds
+
+
+def step_rows(args: argparse.Namespace, flower_python: Path | str, size: int) -> list[str]:
+    """aggregate_step vs Flower's load-and-aggregate of the same stored files; its memory for 4 and 16 sites."""
+    lines = [
+        "",
+        "aggregate_step (checked updates in the store -> global model in the store), fresh process each:",
+    ]
+    goals = []
+    with tempfile.TemporaryDirectory(prefix="jipfed-bench-step-") as tmp:
+        pattern, accept = prepare_store(Path(tmp), args.sites, args)
+        flower = spawn(flower_python, "flower-disk", args, dir=tmp, pattern=pattern)
+        step = spawn(sys.executable, "step", args, dir=tmp, threads=args.threads)
+        ratio = flower["times"][0] / step["times"][0]
+        lines.append(
+            f"{args.sites} sites: Flower load+aggregate cold {flower['times'][0]:.3f} s "
+            f"(peak +{flower['peak_extra'] / 1e6:.0f} MB) | aggregate_step {step['times'][0]:.3f} s "
+            f"(sys {step['sys_times'][0]:.2f} s, peak +{step['peak_extra'] / 1e6:.0f} MB, "
+            f"{step['included']} sites included) | arrival check per update (once, at upload) "
+            f"median {statistics.median(accept):.3f} s | checksums differ by "
+            f"{abs(flower['checksum'] - step['checksum']):.3g}"
+        )
+        goals.append(_goal(f"aggregate_step >= 5x Flower, {args.sites} sites", ratio, ratio >= 5.0, "x"))
+    for sites in (4, 16):
+        with tempfile.TemporaryDirectory(prefix="jipfed-bench-step-") as tmp:
+            prepare_store(Path(tmp), sites, args)
+            res = spawn(sys.executable, "step", args, dir=tmp, threads=args.threads)
+        models = res["peak_extra"] / size
+        lines.append(
+            f"{sites} sites: aggregate_step {res['times'][0]:.3f} s, peak RSS +{res['peak_extra'] / 1e6:.0f} MB "
+            f"= {models:.2f} x model"
+        )
+        goals.append(
+            _goal(f"aggregate_step peak memory <= 2x model, {sites} sites", models, models <= 2.0, "x model")
+        )
+    return lines + goals
+
+
+def _goal(what: str, value: float, ok: bool, unit: str) -> str:
+    return f"{'PASS' if ok else 'MISS'}: {what}: {value:.2f} {unit}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sites", type=int, default=8)
@@ -422,6 +551,8 @@ def main() -> None:
     parser.add_argument("--dir", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--passes", default="single", help=argparse.SUPPRESS)
+    parser.add_argument("--pattern", default="{dir}/site-{i}.safetensors", help=argparse.SUPPRESS)
+    parser.add_argument("--only-step", action="store_true", help="only the aggregate_step rows and goals")
     args = parser.parse_args()
     if args.worker:
         sys.stdout.write(json.dumps(worker(args.worker, args)) + "\n")
@@ -440,6 +571,9 @@ def main() -> None:
         cpus,
         *os.getloadavg(),
     )
+    if args.only_step:
+        sys.stdout.write("\n".join(step_rows(args, flower_python, size)) + "\n")
+        return
     copy = spawn(sys.executable, "copy", args)
     logger.info("copy bandwidth (read + write): %s", ", ".join(f"{k} {v:.1f} GB/s" for k, v in copy.items()))
     rows: list[dict[str, Any]] = []
@@ -478,8 +612,9 @@ def main() -> None:
         row("disk", sys.executable, "ours-disk", dir=tmp, threads=1, passes=2)
         row("disk", sys.executable, "ours-disk", dir=tmp, threads=1, passes="stream")
         row("disk", sys.executable, "ours-disk-validated", dir=tmp, threads=1, passes="single")
+    steps = step_rows(args, flower_python, size)
     logger.info("load average at the end: %.2f %.2f %.2f", *os.getloadavg())
-    sys.stdout.write(report(rows, copy, size, args) + "\n")
+    sys.stdout.write(report(rows, copy, size, args) + "\n" + "\n".join(steps) + "\n")
     if args.json:
         args.json.write_text(json.dumps({"copy_gbps": copy, "model_bytes": size, "rows": rows}, indent=2))
 

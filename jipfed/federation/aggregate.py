@@ -74,7 +74,7 @@ CHUNK_ELEMENTS = 1 << 19
 #: 15 ns (8 sites), 5.3 vs 77 ns (64), 9.7 vs 82 ns (128).
 NETWORK_MAX_SITES = 128
 #: Tensors of the sites of one pass over updates read per tensor may hold this fraction of a model.
-LAZY_PASS_MODEL_FRACTION = 0.5
+LAZY_PASS_MODEL_FRACTION = 0.25
 #: Chunk per thread of the robust reducers: (sites + 1) rows of it stay in cache while sorted.
 SORT_CHUNK_ELEMENTS = 1 << 16
 

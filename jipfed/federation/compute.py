@@ -8,6 +8,7 @@ sources, one tensor per access, so the strategy aggregates them in the bounded-p
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
@@ -16,7 +17,7 @@ from jipfed.federation.bounds import Clip, scaled
 from jipfed.federation.codec import EncodedFile, write_global_file
 from jipfed.federation.decision import Decision
 from jipfed.federation.experiment import ExperimentConfig
-from jipfed.federation.payload_stream import StoredUpdate
+from jipfed.federation.payload_stream import HashPipeline, StoredUpdate
 from jipfed.federation.plans import PlanStep
 from jipfed.federation.round_io import output_keys, stored_path
 from jipfed.federation.strategies import Strategy, StrategyState
@@ -26,6 +27,9 @@ from jipfed.storage.base import StoreError
 from jipfed.storage.state import ExperimentStore, IntegrityError
 
 logger = logging.getLogger(__name__)
+
+#: Threads that hash the stored updates while they are aggregated (sha256 costs more than the sum).
+HASH_THREADS = min(4, os.cpu_count() or 1)
 
 
 def strategy_for(exp_store: ExperimentStore, config: ExperimentConfig, round_: int) -> Strategy:
@@ -99,11 +103,13 @@ def _compute_once(
     _, _, out_round = output_keys(exp_store, ps)
     state: StrategyState | None = None
     with ExitStack() as stack:
+        # hashing runs beside the summing; it may hold a quarter of a model of read buffers
+        hashing = stack.enter_context(HashPipeline(HASH_THREADS, start.tensor_bytes[1] // 4))
         sources: list[StoredUpdate] = []
         for site in decision.included:
             manifest = decision.manifests.get(site) or _stored_manifest(exp_store, ps.round, site)
             path = stored_path(exp_store, lay.update(ps.round, site), workdir)
-            sources.append(stack.enter_context(StoredUpdate(path, manifest)))
+            sources.append(stack.enter_context(StoredUpdate(path, manifest, hashing)))
         if config.plan == "parallel":
             used: list[StoredUpdate] = sources
             views = [

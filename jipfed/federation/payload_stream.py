@@ -22,9 +22,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import mmap
 import os
 import struct
+from collections import deque
 from collections.abc import Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +56,8 @@ from jipfed.federation.validation import (
 
 #: safetensors refuses headers above 100 MB; so do we.
 MAX_HEADER_BYTES = 100_000_000
+#: Tensors of at least this many bytes are read into their own anonymous mapping (see ``_read_buffer``).
+OWN_MAPPING_BYTES = 1 << 20
 #: Bytes hashed per read when :meth:`StoredUpdate.verify` reads what aggregation did not.
 HASH_CHUNK = 1 << 22
 ARRIVAL_FORMAT = 1
@@ -314,19 +319,70 @@ def check_payload(payload: bytes, checker: PayloadChecker, chunk: int = HASH_CHU
     return checker.finish()
 
 
+class HashPipeline:
+    """sha256 updates on background threads, in order per digest, holding at most ``limit_bytes`` of buffers.
+
+    Aggregation reads a tensor, hands its bytes here and sums it while they are hashed; when the
+    buffers not hashed yet exceed the limit, :meth:`update` waits for the oldest (memory stays bounded).
+    """
+
+    def __init__(self, threads: int, limit_bytes: int) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="jipfed-hash")
+        self._limit = max(1, limit_bytes)
+        self._queue: deque[tuple[Future[None], int]] = deque()
+        self._held = 0
+        self._last: dict[int, Future[None]] = {}
+
+    def update(self, digest: Any, view: memoryview) -> None:
+        """``digest.update(view)`` after the earlier updates of ``digest``; ``view`` must stay unchanged."""
+        future = self._pool.submit(_update_after, self._last.get(id(digest)), digest, view)
+        self._last[id(digest)] = future
+        self._queue.append((future, len(view)))
+        self._held += len(view)
+        while self._held > self._limit and self._queue:
+            done, n = self._queue.popleft()
+            done.result()
+            self._held -= n
+
+    def wait(self, digest: Any) -> None:
+        """Until every update of ``digest`` handed in so far is done."""
+        future = self._last.pop(id(digest), None)
+        if future is not None:
+            future.result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        self._queue.clear()
+        self._held = 0
+
+    def __enter__(self) -> HashPipeline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _update_after(previous: Future[None] | None, digest: Any, view: memoryview) -> None:
+    if previous is not None:
+        previous.result()  # submitted earlier, so already running or done: no deadlock
+    digest.update(view)
+
+
 class StoredUpdate(ManifestFields):
     """A stored update file read back one tensor per access, hashed as it is read (see module docstring).
 
     Args:
         path: the payload file (the store's own file, or a local copy of it).
         manifest: its manifest; ``manifest.sha256`` is the digest checked at arrival.
+        hashing: hash on these background threads instead of the reading thread.
 
     Raises:
         UpdateRejected: the file is missing, not safetensors, or its tensors differ from the manifest.
     """
 
-    def __init__(self, path: Path, manifest: UpdateManifest) -> None:
+    def __init__(self, path: Path, manifest: UpdateManifest, hashing: HashPipeline | None = None) -> None:
         self.path, self.manifest = path, manifest
+        self._hashing = hashing
         try:
             self._fd = os.open(path, os.O_RDONLY)
         except OSError as exc:
@@ -376,7 +432,7 @@ class StoredUpdate(ManifestFields):
     def read_raw(self, key: str) -> torch.Tensor:
         """The raw payload tensor ``key`` (its bytes hashed when they follow what was hashed so far)."""
         entry = self._entries[key]
-        buffer = torch.empty(entry.nbytes, dtype=torch.uint8)
+        buffer = _read_buffer(entry.nbytes)
         view = memoryview(buffer.numpy())
         got = 0
         while got < entry.nbytes:
@@ -385,7 +441,10 @@ class StoredUpdate(ManifestFields):
                 raise self._reject(f"stored payload ends inside tensor {key!r} (changed since arrival)")
             got += n
         if entry.begin == self._hashed_to:
-            self._hash.update(view)
+            if self._hashing is None:
+                self._hash.update(view)
+            else:
+                self._hashing.update(self._hash, view)
             self._hashed_to = entry.end
         elif entry.begin > self._hashed_to:
             self._in_order = False
@@ -401,6 +460,8 @@ class StoredUpdate(ManifestFields):
 
     def verify(self) -> None:
         """Hash what was not read in order and compare with the arrival digest; UpdateRejected if changed."""
+        if self._hashing is not None:
+            self._hashing.wait(self._hash)
         if not self._in_order:  # read out of file order: hash the whole file again
             self._hash = hashlib.sha256()
             self._hashed_to = 0
@@ -432,6 +493,18 @@ class StoredUpdate(ManifestFields):
 
     def __repr__(self) -> str:
         return f"StoredUpdate({self.path}, site={self.site!r}, round={self.round}, kind={self.kind!r})"
+
+
+def _read_buffer(nbytes: int) -> torch.Tensor:
+    """A uint8 buffer for one tensor's bytes; a large one is its own anonymous mapping.
+
+    The mapping goes back to the kernel as soon as the tensor is dropped, so passes over many
+    sites' tensors do not leave freed buffers in the allocator's heap (where they count as RSS).
+    """
+    if nbytes < OWN_MAPPING_BYTES:
+        return torch.empty(nbytes, dtype=torch.uint8)
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
+    return torch.frombuffer(mmap.mmap(-1, nbytes, flags=flags), dtype=torch.uint8)
 
 
 class _StoredTensors(Mapping[str, torch.Tensor]):
