@@ -48,8 +48,12 @@ METRIC_LABELS = {
     "val_loss": "held-out loss after local training",
     "global_val_loss": "held-out loss of the received global model",
 }
-#: Where the federated evaluation of the final model is recorded (written by the model-line work).
-FINAL_EVALUATION = "evaluation.json"
+#: The federated evaluation of the final model: ``experiments/<exp>/evaluation/final/summary.json``
+#: (format in docs/protocol.md, :mod:`jipfed.federation.evaluation`).
+FINAL_EVALUATION = "final"
+
+#: The HTML report stored with the final model: ``experiments/<exp>/final/report.html``.
+REPORT = "report.html"
 
 INCLUDED, MISSING, REJECTED, OPEN = "included", "missing", "rejected", "open"
 
@@ -208,6 +212,15 @@ def epoch_equivalents(records: Sequence[Mapping[str, Any]]) -> list[float | None
     return out
 
 
+def final_evaluation(exp_store: ExperimentStore) -> dict[str, Any] | None:
+    """The final model's federated evaluation summary (None: not scored yet)."""
+    key = f"{exp_store.layout.prefix}evaluation/{FINAL_EVALUATION}/summary.json"
+    try:
+        return json_object(exp_store.store.get_json(key), key)
+    except ObjectNotFoundError:
+        return None
+
+
 def final_model(exp_store: ExperimentStore) -> dict[str, Any] | None:
     """The final model's card and its federated evaluation (None before the experiment finished)."""
     lay = exp_store.layout
@@ -216,14 +229,11 @@ def final_model(exp_store: ExperimentStore) -> dict[str, Any] | None:
         card = json_object(store.get_json(lay.final("model_card.json")), lay.final("model_card.json"))
     except ObjectNotFoundError:
         return None
-    evaluation = None
-    if store.exists(lay.final(FINAL_EVALUATION)):
-        evaluation = json_object(store.get_json(lay.final(FINAL_EVALUATION)), lay.final(FINAL_EVALUATION))
     return {
         "sha256": card.get("model", {}).get("sha256"),
         "card": card,
-        "evaluation": evaluation,
-        "report": lay.final("report.html") if store.exists(lay.final("report.html")) else None,
+        "evaluation": final_evaluation(exp_store),
+        "report": lay.final(REPORT) if store.exists(lay.final(REPORT)) else None,
     }
 
 

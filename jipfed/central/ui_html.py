@@ -207,12 +207,11 @@ def _progress(view: Mapping[str, Any]) -> str:
     return "".join(parts)
 
 
-def _grid(view: Mapping[str, Any], links: Links) -> str:
+def _grid(view: Mapping[str, Any]) -> str:
     if not view["grid"] or not view["grid"][0]["cells"]:
         return ""
     rounds = [c["round"] for c in view["grid"][0]["cells"]]
     rows = []
-    exp = view["summary"]["experiment"]
     for row in view["grid"]:
         cells = [e(row["site"])]
         for c in row["cells"]:
@@ -226,19 +225,21 @@ def _grid(view: Mapping[str, Any], links: Links) -> str:
         "<h2>Participation (site &times; round)</h2>"
         + table(["site", *(f"round {r}" for r in rounds)], rows, "participation")
         + legend
-        + f"<!-- {e(exp)} -->"
     )
 
 
-def _rounds_table(view: Mapping[str, Any], links: Links) -> str:
+def _rounds_table(view: Mapping[str, Any], links: Links | None) -> str:
+    """The closed rounds; ``links`` None (a report file): no links into the pages or Airflow."""
     s = view["summary"]
     metric = s["metric"]
     exp = s["experiment"]
     rows = []
     for r in view["rounds"]:
-        run = links.dag_run(exp, r["step"])
+        run = links.dag_run(exp, r["step"]) if links else None
         failures = " ".join(
             f"<a href='{links.experiment(e(exp))}/rounds/{r['round']}/failures/{e(site)}'>{e(site)}</a>"
+            if links
+            else e(site)
             for site in r["failures"]
         )
         rows.append(
@@ -286,25 +287,45 @@ def _final(view: Mapping[str, Any], links: Links | None) -> str:
         return "<h2>Final model</h2><p>Not published yet (the experiment has not finished).</p>"
     parts = [f"<h2>Final model</h2><p>sha256 <code id='model-sha256'>{e(final['sha256'])}</code></p>"]
     evaluation = final["evaluation"]
-    if evaluation and isinstance(evaluation.get("sites"), Mapping):
-        names = sorted({m for v in evaluation["sites"].values() if isinstance(v, Mapping) for m in v})
-        rows = [
-            [e(site), *(f"<td class='num'>{fmt(v.get(m))}</td>" for m in names)]
-            for site, v in sorted(evaluation["sites"].items())
-            if isinstance(v, Mapping)
-        ]
-        parts.append(
-            "<p>Final model scored on every site:</p>" + table(["site", *names], rows, "final-scores")
-        )
+    if evaluation:
+        parts.append(_scores(evaluation))
     else:
         parts.append("<p id='final-scores'>Final model on every site: <b>not scored</b>.</p>")
     if links is not None:
-        parts.append(f"<p><a href='{links.experiment(e(exp))}/report.html'>HTML report</a>")
+        parts.append(f"<p><a href='{links.experiment(e(exp))}/report.html'>HTML report (now)</a>")
         if final["report"]:
             parts.append(
-                f" &middot; <a href='{links.experiment(e(exp))}/final/report.html'>report stored with the final model</a>"
+                f" &middot; <a href='{links.experiment(e(exp))}/final/report.html'>"
+                "HTML report stored with the final model</a>"
             )
         parts.append("</p>")
+    return "".join(parts)
+
+
+def _scores(evaluation: Mapping[str, Any]) -> str:
+    """The final model's scores per site (federated evaluation summary), the weighted mean last."""
+    parts = []
+    for label in evaluation.get("models", {}):
+        answers = {
+            site: {"n_cases": a.get("n_cases"), **a.get("metrics", {}).get(label, {})}
+            for site, a in sorted(evaluation.get("sites", {}).items())
+        }
+        weighted = evaluation.get("weighted", {}).get(label, {})
+        names = sorted({m for v in answers.values() for m in v if m != "n_cases"} | set(weighted))
+        rows = [
+            [e(site), *(f"<td class='num'>{fmt(v.get(m))}</td>" for m in ["n_cases", *names])]
+            for site, v in answers.items()
+        ]
+        rows.append(
+            ["<b>case-weighted</b>", "", *(f"<td class='num'>{fmt(weighted.get(m))}</td>" for m in names)]
+        )
+        parts.append(
+            f"<p>Final model ({e(label)}) scored on every site:</p>"
+            + table(["site", "held-out cases", *names], rows, "final-scores")
+        )
+    failed = evaluation.get("failed", {})
+    if failed:
+        parts.append(f"<p>Not scored at: {_reasons(failed)}</p>")
     return "".join(parts)
 
 
@@ -346,13 +367,12 @@ def experiment_charts(view: Mapping[str, Any]) -> list[dict[str, Any]]:
 def experiment_body(view: Mapping[str, Any], links: Links | None) -> str:
     """The experiment's sections (shared by its page and its exported report)."""
     charts = experiment_charts(view) if view["rounds"] else []
-    grid_links = links or Links(base=".")
     return "".join(
         [
             _progress(view),
-            _grid(view, grid_links),
+            _grid(view),
             _chart_divs(charts),
-            _rounds_table(view, grid_links),
+            _rounds_table(view, links),
             _final(view, links),
         ]
     )

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from datetime import datetime
 
 from jipfed.central import ui_html
-from jipfed.central.ui_data import comparison, experiment_summary, experiment_view
+from jipfed.central.ui_data import REPORT, comparison, experiment_summary, experiment_view
 from jipfed.federation.dispatch import experiments_in
 from jipfed.storage.base import ModelStore, ObjectNotFoundError, json_object
 from jipfed.storage.layout import validate_round, validate_slug
@@ -66,11 +66,22 @@ def report_html(store: ModelStore, name: str) -> ui_html.Page:
     return ui_html.report_page(experiment_view(open_experiment(store, name)))
 
 
+def write_report(exp_store: ExperimentStore) -> str:
+    """Write the experiment's HTML report next to its final model (``final/report.html``); returns the key.
+
+    Call it after ``finalize`` (and again after the final model was scored: it is rewritten).
+    """
+    view = experiment_view(exp_store)
+    if view["final"] is None:
+        raise ValueError(f"experiment {exp_store.experiment!r} has no final model yet; finalize it first")
+    return exp_store.save_final(REPORT, ui_html.report_page(view).html().encode("utf-8"), overwrite=True)
+
+
 def stored_report(store: ModelStore, name: str) -> bytes:
     """The HTML report stored with the final model (404 when there is none)."""
     exp_store = open_experiment(store, name)
     try:
-        return store.get_bytes(exp_store.layout.final("report.html"))
+        return store.get_bytes(exp_store.layout.final(REPORT))
     except ObjectNotFoundError:
         raise PageError(404, f"experiment {name!r} has no report stored with a final model") from None
 

@@ -18,6 +18,7 @@ from jipfed.federation.dispatch import (
     report_site_failure,
     utcnow,
 )
+from jipfed.federation.evaluation import evaluate_at_site, request_evaluation, summarise
 from jipfed.federation.experiment import ExperimentConfig
 from jipfed.federation.rounds import aggregate_step, finalize, start_experiment
 from jipfed.federation.site_round import run_site_step
@@ -75,3 +76,28 @@ def run_experiment(
     else:
         finalize(exp_store)
     return exp_store
+
+
+def score_final_model(exp_store: ExperimentStore, trainers: Mapping[str, LocalTrainer]) -> dict[str, Any]:
+    """The federated evaluation of the final model on every site (``evaluation/final``), as the central runs it."""
+    from jipfed.federation.codec import decode_update
+    from jipfed.federation.update import UpdateManifest, spec_of
+    from jipfed.federation.validation import ExpectedUpdate
+
+    store, lay = exp_store.store, exp_store.layout
+    manifest = UpdateManifest.from_dict(store.get_json(lay.final("model.json")))
+    trainer = next(iter(trainers.values()))
+    shared = {n: t for n, t in trainer.get_weights().items() if n in trainer.shared_names}
+    check = ExpectedUpdate.for_global(
+        experiment=exp_store.experiment,
+        round=manifest.round,
+        config_hash=exp_store.config_hash(),
+        tensors=spec_of(shared),
+    )
+    weights = dict(decode_update(store.get_bytes(lay.final("model.safetensors")), manifest, check).tensors)
+    request = request_evaluation(exp_store, "final", {"final": weights}, sites=SITES, timeout_s=3600.0)
+    for site in SITES:
+        evaluate_at_site(store, request, site, trainers[site])
+    summary = summarise(store, request)
+    assert summary is not None, "every site answered, so the summary is written"
+    return summary

@@ -104,28 +104,32 @@ def test_failure_report_and_static_files(pages: str) -> None:
     get(f"{pages}/static/../ui.py", 404)
 
 
-def test_finished_experiment_shows_the_final_model_and_its_report(pages: str, ui_store: ModelStore) -> None:
+def test_finished_experiment_shows_the_final_model_its_scores_and_its_report(
+    pages: str, ui_store: ModelStore
+) -> None:
     text = get(f"{pages}/experiments/fedavg")
     card = ui_store.get_json("experiments/fedavg/final/model_card.json")
     assert f"<code id='model-sha256'>{card['model']['sha256']}</code>" in text
-    assert "<b>not scored</b>" in text and "http-equiv='refresh'" not in text
-    report = get(f"{pages}/experiments/fedavg/report.html")
-    assert " src=" not in report and "var uPlot=" in report  # self-contained: opens offline
-    assert card["model"]["sha256"] in report and "train.lr" in report
-    assert len(charts_of(report)) == 2
-    get(f"{pages}/experiments/fedavg/final/report.html", 404)
+    assert "http-equiv='refresh'" not in text  # finished: no reloading
+    summary = ui_store.get_json("experiments/fedavg/evaluation/final/summary.json")
+    assert "Final model (final) scored on every site" in text
+    for site, answer in summary["sites"].items():
+        dice = answer["metrics"]["final"]["dice_mean"]
+        assert f"<td>{site}</td><td class='num'>{answer['n_cases']}</td>" in text and f"{dice:.4f}" in text
+    assert f"<td class='num'>{summary['weighted']['final']['dice_mean']:.4f}</td>" in text
+    assert "href='/ui/experiments/fedavg/final/report.html'" in text
+    stored = get(f"{pages}/experiments/fedavg/final/report.html")
+    assert stored == ui_store.get_bytes("experiments/fedavg/final/report.html").decode()
+    for report in (stored, get(f"{pages}/experiments/fedavg/report.html")):
+        assert " src=" not in report and " href=" not in report and "var uPlot=" in report  # opens offline
+        assert card["model"]["sha256"] in report and "train.lr" in report and "scored on every site" in report
+        assert len(charts_of(report)) == 2
 
 
-def test_final_scores_are_shown_when_recorded(pages: str, ui_store: ModelStore) -> None:
-    key = "experiments/fedprox/final/evaluation.json"
-    ui_store.put_json(
-        key, {"sites": {"site-a": {"dice_mean": 0.625, "n_cases": 1}, "site-b": {"dice_mean": 0.5}}}
-    )
-    try:
-        text = get(f"{pages}/experiments/fedprox")
-    finally:
-        ui_store.delete(key)
-    assert "Final model scored on every site" in text and "<td class='num'>0.6250</td>" in text
+def test_an_unscored_final_model_says_so(pages: str) -> None:
+    text = get(f"{pages}/experiments/fedprox")
+    assert "<b>not scored</b>" in text and "final/report.html" not in text
+    get(f"{pages}/experiments/fedprox/final/report.html", 404)
 
 
 def test_compare_overlays_curves_and_settings(pages: str, ui_store: ModelStore) -> None:
