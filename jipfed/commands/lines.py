@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         return _ACTIONS[args.action](store, args)
     except (KeyError, ValueError) as exc:
-        raise SystemExit(f"jipfed lines {args.action}: {exc}") from None
+        raise SystemExit(f"jipfed lines {args.action}: {exc.args[0] if exc.args else exc}") from None
 
 
 def _need_line(args: argparse.Namespace) -> str:
