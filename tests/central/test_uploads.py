@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -10,9 +11,12 @@ from pathlib import Path
 
 import pytest
 import requests
+import safetensors.torch
+import torch
 
 from jipfed.central.client import CentralError, CentralRefused
 from jipfed.central.uploads import UpdateManifest, limits_for, model_bytes
+from jipfed.federation.arrival import arrival_key
 from jipfed.storage.base import ObjectExistsError
 from jipfed.storage.local import LocalFolderStore
 from jipfed.training.local import LocalTrainer
@@ -56,6 +60,31 @@ def test_a_half_written_update_is_replaced_on_retry_not_a_duplicate(
     with pytest.raises(CentralRefused) as again:
         a.put_update("exp1", 0, encoded.payload, encoded.manifest.to_json())
     assert again.value.code == "duplicate"
+
+
+def test_an_upload_is_checked_once_while_it_streams_in_and_the_check_is_recorded(
+    local_store: LocalFolderStore, serve, trainers: dict[str, LocalTrainer]
+) -> None:
+    central: Central = serve(local_store)
+    exp_store = start(local_store)
+    a = central.client("site-a")
+    [item] = a.pending_work()
+    encoded = train(a, trainers["site-a"], "site-a", item)
+    # hashed correctly, so only the check of the values can find it out
+    tensors = safetensors.torch.load(encoded.payload)
+    name = next(n for n, x in tensors.items() if x.is_floating_point())
+    tensors[name] = torch.full_like(tensors[name], float("nan"))
+    forged = safetensors.torch.save(tensors)
+    manifest = encoded.manifest.replace(sha256=hashlib.sha256(forged).hexdigest())
+    with pytest.raises(CentralRefused) as refused:
+        a.put_update("exp1", 0, forged, manifest.to_json(), check=False)
+    assert refused.value.code == "rejected" and "NaN" in str(refused.value)
+    assert local_store.list(exp_store.layout.updates_prefix(0)) == []  # neither payload nor record
+
+    a.put_update("exp1", 0, encoded.payload, encoded.manifest.to_json())
+    check = local_store.get_json(arrival_key(exp_store, 0, "site-a"))
+    assert (check["sha256"], check["size"]) == (encoded.manifest.sha256, len(encoded.payload))
+    assert check["delta_norm"] > 0  # what norm clipping uses when the step is decided
 
 
 def test_the_manifest_is_the_commit_marker_and_is_never_replaced(local_store: LocalFolderStore) -> None:

@@ -243,6 +243,8 @@ def test_peak_memory_is_bounded_and_flat_in_sites(
     print(mode, {n: round(r["extra"] / model_bytes, 2) for n, r in results.items()})
 
 
+#: A ~7 MB model: small enough for 16 sites in seconds, its largest tensors well above 1 MiB.
+STEP_SHAPES = {"layer0": (768, 1024), "layer1": (768, 1024), "conv": (128, 128, 3, 3), "bias": (512,)}
 STEP_MEASURE = textwrap.dedent(
     """
     import json, sys
@@ -306,9 +308,9 @@ def test_aggregate_step_peak_memory_is_at_most_two_models(tmp_path: Path, n_site
     experiment so that imports and first-use allocations do not count) stays within two models
     for 4 and for 16 sites: the accumulator plus bounded passes of per-tensor reads.
     """
-    accepted_step(tmp_path, "warm-up", 1, SHAPES)
-    accepted_step(tmp_path, "measured", n_sites, SHAPES)
-    model_bytes = sum(math.prod(shape) * 4 for shape in SHAPES.values())
+    accepted_step(tmp_path, "warm-up", 1, STEP_SHAPES)
+    accepted_step(tmp_path, "measured", n_sites, STEP_SHAPES)
+    model_bytes = sum(math.prod(shape) * 4 for shape in STEP_SHAPES.values())
     res = peak_in_fresh_process(STEP_MEASURE, str(tmp_path))
     assert res["included"] == n_sites
     assert res["extra"] <= 2 * model_bytes, f"{n_sites} sites: peak +{res['extra'] / model_bytes:.2f} x model"

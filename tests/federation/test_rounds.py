@@ -12,6 +12,7 @@ import safetensors.torch
 import torch
 from training.synth import write_site
 
+from jipfed.federation.arrival import arrival_key
 from jipfed.federation.codec import EncodedUpdate, decode_update
 from jipfed.federation.experiment import ExperimentConfig
 from jipfed.federation.rounds import (
@@ -293,6 +294,42 @@ def test_codec_rejected_update_is_recorded_while_the_others_aggregate(
     assert set(stored["sites"]) == {"site-a", "site-b"}
     new_global = _weights(exp_store, open_step(exp_store, 1))
     assert all(torch.isfinite(t).all() for t in new_global.values())
+
+
+def _flip_last_byte(exp_store: ExperimentStore, round_: int, site: str) -> None:
+    """Change a stored update after its arrival check (a disk error, or someone with store access)."""
+    path = Path(exp_store.store.uri(exp_store.layout.update(round_, site)))
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("min_sites", [2, 3])
+def test_an_update_changed_after_its_arrival_check_is_excluded_while_aggregating(
+    tmp_path: Path, trainers: dict[str, LocalTrainer], min_sites: int
+) -> None:
+    exp_store = new_store(tmp_path)
+    start_experiment(exp_store, config(min_sites=min_sites))
+    ticket = open_step(exp_store, 0)
+    for site in SITES:
+        upload(exp_store, ticket, site, trainers[site])
+    manifest = exp_store.store.get_json(exp_store.layout.update_manifest(0, "site-b"))
+    checked = exp_store.store.get_json(arrival_key(exp_store, 0, "site-b"))
+    assert (checked["sha256"], checked["site"]) == (manifest["sha256"], "site-b")  # recorded at arrival
+    _flip_last_byte(exp_store, 0, "site-b")
+    if min_sites == 3:  # without site-b the quorum is missed: nothing is written
+        before = listing(exp_store)
+        with pytest.raises(QuorumNotMet, match="quorum not met"):
+            aggregate_step(exp_store, 0)
+        assert listing(exp_store) == before and not exp_store.has_global(1)
+        return
+    record = aggregate_step(exp_store, 0)
+    assert record.included == ("site-a", "site-c")
+    assert "changed since" in record.rejected["site-b"]
+    stored = exp_store.load_aggregate(0)
+    assert stored["included"] == ["site-a", "site-c"] and "changed since" in stored["rejected"]["site-b"]
+    assert stored["n_samples"] == sum(stored["sites"][s]["n_samples"] for s in ("site-a", "site-c"))
+    assert all(torch.isfinite(t).all() for t in _weights(exp_store, open_step(exp_store, 1)).values())
 
 
 def _weights(exp_store: ExperimentStore, ticket: StepTicket) -> dict[str, torch.Tensor]:
