@@ -167,18 +167,15 @@ def encode_global(
 
     Read it back with ``decode_update`` / ``read_update`` and ``ExpectedUpdate.for_global``.
     """
-    update = ModelUpdate.build(
-        weights,
-        experiment=experiment,
-        round=round,
-        site=GLOBAL_SITE,
-        kind="weights",
-        n_samples=n_samples,
-        config_hash=config_hash,
-        metrics=metrics,
-        created_at=created_at,
-    )
-    return encode_update(update, "fp32")
+    identity = {"experiment": experiment, "round": round, "config_hash": config_hash, "n_samples": n_samples}
+    return encode_update(_global_update(weights, identity, metrics=metrics, created_at=created_at), "fp32")
+
+
+def _global_update(
+    weights: Mapping[str, torch.Tensor], identity: Mapping[str, Any], **extra: Any
+) -> ModelUpdate:
+    """The unencoded global model: kind ``"weights"``, site :data:`GLOBAL_SITE`."""
+    return ModelUpdate.build(weights, site=GLOBAL_SITE, kind="weights", **identity, **extra)
 
 
 #: safetensors writes tensors by dtype (this order, last first), then by name.
@@ -245,15 +242,8 @@ def write_global_file(
     for name, tensor in weights.items():
         if count_non_finite(tensor):
             raise ValueError(f"tensor {name!r} holds NaN/Inf; refusing to encode it")
-    manifest = ModelUpdate.build(
-        weights,
-        experiment=experiment,
-        round=round,
-        site=GLOBAL_SITE,
-        kind="weights",
-        n_samples=n_samples,
-        config_hash=config_hash,
-    ).manifest
+    identity = {"experiment": experiment, "round": round, "config_hash": config_hash, "n_samples": n_samples}
+    manifest = _global_update(weights, identity).manifest
     digest, size = write_safetensors(path, weights)
     return EncodedFile(path, manifest.replace(sha256=digest), size)
 
