@@ -116,6 +116,10 @@ def _census(lines: LineStore, line: LineConfig, run: dict[str, Any], now: dateti
         reason = f"no new cases at any site since the line's watermarks (new cases: {new}){failed}"
         logger.info("line %s, slot %s: skipped: %s", line.name, run["slot"], reason)
         return {**run, "status": SKIPPED, "reason": reason, "finished_at": _iso(now)}
+    trainable = [s for s, c in result["sites"].items() if int(c["train_new"]) + int(c["train_replay"]) > 0]
+    if not trainable:
+        reason = f"new cases {new} are all in the sites' held-out splits and there is no replay sample: nothing to train on"
+        return {**run, "status": SKIPPED, "reason": reason, "finished_at": _iso(now)}
     return {**run, "stage": "training", "version": lines.next_version()}
 
 
