@@ -10,11 +10,14 @@ from __future__ import annotations
 import csv
 import json
 import math
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 RoundRow = Mapping[str, Any]
+#: Characters per title line that fit the 7-inch-wide plots at the default title size.
+TITLE_WIDTH = 60
 
 
 def weighted_mean(
@@ -105,15 +108,26 @@ def plot_rounds(path: Path, rows: Sequence[RoundRow], metric: str = "dice_mean",
         ax.set_xlabel("round (0 = initial model)")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(metric)
-        ax.set_title(title or f"{metric} of the global model on each site's held-out cases")
-        ax.grid(True, alpha=0.3)
-        ax.legend(loc="best", fontsize="small")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.tight_layout()
-        fig.savefig(path)
+        _finish(fig, ax, path, title or f"{metric} of the global model on each site's held-out cases")
     finally:
         plt.close(fig)
     return path
+
+
+def wrap_title(title: str, width: int = TITLE_WIDTH) -> str:
+    """``title`` broken into lines of at most ``width`` characters (long words are kept whole)."""
+    return "\n".join(textwrap.wrap(title, width, break_long_words=False, break_on_hyphens=False)) if title else ""
+
+
+def _finish(fig: Any, ax: Any, path: Path, title: str) -> None:
+    """Title (wrapped to fit the figure), grid, legend, layout; save as ``path``."""
+    if title:
+        ax.set_title(wrap_title(title), fontsize="medium")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="best", fontsize="small")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path)
 
 
 def plot_curves(
@@ -136,13 +150,7 @@ def plot_curves(
             ax.plot([p[0] for p in points], [p[1] for p in points], marker=".", label=name)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
-        if title:
-            ax.set_title(title)
-        ax.grid(True, alpha=0.3)
-        ax.legend(loc="best", fontsize="small")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.tight_layout()
-        fig.savefig(path)
+        _finish(fig, ax, path, title)
     finally:
         plt.close(fig)
     return path
