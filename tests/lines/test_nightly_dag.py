@@ -35,7 +35,7 @@ from jipfed.lines.page import render_line_page
 from jipfed.lines.site import LineSite
 from jipfed.lines.store import LineStore
 from jipfed.storage.local import LocalFolderStore
-from jipfed.testing.airflow import RESULT_MARKER, check_dag_folder, run_airflow_script
+from jipfed.testing.airflow import RESULT_MARKER, run_airflow_script
 from jipfed.testing.orthanc import OrthancServer
 from jipfed.training.data import SiteData
 from tests.lines.conftest import tiny_line
@@ -43,7 +43,6 @@ from tests.lines.conftest import tiny_line
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
-AF2_PYTHON = REPO / ".venv-af2" / "bin" / "python"
 SITES = ("site-a", "site-b")
 SHAPE = (32, 32, 16)
 PREPROCESS = PreprocessConfig(spacing_mm=(4.0, 4.0, 4.0), spatial_size=(16, 16, 16))
@@ -185,14 +184,6 @@ def pacs_sites(tmp_path_factory: pytest.TempPathFactory):
         for site in sites:
             site.add_cases(4)
         yield sites
-
-
-def test_the_nightly_dag_parses_on_airflow_2(tmp_path: Path) -> None:
-    """Airflow 3 runs it below; Kaapana 0.6 runs Airflow 2.11."""
-    dags = tmp_path / "dags"
-    dags.mkdir()
-    shutil.copy(REPO / "dags" / "jipfed_nightly.py", dags)
-    assert set(check_dag_folder(AF2_PYTHON, dags, home=tmp_path / "home")) == {"jipfed_nightly"}
 
 
 def test_nightly_runs_release_reject_and_skip(pacs_sites: list[PacsSite], tmp_path: Path) -> None:
