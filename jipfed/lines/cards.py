@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from jipfed.lines.definition import LineConfig
+from jipfed.training.config import TrainConfig
 
 
 def _fmt(value: Any) -> str:
@@ -41,7 +42,7 @@ def metric_rows(evaluation: Mapping[str, Any], metric: str) -> list[tuple[str, s
 
 def model_card(line: LineConfig, record: Mapping[str, Any]) -> str:
     """Markdown model card of version ``record`` (see :meth:`LineStore.save_version`)."""
-    train = line.experiment_config(record["experiment"]).train
+    train = TrainConfig.from_dict(dict(record["train"]))
     metric = line.rule.metric
     census = record["census"]["sites"]
     lines = [
@@ -50,6 +51,8 @@ def model_card(line: LineConfig, record: Mapping[str, Any]) -> str:
         f"- released: {record['date']} (run of {record['slot']})",
         f"- parent version: {record.get('parent') or 'none (first version)'}",
         f"- model: {train.task}, {train.model} ({train.size}); sha256 `{record['sha256']}`",
+        f"- local training: {train.steps or train.epochs} {'steps' if train.steps else 'epochs'}, "
+        f"{train.optimizer} lr {train.lr}, batch {train.batch_size}",
         f"- training: experiment `{record['experiment']}`, {line.rounds} round(s) from the parent, "
         f"replay sample {line.replay} case(s) per site",
         f"- release rule: {line.rule.to_dict()}",

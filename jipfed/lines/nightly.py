@@ -278,6 +278,7 @@ def _decision(lines: LineStore, line: LineConfig, run: dict[str, Any], now: date
         "parent": run.get("parent"),
         "experiment": run["experiment"],
         "sha256": manifest["sha256"],
+        "train": exp_store.load_config()["train"],
         "census": run["census"],
         "trained": run["trained"],
         "evaluation": run["evaluation"],
