@@ -8,7 +8,8 @@ On Airflow 3 the plugin mounts one FastAPI app at ``/jipfed`` of the central's A
 * ``/jipfed/ui/...``: experiment pages for Airflow users (:mod:`jipfed.central.ui`), read-only,
   behind Airflow's authentication (the UI session cookie or a JWT). A nav entry "Federated
   experiments" shows them inside the Airflow UI, and a "Federated experiment" tab on each DAG run
-  opens the experiment of a central run (``/jipfed/ui/runs/{DAG_ID}/{RUN_ID}``).
+  opens the experiment of a central run (``/jipfed/ui/runs/{DAG_ID}/{RUN_ID}``). The model lines'
+  pages (:mod:`jipfed.lines.page`) are at ``/jipfed/ui/lines/`` ("Model lines"), same auth.
 
 On Airflow 2.11 the same pages are a Flask AppBuilder view at ``/jipfed/...`` with a "Federated
 experiments" entry under Browse (:mod:`jipfed.plugins.jipfed_af2_view`), behind Airflow's login;
@@ -97,18 +98,18 @@ def build_app() -> Any:
 
     from jipfed.central.app import create_app
     from jipfed.central.ui import ui_router
+    from jipfed.lines.page import lines_router
 
     app = create_app(open_model_store, site_token_secret)
     links = ui_links(UI_PREFIX, lambda run_id: f"/dags/{CENTRAL_DAG_ID}/runs/{quote(run_id)}")
+    signed_in = [Depends(requires_authenticated())]
     app.include_router(
-        ui_router(
-            open_model_store,
-            links=links,
-            experiment_of_run=experiment_of_run,
-            dependencies=[Depends(requires_authenticated())],
-        ),
+        ui_router(open_model_store, links=links, experiment_of_run=experiment_of_run, dependencies=signed_in),
         prefix="/ui",
         include_in_schema=False,
+    )
+    app.include_router(
+        lines_router(open_model_store, dependencies=signed_in), prefix="/ui/lines", include_in_schema=False
     )
     return app
 
@@ -143,6 +144,13 @@ class JipfedPlugin(AirflowPlugin):
                 "name": "Federated experiments",
                 "href": f"{UI_PREFIX}/experiments",
                 "url_route": "jipfed-experiments",
+                "destination": "nav",
+                "category": "browse",
+            },
+            {
+                "name": "Model lines",
+                "href": f"{UI_PREFIX}/lines/",
+                "url_route": "jipfed-lines",
                 "destination": "nav",
                 "category": "browse",
             },

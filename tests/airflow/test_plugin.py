@@ -103,6 +103,7 @@ def test_plugin_is_registered_with_a_nav_entry(central: Central) -> None:
     assert [app["url_prefix"] for app in plugin["fastapi_apps"]] == ["/jipfed"]
     assert [(v["href"], v["url_route"], v["destination"]) for v in plugin["external_views"]] == [
         ("/jipfed/ui/experiments", "jipfed-experiments", "nav"),
+        ("/jipfed/ui/lines/", "jipfed-lines", "nav"),
         ("/jipfed/ui/runs/{DAG_ID}/{RUN_ID}", "jipfed-run", "dag_run"),
     ]
     assert requests.get(f"{central.url}/healthz", timeout=60).json() == {"status": "ok"}
@@ -167,6 +168,9 @@ def test_experiment_pages_need_airflow_auth(central: Central) -> None:
     )
     assert (run_tab.status_code, run_tab.headers["location"]) == (307, "/jipfed/ui/experiments/exp1")
     assert requests.post(page, headers=central.jwt(), timeout=30).status_code == 405  # read-only
+    lines = f"{central.url}/ui/lines/"
+    assert requests.get(lines, timeout=30).status_code == 401
+    assert requests.get(lines, headers=central.jwt(), timeout=30).status_code == 200
     # The UI's session cookie works as well (what the nav entry's iframe sends).
     cookie = requests.get(page, cookies={"_token": central.standalone.client.token()}, timeout=30)
     assert cookie.status_code == 200
