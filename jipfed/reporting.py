@@ -116,7 +116,11 @@ def plot_rounds(path: Path, rows: Sequence[RoundRow], metric: str = "dice_mean",
 
 def wrap_title(title: str, width: int = TITLE_WIDTH) -> str:
     """``title`` broken into lines of at most ``width`` characters (long words are kept whole)."""
-    return "\n".join(textwrap.wrap(title, width, break_long_words=False, break_on_hyphens=False)) if title else ""
+    return (
+        "\n".join(textwrap.wrap(title, width, break_long_words=False, break_on_hyphens=False))
+        if title
+        else ""
+    )
 
 
 def _finish(fig: Any, ax: Any, path: Path, title: str) -> None:
