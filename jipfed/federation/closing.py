@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from jipfed.federation.codec import EncodedFile
-from jipfed.federation.compute import compute_output
+from jipfed.federation.compute import compute_output, hash_pipeline
 from jipfed.federation.decision import Decision, check_quorum, decide
 from jipfed.federation.experiment import ExperimentConfig
 from jipfed.federation.plans import PlanStep
@@ -157,7 +157,9 @@ def aggregate_step(exp_store: ExperimentStore, step: int) -> StepRecord:
     with (
         tempfile.TemporaryDirectory(prefix="jipfed-aggregate-") as tmp,
         open_model(exp_store, input_keys(exp_store, ps), config_hash, Path(tmp)) as start,
+        hash_pipeline(start) as hashing,
     ):
+        start.hashing = hashing
         record = _stored_decision(exp_store, config, ps)
         decision = Decision.from_record(record) if record is not None else None
         if decision is None:
@@ -172,7 +174,7 @@ def aggregate_step(exp_store: ExperimentStore, step: int) -> StepRecord:
             check_quorum(exp_store, config, ps, state, changed)
 
         encoded, strategy_state = compute_output(
-            exp_store, config, config_hash, ps, start, decision, Path(tmp), on_exclusion
+            exp_store, config, config_hash, ps, start, decision, Path(tmp), on_exclusion, hashing
         )
         if record is None:
             input_sha = start.manifest.sha256 or ""

@@ -192,10 +192,13 @@ class EncodedFile:
     size: int
 
 
-def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> tuple[str, int]:
+def write_safetensors(
+    path: Path, tensors: Mapping[str, torch.Tensor], hashing: Any = None
+) -> tuple[str, int]:
     """Write ``tensors`` to ``path`` tensor by tensor (no payload copy in memory); ``(sha256, size)``.
 
     The bytes are those ``safetensors.torch.save`` produces (same tensor order, header and padding).
+    ``hashing`` (a :class:`~jipfed.federation.payload_stream.HashPipeline`) hashes beside the writing.
     """
     codes = {name: _ST_CODES[dtype_name(t.dtype)] for name, t in tensors.items()}
     order = sorted(tensors, key=lambda n: (-_ST_ORDER.index(codes[n]), n))
@@ -221,8 +224,13 @@ def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> tuple[
             t = tensors[name].contiguous()
             if t.numel():
                 data = memoryview(t.reshape(-1).view(torch.uint8).numpy())
-                digest.update(data)
+                if hashing is None:
+                    digest.update(data)
+                else:
+                    hashing.update(digest, data)
                 fh.write(data)
+    if hashing is not None:
+        hashing.wait(digest)
     return digest.hexdigest(), 8 + len(text) + offset
 
 
@@ -234,6 +242,7 @@ def write_global_file(
     round: int,
     config_hash: str,
     n_samples: int = 0,
+    hashing: Any = None,
 ) -> EncodedFile:
     """:func:`encode_global` written to ``path`` instead of memory (same bytes, same manifest).
 
@@ -244,7 +253,7 @@ def write_global_file(
             raise ValueError(f"tensor {name!r} holds NaN/Inf; refusing to encode it")
     identity = {"experiment": experiment, "round": round, "config_hash": config_hash, "n_samples": n_samples}
     manifest = _global_update(weights, identity).manifest
-    digest, size = write_safetensors(path, weights)
+    digest, size = write_safetensors(path, weights, hashing)
     return EncodedFile(path, manifest.replace(sha256=digest), size)
 
 

@@ -28,8 +28,13 @@ from jipfed.storage.state import ExperimentStore, IntegrityError
 
 logger = logging.getLogger(__name__)
 
-#: Threads that hash the stored updates while they are aggregated (sha256 costs more than the sum).
+#: Threads that hash the models while they are read and written (sha256 costs more than the sum).
 HASH_THREADS = min(4, os.cpu_count() or 1)
+
+
+def hash_pipeline(start: StoredUpdate) -> HashPipeline:
+    """Background hashing for one step; it may hold a quarter of a model of buffers not hashed yet."""
+    return HashPipeline(HASH_THREADS, start.tensor_bytes[1] // 4)
 
 
 def strategy_for(exp_store: ExperimentStore, config: ExperimentConfig, round_: int) -> Strategy:
@@ -58,6 +63,7 @@ def compute_output(
     decision: Decision,
     workdir: Path,
     on_exclusion: Callable[[Decision], None],
+    hashing: HashPipeline | None = None,
 ) -> tuple[EncodedFile, StrategyState | None]:
     """The step's output model (a file in ``workdir``) and, for parallel plans, the new server state.
 
@@ -72,7 +78,7 @@ def compute_output(
     """
     while True:
         try:
-            return _compute_once(exp_store, config, config_hash, ps, start, decision, workdir)
+            return _compute_once(exp_store, config, config_hash, ps, start, decision, workdir, hashing)
         except UpdateRejected as exc:
             if exc.site not in decision.included:
                 raise IntegrityError(f"stored model {start.path} is invalid: {exc.reason}") from None
@@ -98,13 +104,12 @@ def _compute_once(
     start: StoredUpdate,
     decision: Decision,
     workdir: Path,
+    hashing: HashPipeline | None,
 ) -> tuple[EncodedFile, StrategyState | None]:
     lay = exp_store.layout
     _, _, out_round = output_keys(exp_store, ps)
     state: StrategyState | None = None
     with ExitStack() as stack:
-        # hashing runs beside the summing; it may hold a quarter of a model of read buffers
-        hashing = stack.enter_context(HashPipeline(HASH_THREADS, start.tensor_bytes[1] // 4))
         sources: list[StoredUpdate] = []
         for site in decision.included:
             manifest = decision.manifests.get(site) or _stored_manifest(exp_store, ps.round, site)
@@ -136,6 +141,7 @@ def _compute_once(
         round=out_round,
         config_hash=config_hash,
         n_samples=sum(s.n_samples for s in used),
+        hashing=hashing,
     )
     return encoded, state
 

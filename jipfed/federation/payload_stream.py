@@ -374,7 +374,8 @@ class StoredUpdate(ManifestFields):
     Args:
         path: the payload file (the store's own file, or a local copy of it).
         manifest: its manifest; ``manifest.sha256`` is the digest checked at arrival.
-        hashing: hash on these background threads instead of the reading thread.
+        hashing: hash on these background threads instead of the reading thread (``hashing``
+            may also be set after opening, before the first read).
 
     Raises:
         UpdateRejected: the file is missing, not safetensors, or its tensors differ from the manifest.
@@ -382,7 +383,7 @@ class StoredUpdate(ManifestFields):
 
     def __init__(self, path: Path, manifest: UpdateManifest, hashing: HashPipeline | None = None) -> None:
         self.path, self.manifest = path, manifest
-        self._hashing = hashing
+        self.hashing = hashing
         try:
             self._fd = os.open(path, os.O_RDONLY)
         except OSError as exc:
@@ -441,10 +442,10 @@ class StoredUpdate(ManifestFields):
                 raise self._reject(f"stored payload ends inside tensor {key!r} (changed since arrival)")
             got += n
         if entry.begin == self._hashed_to:
-            if self._hashing is None:
+            if self.hashing is None:
                 self._hash.update(view)
             else:
-                self._hashing.update(self._hash, view)
+                self.hashing.update(self._hash, view)
             self._hashed_to = entry.end
         elif entry.begin > self._hashed_to:
             self._in_order = False
@@ -460,8 +461,8 @@ class StoredUpdate(ManifestFields):
 
     def verify(self) -> None:
         """Hash what was not read in order and compare with the arrival digest; UpdateRejected if changed."""
-        if self._hashing is not None:
-            self._hashing.wait(self._hash)
+        if self.hashing is not None:
+            self.hashing.wait(self._hash)
         if not self._in_order:  # read out of file order: hash the whole file again
             self._hash = hashlib.sha256()
             self._hashed_to = 0
