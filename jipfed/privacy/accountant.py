@@ -1,5 +1,8 @@
 """(ε, δ) accounting of repeated Gaussian releases with opacus' accountants (RDP or PRV).
 
+Results are cached per process (pure functions of their arguments): the experiment config computes
+them whenever it is loaded.
+
 One *release* is one noised aggregate the central publishes (client level: one round; a retried
 round is a second release) or one noised DP-SGD step (sample level). Releases are composed with
 sampling rate ``sample_rate``: 1 for client-level DP here (every selected site takes part in every
@@ -13,8 +16,11 @@ gives the pair the privacy of one Gaussian release with multiplier ``z``.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import warnings
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -30,6 +36,16 @@ def _accountant(kind: str, noise_multiplier: float, sample_rate: float, releases
     return accountant
 
 
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence opacus' numeric warnings: PRV's log(1 - q) at q = 1, RDP's "optimal order" at extremes."""
+    with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        yield
+
+
+@functools.lru_cache(maxsize=256)
 def epsilon_after(
     noise_multiplier: float,
     releases: int,
@@ -43,14 +59,13 @@ def epsilon_after(
         raise ValueError(f"releases must be an integer >= 0, got {releases!r}")
     if releases == 0:
         return 0.0
-    with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
-        warnings.simplefilter("ignore", RuntimeWarning)  # PRV's log(1 - q) at q = 1
-        warnings.simplefilter("ignore", UserWarning)  # RDP's "optimal order is the smallest alpha" (tiny ε)
+    with _quiet():
         return float(
             _accountant(accountant, noise_multiplier, sample_rate, releases).get_epsilon(delta=delta)
         )
 
 
+@functools.lru_cache(maxsize=64)
 def noise_for_budget(
     epsilon: float,
     releases: int,
@@ -62,8 +77,7 @@ def noise_for_budget(
     """The smallest noise multiplier (opacus' search, ε tolerance 0.01) keeping ``releases`` within ``epsilon``."""
     from opacus.accountants.utils import get_noise_multiplier
 
-    with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
-        warnings.simplefilter("ignore", RuntimeWarning)
+    with _quiet():
         try:
             return float(
                 get_noise_multiplier(
