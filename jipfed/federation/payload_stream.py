@@ -285,7 +285,10 @@ class PayloadChecker:
         if self._error is not None:
             raise self._error
         if self._entries is None or self._index < len(self._entries):
-            raise self._reject(f"payload ends after {self._size} bytes, before its last tensor")
+            raise self._reject(
+                f"payload is not a complete safetensors file: it ends after {self._size} bytes, "
+                "before its last tensor"
+            )
         man = self.manifest
         check_norm(self._sq_norm, self.expected, man.site, man.round)
         norm = None if self._bounded_sq is None else math.sqrt(self._bounded_sq)
