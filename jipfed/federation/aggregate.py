@@ -21,7 +21,10 @@ Memory
     over its memory-mapped file: the file's pages are page-cache pages, not new memory, but they
     count in the process's RSS while the pass runs, so a single pass over n lazy sites shows up to
     n models of file-backed RSS. ``sites_per_pass=k`` bounds that to k models (each further pass
-    costs two accumulator passes). Measured in ``tests/federation/test_aggregate.py``.
+    costs two accumulator passes). A :class:`~jipfed.federation.payload_stream.StoredUpdate` (what
+    the central's ``aggregate_step`` reads) maps nothing: each tensor is read into its own buffer,
+    so a stream of them goes in passes of :func:`sites_per_lazy_pass` sites holding a quarter of a
+    model in their current tensors. Measured in ``tests/federation/test_aggregate.py``.
 
     Coordinate-wise median and trimmed mean need all sites' values of a coordinate at once, so they
     cannot stream over sites. :func:`coordinatewise_median` and :func:`coordinatewise_trimmed_mean`

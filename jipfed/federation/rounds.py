@@ -8,9 +8,13 @@ write-once objects, so a cleared or crashed DAG run can call it again.
 This module is the public facade; the actions live in cohesive modules:
 
 * :mod:`~jipfed.federation.round_start`: start / fail an experiment, open a step (its ticket);
-* :mod:`~jipfed.federation.acceptance`: may a site upload now, validate and store its update;
-* :mod:`~jipfed.federation.decision`: which updates a step uses, rejects, misses; the quorum;
-* :mod:`~jipfed.federation.compute`: the step's output model and server strategy state;
+* :mod:`~jipfed.federation.acceptance`: may a site upload now, check its update once while it
+  streams into the store (:mod:`~jipfed.federation.payload_stream`), record the check
+  (:mod:`~jipfed.federation.arrival`) and commit it;
+* :mod:`~jipfed.federation.decision`: which updates a step uses (from the arrival checks, no
+  update read), rejects, misses; the quorum;
+* :mod:`~jipfed.federation.compute`: the step's output model and server strategy state, each
+  stored update read once (hashed on the way; one that changed since arrival is excluded);
 * :mod:`~jipfed.federation.closing`: ``aggregate_step`` (decide → record → outputs → state);
 * :mod:`~jipfed.federation.finalize`: the final model, model card and metrics;
 * :mod:`~jipfed.federation.round_io`: the store keys of a step's models and records, shared.
