@@ -28,7 +28,7 @@ from jipfed.federation.rounds import (
     start_experiment,
 )
 from jipfed.federation.site_round import SiteStepError, run_site_step
-from jipfed.federation.update import ModelUpdate, UpdateManifest
+from jipfed.federation.update import ModelUpdate, UpdateManifest, spec_of
 from jipfed.federation.validation import ExpectedUpdate
 from jipfed.storage.local import LocalFolderStore
 from jipfed.storage.state import ConfigConflictError, ExperimentStore, Status, sha256_hex
@@ -360,6 +360,41 @@ def test_fedavg_of_one_site_reproduces_its_local_training(
     assert any(not torch.equal(local[name], start[name]) for name in start)
     for name, tensor in local.items():
         torch.testing.assert_close(new_global[name], tensor, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("strategy", "kwargs"), [("fedavg", {}), ("median", {}), ("trimmed_mean", {"beta": 0.34})]
+)
+def test_aggregate_step_equals_the_strategy_on_the_decoded_updates(
+    tmp_path: Path, trainers: dict[str, LocalTrainer], strategy: str, kwargs: dict[str, Any]
+) -> None:
+    """The step reads the stored files per tensor (robust reducers: tensor by tensor); same result as in memory."""
+    exp_store = new_store(tmp_path)
+    cfg = config(rounds=1, strategy=strategy, strategy_kwargs=kwargs)
+    start_experiment(exp_store, cfg)
+    ticket = open_step(exp_store, 0)
+    start = _weights(exp_store, ticket)
+    uploaded = [upload(exp_store, ticket, site, trainers[site]) for site in SITES]
+    decoded = [
+        decode_update(
+            u.payload,
+            u.manifest,
+            ExpectedUpdate.from_weights(
+                start, experiment="exp1", round=0, site=u.manifest.site, config_hash=exp_store.config_hash()
+            ),
+        )
+        for u in uploaded
+    ]
+    in_memory = cfg.make_strategy().aggregate(start, decoded, 0)
+    aggregate_step(exp_store, 0)
+    payload, manifest = exp_store.load_global(1)
+    expected = ExpectedUpdate.for_global(
+        experiment="exp1", round=1, config_hash=exp_store.config_hash(), tensors=spec_of(start)
+    )
+    new_global = decode_update(payload, manifest, expected).tensors
+    assert list(new_global) == list(start)  # the model's order, not the files'
+    for name, tensor in in_memory.items():
+        assert torch.equal(new_global[name], tensor), name
 
 
 def test_rerunning_a_completed_step_changes_nothing(
