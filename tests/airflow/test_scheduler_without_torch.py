@@ -109,4 +109,4 @@ def test_the_site_dags_parse(probe: dict[str, Any]) -> None:
 
 def test_the_dag_folder_has_no_import_errors(probe: dict[str, Any]) -> None:
     assert probe["errors"] == {}
-    assert probe["dag_ids"] == ["jipfed_central", "jipfed_site", "jipfed_site_pull"]
+    assert probe["dag_ids"] == ["jipfed_central", "jipfed_nightly", "jipfed_site", "jipfed_site_pull"]
