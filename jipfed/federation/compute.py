@@ -76,9 +76,51 @@ def compute_output(
     Raises:
         IntegrityError: the start model's bytes differ from its manifest.
     """
+
+    def attempt() -> tuple[EncodedFile, StrategyState | None]:
+        lay = exp_store.layout
+        _, _, out_round = output_keys(exp_store, ps)
+        state: StrategyState | None = None
+        with ExitStack() as stack:
+            sources: list[StoredUpdate] = []
+            for site in decision.included:
+                manifest = decision.manifests.get(site) or _stored_manifest(exp_store, ps.round, site)
+                path = stored_path(exp_store, lay.update(ps.round, site), workdir)
+                sources.append(stack.enter_context(StoredUpdate(path, manifest, hashing)))
+            if config.plan == "parallel":
+                used: list[StoredUpdate] = sources
+                views = [
+                    _clipped(s, start, decision.clips[s.site]) if s.site in decision.clips else s
+                    for s in sources
+                ]
+                strategy = strategy_for(exp_store, config, ps.round)
+                weights = strategy.aggregate(start.tensors, views, ps.round)
+                state = strategy.state_dict()
+            elif sources:  # a cyclic hop passes its (only) site's model on
+                used = sources[:1]
+                weights = dict(used[0].tensors.items())
+            else:
+                used = []
+                weights = dict(start.tensors.items())
+            for source in [*used, start]:
+                source.verify()
+        order = [n for n in start.manifest.tensors if n in weights] + [
+            n for n in weights if n not in start.manifest.tensors
+        ]
+        encoded = write_global_file(
+            {name: weights[name] for name in order},
+            workdir / "output.safetensors",
+            experiment=config.name,
+            round=out_round,
+            config_hash=config_hash,
+            n_samples=sum(s.n_samples for s in used),
+            hashing=hashing,
+        )
+        return encoded, state
+
     while True:
         try:
-            return _compute_once(exp_store, config, config_hash, ps, start, decision, workdir, hashing)
+            return attempt()
         except UpdateRejected as exc:
             if exc.site not in decision.included:
                 raise IntegrityError(f"stored model {start.path} is invalid: {exc.reason}") from None
@@ -94,56 +136,6 @@ def compute_output(
             decision.clips.pop(exc.site, None)
             decision.rejected[exc.site] = exc.reason
             on_exclusion(decision)
-
-
-def _compute_once(
-    exp_store: ExperimentStore,
-    config: ExperimentConfig,
-    config_hash: str,
-    ps: PlanStep,
-    start: StoredUpdate,
-    decision: Decision,
-    workdir: Path,
-    hashing: HashPipeline | None,
-) -> tuple[EncodedFile, StrategyState | None]:
-    lay = exp_store.layout
-    _, _, out_round = output_keys(exp_store, ps)
-    state: StrategyState | None = None
-    with ExitStack() as stack:
-        sources: list[StoredUpdate] = []
-        for site in decision.included:
-            manifest = decision.manifests.get(site) or _stored_manifest(exp_store, ps.round, site)
-            path = stored_path(exp_store, lay.update(ps.round, site), workdir)
-            sources.append(stack.enter_context(StoredUpdate(path, manifest, hashing)))
-        if config.plan == "parallel":
-            used: list[StoredUpdate] = sources
-            views = [
-                _clipped(s, start, decision.clips[s.site]) if s.site in decision.clips else s for s in sources
-            ]
-            strategy = strategy_for(exp_store, config, ps.round)
-            weights = strategy.aggregate(start.tensors, views, ps.round)
-            state = strategy.state_dict()
-        elif sources:  # a cyclic hop passes its (only) site's model on
-            used = sources[:1]
-            weights = dict(used[0].tensors.items())
-        else:
-            used = []
-            weights = dict(start.tensors.items())
-        for source in [*used, start]:
-            source.verify()
-    order = [n for n in start.manifest.tensors if n in weights] + [
-        n for n in weights if n not in start.manifest.tensors
-    ]
-    encoded = write_global_file(
-        {name: weights[name] for name in order},
-        workdir / "output.safetensors",
-        experiment=config.name,
-        round=out_round,
-        config_hash=config_hash,
-        n_samples=sum(s.n_samples for s in used),
-        hashing=hashing,
-    )
-    return encoded, state
 
 
 def _stored_manifest(exp_store: ExperimentStore, round_: int, site: str) -> UpdateManifest:
