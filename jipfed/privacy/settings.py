@@ -53,6 +53,11 @@ def _optional_number(value: object, what: str, *, low: float, high: float = math
     return None if value is None else _number(value, what, low=low, high=high)
 
 
+def _require(ok: bool, reason: str) -> None:
+    if not ok:
+        raise ValueError(reason)
+
+
 def _from_mapping(cls: type, data: object, what: str) -> Any:
     if data is True:
         data = {}
@@ -178,16 +183,16 @@ class PrivacySettings:
         """
         e = experiment
         if self.client_dp is not None:
-            if e.plan != "parallel":
-                raise ValueError(
-                    "client-level DP needs the parallel plan: a cyclic plan hands one site's model to the "
-                    "next, there is no sum to add the noise to"
-                )
-            if e.strategy not in MEAN_STRATEGIES:
-                raise ValueError(
-                    f"client-level DP calibrates noise to a sum of clipped updates; strategy {e.strategy!r} "
-                    f"does not aggregate a mean (use one of {MEAN_STRATEGIES})"
-                )
+            _require(
+                e.plan == "parallel",
+                "client-level DP needs the parallel plan: a cyclic plan hands one site's model to the next, "
+                "there is no sum to add the noise to",
+            )
+            _require(
+                e.strategy in MEAN_STRATEGIES,
+                f"client-level DP calibrates noise to a sum of clipped updates; strategy {e.strategy!r} does "
+                f"not aggregate a mean (use one of {MEAN_STRATEGIES})",
+            )
         if self.sample_dp is not None:
             if e.train.model not in DP_SGD_MODELS:
                 raise ValueError(
@@ -208,16 +213,16 @@ class PrivacySettings:
             )
 
     def _check_secure_aggregation(self, agg: SecureAggregation, e: ExperimentConfig) -> None:
-        if e.plan != "parallel":
-            raise ValueError(
-                "secure aggregation needs the parallel plan: a cyclic hop has one site, its masked update "
-                "could not be unmasked without revealing it"
-            )
-        if e.strategy not in MEAN_STRATEGIES:
-            raise ValueError(
-                f"secure aggregation reveals only the sum of the updates; strategy {e.strategy!r} needs the "
-                f"individual updates (use one of {MEAN_STRATEGIES})"
-            )
+        _require(
+            e.plan == "parallel",
+            "secure aggregation needs the parallel plan: a cyclic hop has one site, its masked update could "
+            "not be unmasked without revealing it",
+        )
+        _require(
+            e.strategy in MEAN_STRATEGIES,
+            f"secure aggregation reveals only the sum of the updates; strategy {e.strategy!r} needs the "
+            f"individual updates (use one of {MEAN_STRATEGIES})",
+        )
         if len(e.sites) < 2:
             raise ValueError("secure aggregation needs at least 2 sites (a sum of one update is the update)")
         if e.encoding != "fp32":
