@@ -3,7 +3,6 @@ OpenSearch response bodies (tests/ui/opensearch_loopback.py; it is not OpenSearc
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 
 import pytest
@@ -32,12 +31,6 @@ def server() -> Iterator[LoopbackOpenSearch]:
 
 def settings(port: int) -> OpenSearchSettings:
     return OpenSearchSettings(host="127.0.0.1", port=port, scheme="http", timeout_s=5)
-
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]  # nothing listens once the socket is closed
 
 
 def test_round_documents_carry_participation_metrics_and_durations(ui_store: ModelStore) -> None:
@@ -83,10 +76,10 @@ def test_template_fits_dashboards(server: LoopbackOpenSearch, ui_store: ModelSto
 
 
 def test_down_then_catch_up_loses_nothing_and_indexes_once(
-    server: LoopbackOpenSearch, ui_store: ModelStore
+    server: LoopbackOpenSearch, ui_store: ModelStore, closed_port: int
 ) -> None:
     exp_store = ExperimentStore(ui_store, "running")
-    assert index_quietly(settings(closed_port()), exp_store) is None  # down: no exception, the round goes on
+    assert index_quietly(settings(closed_port), exp_store) is None  # down: no exception, the round goes on
     assert server.docs == {}
     assert index_quietly(settings(server.port), exp_store) == 8  # catch-up: both closed rounds
     assert sorted(server.docs[DEFAULT_INDEX]) == sorted(round_documents(exp_store))

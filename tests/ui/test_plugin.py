@@ -1,5 +1,7 @@
-"""The JIP Federated plugin in a real `airflow standalone` (Airflow 3): endpoint, site tokens, pages;
-and on Airflow 2.11 (.venv-af2): the pages as an appbuilder view behind Airflow's login.
+"""The JIP Federated plugin in a real `airflow standalone` (Airflow 3): endpoint, site tokens, pages,
+and a real browser (Debian's chromium, headless) reading them inside Airflow's UI; on Airflow 2.11
+(.venv-af2): the pages as an appbuilder view behind Airflow's login. One Airflow for the file
+(pytest-xdist --dist loadfile keeps a file on one worker).
 
 The API server reads the model store Connection (an AIRFLOW_CONN_* variable, conn_type fs) and
 the site token secret (``[jipfed] site_token_secret``) per request. Sites talk to
@@ -8,29 +10,31 @@ the site token secret (``[jipfed] site_token_secret``) per request. Sites talk t
 
 from __future__ import annotations
 
+import io
 import json
 import os
-import secrets
 import subprocess
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import requests
 import torch
+from PIL import Image
 
 from jipfed.central.client import CentralClient, CentralError
 from jipfed.central.tokens import site_token
 from jipfed.federation.codec import EncodedUpdate, encode_update
-from jipfed.federation.dispatch import dispatch_step
+from jipfed.federation.dispatch import dispatch_step, experiments_in
 from jipfed.federation.experiment import ExperimentConfig
 from jipfed.federation.rounds import aggregate_step, initial_weights, start_experiment
 from jipfed.federation.update import ModelUpdate
-from jipfed.storage.local import LocalFolderStore
 from jipfed.storage.state import ExperimentStore
 from jipfed.testing.airflow import AirflowStandalone
 from jipfed.training.config import TrainConfig
+
+from .chromium import Chromium
+from .conftest import Airflow
 
 REPO = Path(__file__).resolve().parents[2]
 AF2_PYTHON = REPO / ".venv-af2" / "bin" / "python"
@@ -47,6 +51,8 @@ CONFIG = ExperimentConfig(
 
 @dataclass
 class Central:
+    """The shared Airflow (tests/ui/conftest.py) with experiment ``exp1`` started in its store."""
+
     standalone: AirflowStandalone
     exp_store: ExperimentStore
     secret: str
@@ -63,21 +69,16 @@ class Central:
 
 
 @pytest.fixture(scope="module")
-def central(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Central]:
-    root = tmp_path_factory.mktemp("plugin")
-    exp_store = ExperimentStore(LocalFolderStore(root / "store"), CONFIG.name)
+def central(airflow: Airflow) -> Central:
+    exp_store = ExperimentStore(airflow.store, CONFIG.name)
     start_experiment(exp_store, CONFIG)
     dispatch_step(exp_store, 0)
-    (root / "dags").mkdir()
-    secret = secrets.token_hex(32)
-    env = {
-        "AIRFLOW__JIPFED__SITE_TOKEN_SECRET": secret,
-        "AIRFLOW_CONN_JIPFED_MODEL_STORE_DEFAULT": json.dumps(
-            {"conn_type": "fs", "extra": {"path": str(root / "store")}}
-        ),
-    }
-    with AirflowStandalone(home=root / "home", dags_folder=root / "dags", env=env) as standalone:
-        yield Central(standalone, exp_store, secret)
+    return Central(airflow.standalone, exp_store, airflow.secret)
+
+
+def exp1_work(client: CentralClient) -> list:
+    """The client's pending work of exp1 (the store's ``running`` experiment has open work too)."""
+    return [item for item in client.pending_work() if item.ticket.experiment == CONFIG.name]
 
 
 def zero_update(central: Central, site: str) -> EncodedUpdate:
@@ -113,7 +114,7 @@ def test_plugin_is_registered_with_a_nav_entry(central: Central) -> None:
 def test_sites_work_a_round_through_the_api_server(central: Central) -> None:
     clients = {site: central.client(site) for site in SITES}
     for site in ("site-a", "site-b"):
-        [item] = clients[site].pending_work()
+        [item] = exp1_work(clients[site])
         assert (item.ticket.experiment, item.ticket.step) == ("exp1", 0)
         payload, manifest = clients[site].get_model("exp1", 0, 0)
         assert manifest["sha256"] == item.ticket.model_sha256
@@ -122,7 +123,7 @@ def test_sites_work_a_round_through_the_api_server(central: Central) -> None:
             clients[site].put_update("exp1", 0, encoded.payload, encoded.manifest.to_json())["site"] == site
         )
     clients["site-c"].report_failure("exp1", 0, 0, REASON, task="fetch_dicom")  # sent sanitised
-    assert all(client.pending_work() == [] for client in clients.values())
+    assert all(exp1_work(client) == [] for client in clients.values())
 
     no_token = requests.get(f"{central.url}/v1/work", timeout=30)
     assert (no_token.status_code, no_token.headers["WWW-Authenticate"]) == (401, "Bearer")
@@ -133,7 +134,7 @@ def test_sites_work_a_round_through_the_api_server(central: Central) -> None:
 
     aggregate_step(central.exp_store, 0)
     dispatch_step(central.exp_store, 1)
-    assert [w.ticket.step for w in clients["site-a"].pending_work()] == [1]
+    assert [w.ticket.step for w in exp1_work(clients["site-a"])] == [1]
 
 
 @pytest.mark.slow
@@ -237,3 +238,93 @@ def test_airflow2_view_shows_the_pages_inside_airflow_after_login(central: Centr
     assert status == 200 and "<h1>Experiment exp1</h1>" in text and "/jipfed/static/jipfed-charts.js" in text
     assert "href='/dags/jipfed_central/grid?dag_run_id=jipfed__exp1__step0000'" in text
     assert out["missing"][0] == 404 and out["post"][0] == 405
+
+
+# -- a real browser: Debian's chromium, headless, over the DevTools protocol ---------------------
+
+FRAME = "document.querySelector('iframe').contentDocument"
+
+
+def assert_not_blank(png: bytes, what: str) -> None:
+    """The screenshot has content right of Airflow's nav bar: many colours, not one flat background."""
+    image = Image.open(io.BytesIO(png)).convert("RGB")
+    content = image.crop((80, 0, image.width, image.height))
+    colors = content.getcolors(maxcolors=1 << 20) or []
+    most = max(count for count, _ in colors)
+    assert len(colors) > 50 and most < 0.97 * content.width * content.height, (
+        f"{what}: screenshot looks blank"
+    )
+
+
+def frame_texts(browser: Chromium, selector: str) -> list[str]:
+    return browser.js(f"Array.from({FRAME}.querySelectorAll({json.dumps(selector)})).map(e => e.textContent)")
+
+
+@pytest.mark.slow
+def test_browser_logs_in_and_reads_list_experiment_and_comparison(
+    airflow: Airflow, central: Central, tmp_path: Path
+) -> None:
+    standalone, ui_store = airflow.standalone, airflow.store
+    base = standalone.base_url
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+    print(f"screenshots in {shots}")
+    with Chromium(tmp_path / "chromium") as browser:
+        browser.open(f"{base}/jipfed/ui/experiments")  # no login yet: refused
+        assert "Not authenticated" in browser.js("document.body.innerText")
+
+        browser.open(f"{base}/auth/login")
+        browser.type_into("input[name=username]", standalone.username)
+        browser.type_into("input[name=password]", standalone.password)
+        browser.js("document.querySelector('button[type=submit]').click()")
+        browser.wait_for("document.cookie.includes('_token=')")
+
+        # The list, inside Airflow's UI (the nav entry's page frames it).
+        browser.open(f"{base}/plugin/jipfed-experiments")
+        names = experiments_in(ui_store)  # the store's experiments (exp1 and the ui_store's)
+        assert {"broken", "fedavg", "fedprox", "running"} <= set(names)
+        rows = f"{FRAME}.querySelectorAll('table.experiments tbody tr').length"
+        browser.wait_for(f"{FRAME} && {rows} === {len(names)}")
+        assert frame_texts(browser, "table.experiments tbody tr td:nth-child(2)") == names
+        assert "Browse" in browser.js("document.body.innerText")  # Airflow's navigation around the page
+        assert_not_blank(browser.screenshot(shots / "list.png"), "list")
+
+        # One experiment: click its link; its numbers are the model store's.
+        browser.js(f"{FRAME}.querySelector(\"a[href$='/experiments/running']\").click()")
+        browser.wait_for(
+            f"{FRAME}.location.pathname.endsWith('/running') && {FRAME}.querySelectorAll('[data-drawn]').length === 2"
+        )
+        exp_store = ExperimentStore(ui_store, "running")
+        records = [exp_store.load_aggregate(r) for r in (0, 1)]
+        assert frame_texts(browser, "td.metric") == [f"{r['metrics']['val_dice_mean']:.4f}" for r in records]
+        assert frame_texts(browser, "#progress") == ["2 of 3 rounds closed"]
+        why = browser.js(f"{FRAME}.querySelector(\"td[data-site='site-c'][data-round='1']\").title")
+        assert why == f"missing: {records[1]['missing_reasons']['site-c']}"
+        assert browser.js(f"{FRAME}.querySelectorAll('.chart canvas').length") == 2
+        assert_not_blank(browser.screenshot(shots / "experiment.png"), "experiment")
+
+        # A comparison: tick two experiments in the list and submit.
+        browser.open(f"{base}/plugin/jipfed-experiments")
+        browser.wait_for(f"{FRAME} && {FRAME}.querySelector(\"input[value='fedprox']\") !== null")
+        for name in ("fedavg", "fedprox"):
+            browser.js(f"{FRAME}.querySelector(\"input[value='{name}']\").click()")
+        browser.js(f"{FRAME}.querySelector('form').submit()")
+        browser.wait_for(
+            f"{FRAME}.location.pathname.endsWith('/compare') && {FRAME}.querySelectorAll('[data-drawn]').length === 2"
+        )
+        rows = browser.js(
+            f"Array.from({FRAME}.querySelectorAll('table.compare-values tbody tr'))"
+            ".map(tr => Array.from(tr.cells).map(td => td.textContent))"
+        )
+        expected = [
+            [
+                name,
+                *(
+                    f"{ExperimentStore(ui_store, name).load_aggregate(r)['metrics']['val_dice_mean']:.4f}"
+                    for r in (0, 1)
+                ),
+            ]
+            for name in ("fedavg", "fedprox")
+        ]
+        assert rows == expected
+        assert_not_blank(browser.screenshot(shots / "compare.png"), "compare")
