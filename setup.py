@@ -17,6 +17,7 @@ CORE = [
     "tqdm>=4.66",
     "pyyaml>=6.0",
     "cryptography>=42",  # Ed25519 signatures of updates and global models
+    "croniter>=2.0",  # model lines' schedules (jipfed.lines)
 ]
 
 #: What does the heavy work (a worker pod, or Airflow's workers in in-process mode).
@@ -43,11 +44,15 @@ AIRFLOW = [
     "apache-airflow>=2.11",
     "apache-airflow-providers-common-compat",
     "apache-airflow-providers-cncf-kubernetes",
+    "opensearch-py>=2.4",  # round records indexed for OpenSearch Dashboards (jipfed.indexing)
 ]
 
 TEST = [
     "pytest>=8",
     "pytest-timeout>=2.3",
+    "pytest-xdist>=3.6",  # the suite runs on several workers, one test file per worker
+    "jsonschema>=4.20",  # checks the model line schema against real definitions
+    "websocket-client>=1.8",  # the browser test drives headless chromium over the DevTools protocol
     "moto[server]>=5.0",
     "dicom2nifti>=2.4",
     "python-gdcm>=3.2",  # writes the JPEG lossless variant of the transfer-syntax test corpus
@@ -68,6 +73,8 @@ setup(
     # The DAG files ship inside the wheel (``jipfed.local.dags.dag_folder()`` finds them), so
     # ``jipfed demo`` and the offline bundle work from an installed package, not only a checkout.
     + ["jipfed.dags"],
+    # the experiment pages' vendored chart library (no CDN) and the Airflow 2 view's template
+    package_data={"jipfed.central": ["static/*.js", "static/uplot/*"], "jipfed.plugins": ["templates/jipfed/*.html"]},
     package_dir={"jipfed.operators": "operators", "jipfed.plugins": "plugins", "jipfed.dags": "dags"},
     install_requires=CORE,
     extras_require={

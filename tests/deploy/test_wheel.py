@@ -76,6 +76,9 @@ def test_the_wheel_carries_the_package_the_dags_and_the_plugin(wheel_venv: Path,
     where = json.loads(out.stdout)
     for key in ("jipfed", "operators", "plugin", "dags"):
         assert where[key].startswith(str(wheel_venv)), (key, where[key])
+    package = Path(where["jipfed"]).parent
+    for data in ("central/static/uplot/uPlot.iife.min.js", "central/static/uplot/LICENSE", "plugins/templates/jipfed/page.html"):
+        assert (package / data).is_file(), f"{data} is not in the wheel"
     repo_dags = sorted(p.name for p in (Path(__file__).parents[2] / "dags").glob("jipfed_*.py"))
     assert where["files"] == repo_dags
 
