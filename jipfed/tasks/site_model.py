@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -65,6 +66,7 @@ def train_local(run: SiteRun, model_dir: Path, *, evaluate: bool = True) -> str:
     """
     from jipfed.federation.experiment import ExperimentConfig
     from jipfed.federation.site_round import SiteStepError, run_site_step
+    from jipfed.lines.site import apply_case_selection
     from jipfed.training.data import SiteData
     from jipfed.training.local import LocalTrainer
 
@@ -79,6 +81,7 @@ def train_local(run: SiteRun, model_dir: Path, *, evaluate: bool = True) -> str:
         config = ExperimentConfig.from_dict(work.config)
         data = SiteData.from_dir(prepared["preprocessed_dir"], group=run.identity.site_id)
         trainer = LocalTrainer(config.train, data, device=run.identity.device)
+        selected = apply_case_selection(trainer, run.identity.data_root, work.config, run.identity.site_id)
     except ValueError as exc:
         raise TaskFailed(f"{run.where}: cannot set up local training: {exc}") from exc
     log.info(
@@ -108,6 +111,9 @@ def train_local(run: SiteRun, model_dir: Path, *, evaluate: bool = True) -> str:
         )
     except SiteStepError as exc:
         raise TaskFailed(f"{run.where}: {exc}") from exc
+    if selected:  # a model line's step: how many new and replayed cases it trained on (counts only)
+        metrics = {**encoded.manifest.metrics, **{k: float(v) for k, v in selected.items()}}
+        encoded = replace(encoded, manifest=encoded.manifest.replace(metrics=metrics))
     keep_site_state(trainer, state_path)
     (run.out_dir / UPDATE_PAYLOAD).write_bytes(encoded.payload)
     write_json(run.out_dir / TRAINED_CASES, {"n_cases": len(data)})
