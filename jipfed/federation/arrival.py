@@ -3,8 +3,11 @@
 The central checks each update once, while its bytes stream into the store
 (:class:`~jipfed.federation.payload_stream.PayloadChecker`), and records the result
 (``updates/<site>.checked``: sha256, size, delta norm) before it commits the update's manifest.
-Deciding a step reads these records, not the updates; only a committed update without a record
-for its bytes (written around the upload path) is checked from the store, once, and recorded.
+The record holds the stored object's identity (size and mtime / inode, or ETag) taken right after
+the bytes were stored. Deciding a step reads these records, not the updates; aggregating compares
+the identities (:func:`check_unchanged`) instead of hashing the bytes again, so each update is read
+once after its arrival. Only a committed update without a record for its bytes (written around the
+upload path) is checked from the store, once, and recorded.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import logging
 import tempfile
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -30,6 +34,7 @@ from jipfed.federation.round_io import (
     stored_path,
 )
 from jipfed.federation.update import TensorSpec, UpdateManifest
+from jipfed.federation.validation import UpdateRejected
 from jipfed.storage.base import StoreError, canonical_json
 from jipfed.storage.layout import validate_slug
 from jipfed.storage.state import ExperimentStore
@@ -81,9 +86,39 @@ def arrival_checker(
 
 
 def record_arrival(exp_store: ExperimentStore, check: ArrivalCheck) -> None:
-    """Store the arrival check next to the update (before its manifest commits it; a retry replaces it)."""
+    """Store the arrival check, with the stored update's identity, next to the update.
+
+    Called once the checked bytes are stored and before the update's manifest commits it (a retry
+    replaces the record).
+    """
+    identity = exp_store.store.identity(exp_store.layout.update(check.round, check.site))
     key = arrival_key(exp_store, check.round, check.site)
-    exp_store.store.put_bytes(key, canonical_json(check.to_dict()), overwrite=True)
+    record = replace(check, identity=identity).to_dict()
+    exp_store.store.put_bytes(key, canonical_json(record), overwrite=True)
+
+
+def check_unchanged(
+    exp_store: ExperimentStore, manifest: UpdateManifest, identity: Mapping[str, int | str]
+) -> None:
+    """Raise UpdateRejected unless the stored update still has the identity recorded at its arrival check.
+
+    This replaces hashing its bytes again: a rewrite (in place or by replacement, locally or on S3)
+    changes the identity (:meth:`jipfed.storage.base.ModelStore.identity`).
+    """
+    key = exp_store.layout.update(manifest.round, manifest.site)
+    try:
+        now = exp_store.store.identity(key)
+    except StoreError as exc:
+        raise UpdateRejected(
+            manifest.site, manifest.round, f"stored payload cannot be found ({exc})"
+        ) from None
+    if now != dict(identity):
+        differ = sorted(k for k in set(now) | set(identity) if now.get(k) != identity.get(k))
+        raise UpdateRejected(
+            manifest.site,
+            manifest.round,
+            f"stored payload changed since its arrival check (its {', '.join(differ)} differ)",
+        )
 
 
 def recorded_arrival(exp_store: ExperimentStore, manifest: UpdateManifest) -> ArrivalCheck | None:

@@ -1,7 +1,8 @@
 """Computing a step's output model from its decided updates (and the server strategy state).
 
 The updates are read from the store as :class:`~jipfed.federation.payload_stream.StoredUpdate`
-sources, one tensor per access, so the strategy aggregates them in the bounded-pass path of
+sources, one tensor per access, not hashed again (their stored identity is compared with the one
+recorded at their arrival check), so the strategy aggregates them in the bounded-pass path of
 :func:`jipfed.federation.aggregate.mean_weights` (or tensor by tensor for the robust reducers).
 """
 
@@ -9,10 +10,11 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from pathlib import Path
 
+from jipfed.federation.arrival import check_unchanged, recorded_arrival
 from jipfed.federation.bounds import Clip, scaled
 from jipfed.federation.codec import EncodedFile, write_global_file
 from jipfed.federation.decision import Decision
@@ -28,7 +30,8 @@ from jipfed.storage.state import ExperimentStore, IntegrityError
 
 logger = logging.getLogger(__name__)
 
-#: Threads that hash the models while they are read and written (sha256 costs more than the sum).
+#: Threads that hash the start and output models while they are read and written (sha256 costs more
+#: than the sum).
 HASH_THREADS = min(4, os.cpu_count() or 1)
 
 
@@ -67,8 +70,10 @@ def compute_output(
 ) -> tuple[EncodedFile, StrategyState | None]:
     """The step's output model (a file in ``workdir``) and, for parallel plans, the new server state.
 
-    Each included update is read once, from the store, while it is aggregated, and its bytes are
-    hashed on the way; one whose bytes changed since its arrival check is moved from
+    Each included update is read once, from the store, while it is aggregated. Its stored identity
+    (size and mtime / inode, or ETag) is compared with the one recorded at its arrival check before
+    and after the read, instead of hashing its bytes again (an update whose arrival record has no
+    identity is hashed on the way, as the start model is); one that changed since its arrival check is moved from
     ``decision.included`` to ``decision.rejected`` with the reason, ``on_exclusion(decision)`` is
     called (it raises when the step cannot go on without it, e.g. QuorumNotMet) and the others are
     aggregated again.
@@ -83,10 +88,20 @@ def compute_output(
         state: StrategyState | None = None
         with ExitStack() as stack:
             sources: list[StoredUpdate] = []
+            identities: dict[str, Mapping[str, int | str]] = {}
             for site in decision.included:
                 manifest = decision.manifests.get(site) or _stored_manifest(exp_store, ps.round, site)
+                check = recorded_arrival(exp_store, manifest)
+                if check is not None and check.identity is not None:
+                    identities[site] = check.identity
+                    check_unchanged(exp_store, manifest, check.identity)
                 path = stored_path(exp_store, lay.update(ps.round, site), workdir)
-                sources.append(stack.enter_context(StoredUpdate(path, manifest, hashing)))
+                known = site in identities  # unchanged since its arrival check: not hashed again
+                sources.append(
+                    stack.enter_context(
+                        StoredUpdate(path, manifest, None if known else hashing, digest=not known)
+                    )
+                )
             if config.plan == "parallel":
                 used: list[StoredUpdate] = sources
                 views = [
@@ -103,7 +118,10 @@ def compute_output(
                 used = []
                 weights = dict(start.tensors.items())
             for source in [*used, start]:
-                source.verify()
+                if source.digest:
+                    source.verify()
+                else:  # still the bytes checked at arrival after the read
+                    check_unchanged(exp_store, source.manifest, identities[source.site])
         order = [n for n in start.manifest.tensors if n in weights] + [
             n for n in weights if n not in start.manifest.tensors
         ]

@@ -142,17 +142,27 @@ class ArrivalCheck:
     sha256: str
     size: int
     delta_norm: float | None
+    #: The stored object's identity (:meth:`jipfed.storage.base.ModelStore.identity`) when its
+    #: bytes were checked; None when not recorded (then aggregation hashes the bytes again).
+    identity: Mapping[str, int | str] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": ARRIVAL_FORMAT, **self.__dict__}
+        data = {"format": ARRIVAL_FORMAT, **self.__dict__}
+        data["identity"] = None if self.identity is None else dict(self.identity)
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ArrivalCheck:
         """Inverse of :meth:`to_dict`; ValueError when it is not one."""
         if not isinstance(data, Mapping) or data.get("format") != ARRIVAL_FORMAT:
             raise ValueError(f"an arrival check is a JSON object with format {ARRIVAL_FORMAT}")
+        identity = data.get("identity")
+        if identity is not None and not isinstance(identity, Mapping):
+            raise ValueError("an arrival check's identity must be a JSON object")
         try:
-            return cls(data["site"], data["round"], data["sha256"], data["size"], data["delta_norm"])
+            return cls(
+                data["site"], data["round"], data["sha256"], data["size"], data["delta_norm"], identity
+            )
         except KeyError as exc:
             raise ValueError(f"arrival check lacks {exc}") from None
 
@@ -379,14 +389,23 @@ class StoredUpdate(ManifestFields):
         manifest: its manifest; ``manifest.sha256`` is the digest checked at arrival.
         hashing: hash on these background threads instead of the reading thread (``hashing``
             may also be set after opening, before the first read).
+        digest: hash the bytes read (for :meth:`verify`); False when the caller knows the file
+            is unchanged since its check in another way (its stored identity), so nothing is hashed.
 
     Raises:
         UpdateRejected: the file is missing, not safetensors, or its tensors differ from the manifest.
     """
 
-    def __init__(self, path: Path, manifest: UpdateManifest, hashing: HashPipeline | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        manifest: UpdateManifest,
+        hashing: HashPipeline | None = None,
+        *,
+        digest: bool = True,
+    ) -> None:
         self.path, self.manifest = path, manifest
-        self.hashing = hashing
+        self.hashing, self.digest = hashing, digest
         try:
             self._fd = os.open(path, os.O_RDONLY)
         except OSError as exc:
@@ -444,7 +463,9 @@ class StoredUpdate(ManifestFields):
             if n == 0:
                 raise self._reject(f"stored payload ends inside tensor {key!r} (changed since arrival)")
             got += n
-        if entry.begin == self._hashed_to:
+        if not self.digest:
+            pass
+        elif entry.begin == self._hashed_to:
             if self.hashing is None:
                 self._hash.update(view)
             else:
@@ -464,6 +485,8 @@ class StoredUpdate(ManifestFields):
 
     def verify(self) -> None:
         """Hash what was not read in order and compare with the arrival digest; UpdateRejected if changed."""
+        if not self.digest:
+            raise RuntimeError(f"{self!r} was opened with digest=False: its bytes were not hashed")
         if self.hashing is not None:
             self.hashing.wait(self._hash)
         if not self._in_order:  # read out of file order: hash the whole file again

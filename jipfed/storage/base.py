@@ -91,6 +91,10 @@ def canonical_json(obj: Any) -> bytes:
     )
 
 
+#: What identifies one stored version of an object (JSON-able): it changes when the object is rewritten.
+ObjectIdentity = dict[str, int | str]
+
+
 class ModelStore(ABC):
     """An object store holding models, manifests and experiment state.
 
@@ -119,6 +123,17 @@ class ModelStore(ABC):
     @abstractmethod
     def list(self, prefix: str = "") -> list[str]:
         """All keys starting with ``prefix`` (plain string prefix, recursive), sorted."""
+
+    @abstractmethod
+    def identity(self, key: str) -> ObjectIdentity:
+        """The identity of the object's current version, without reading it (size plus a version mark).
+
+        Equal identities mean the object was not rewritten in between, so a check of its bytes
+        still holds (local folder: size, mtime and inode; S3: size and ETag).
+
+        Raises:
+            ObjectNotFoundError: ``key`` does not exist.
+        """
 
     @abstractmethod
     def delete(self, key: str) -> None:

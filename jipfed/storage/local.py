@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import secrets
+import stat
 from datetime import timedelta
 from pathlib import Path
 from typing import BinaryIO
@@ -22,6 +23,7 @@ from jipfed.storage.base import (
     DEFAULT_URL_EXPIRY,
     ModelStore,
     ObjectExistsError,
+    ObjectIdentity,
     ObjectNotFoundError,
     PresignNotSupportedError,
     StoreError,
@@ -99,6 +101,16 @@ class LocalFolderStore(ModelStore):
             return self._path(key).read_bytes()
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise ObjectNotFoundError(key) from None
+
+    def identity(self, key: str) -> ObjectIdentity:
+        """Size, mtime (ns) and inode: a write in place changes the mtime, a replacement the inode."""
+        try:
+            st = self._path(key).stat()
+        except (FileNotFoundError, NotADirectoryError):
+            raise ObjectNotFoundError(key) from None
+        if not stat.S_ISREG(st.st_mode):
+            raise ObjectNotFoundError(key)
+        return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()

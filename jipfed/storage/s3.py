@@ -31,6 +31,7 @@ from jipfed.storage.base import (
     DEFAULT_URL_EXPIRY,
     ModelStore,
     ObjectExistsError,
+    ObjectIdentity,
     ObjectNotFoundError,
     StoreError,
     check_expiry,
@@ -198,6 +199,16 @@ class S3Store(ModelStore):
         finally:
             response.close()
             response.release_conn()
+
+    def identity(self, key: str) -> ObjectIdentity:
+        """Size and ETag (other bytes get another ETag; so may the same bytes uploaded in other parts)."""
+        try:
+            obj = self.client.stat_object(self.bucket, self._name(key))
+        except S3Error as exc:
+            if exc.code in _MISSING_CODES:
+                raise ObjectNotFoundError(key) from None
+            raise StoreError(f"cannot stat {self.uri(key)}: {exc.code}: {exc.message}") from exc
+        return {"size": int(obj.size or 0), "etag": str(obj.etag)}
 
     def exists(self, key: str) -> bool:
         return self._stat(key)

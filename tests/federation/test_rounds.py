@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -297,11 +298,17 @@ def test_codec_rejected_update_is_recorded_while_the_others_aggregate(
 
 
 def _flip_last_byte(exp_store: ExperimentStore, round_: int, site: str) -> None:
-    """Change a stored update after its arrival check (a disk error, or someone with store access)."""
+    """Change a stored update after its arrival check, as someone with store access would rewrite it.
+
+    The new bytes are written to a new file that replaces the stored one (as the store, rsync or an
+    editor write), so the stored object's identity changes (its inode) though its size does not.
+    """
     path = Path(exp_store.store.uri(exp_store.layout.update(round_, site)))
     data = bytearray(path.read_bytes())
     data[-1] ^= 0x01
-    path.write_bytes(bytes(data))
+    tmp = path.with_name(f".{path.name}.rewrite")
+    tmp.write_bytes(bytes(data))
+    os.replace(tmp, path)
 
 
 @pytest.mark.parametrize("min_sites", [2, 3])
