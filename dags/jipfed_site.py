@@ -32,6 +32,7 @@ from jipfed.operators.site import (
     identity_variable,
     report_failure_to_central,
 )
+from jipfed.operators.site.requests import AnswerRequestsOperator, SiteRequestsSensor
 
 START_DATE = dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc)
 TAGS = ["jipfed", "federated-learning", "site"]
@@ -60,8 +61,10 @@ train_local → upload_update → cleanup (teardown: deletes the run folder, nev
 `data_root`). When every series of the cohort is in the DICOM cache, `select_cohort` also runs the
 cached fetch, convert and preprocess steps and skips those tasks (one task instead of four). A failing task after the work is known reports the failure to the central.
 New DAGs start paused: unpause `jipfed_site` to accept steps the central pushes, or
-`jipfed_site_pull` to poll for them (use one of the two). One Airflow can host several sites (demo): `JIPFED_HOSTED_SITES=site-a,site-b` makes one DAG
-pair per site, reading the Variable `jipfed_site__<id>`.
+`jipfed_site_pull` to poll for them (use one of the two). Model lines' census and federated
+evaluation (the final model's score on every site) need `jipfed_site_requests` unpaused at push and
+pull sites alike: it polls the central (outbound only) and answers with numbers. One Airflow can host several sites (demo): `JIPFED_HOSTED_SITES=site-a,site-b` makes one DAG
+set per site, reading the Variable `jipfed_site__<id>`.
 """
 
 
@@ -93,7 +96,7 @@ def site_chain(work: BaseOperator, *, site_variable: str, hosted_site: str | Non
 
 
 def site_dags(hosted_site: str | None) -> list[DAG]:
-    """The push and the pull DAG of one site identity."""
+    """The push, the pull and the requests DAG of one site identity."""
     suffix = "" if hosted_site is None else f"__{hosted_site}"
     variable = identity_variable(hosted_site)
     doc = DOC.format(variable=variable)
@@ -138,7 +141,31 @@ def site_dags(hosted_site: str | None) -> list[DAG]:
             soft_fail=True,
         )
         site_chain(wait, site_variable=variable, hosted_site=hosted_site)
-    return [push, pull]
+    with DAG(
+        dag_id=f"jipfed_site_requests{suffix}",
+        description="JIP Federated site: answer the central's census and evaluation requests (numbers only)",
+        schedule="@continuous",
+        start_date=START_DATE,
+        catchup=False,
+        max_active_runs=1,
+        is_paused_upon_creation=True,
+        default_args=DEFAULT_ARGS,
+        tags=[*TAGS, "requests"],
+        doc_md=doc,
+    ) as requests:
+        chain(
+            SiteRequestsSensor(
+                task_id="wait_for_requests",
+                site_variable=variable,
+                hosted_site=hosted_site,
+                poke_interval=POLL_INTERVAL_S,
+                timeout=IDLE_TIMEOUT_S,
+            ),
+            AnswerRequestsOperator(
+                task_id="answer_requests", site_variable=variable, hosted_site=hosted_site
+            ),
+        )
+    return [push, pull, requests]
 
 
 for _hosted in hosted_sites():

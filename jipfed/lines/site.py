@@ -26,6 +26,8 @@ from jipfed.training.local import LocalTrainer
 
 if TYPE_CHECKING:
     from jipfed.central.client import CentralClient
+    from jipfed.imaging.pacs import PacsConfig
+    from jipfed.tasks.identity import SiteIdentity
 
 logger = logging.getLogger(__name__)
 
@@ -143,3 +145,38 @@ def answer_over_http(
             logger.warning("site %s: evaluation %s failed: %s", site, request.id, exc)
             client.report_request_failure("evaluate", request.id, str(exc))
     return done
+
+
+def answer_site_requests(client: CentralClient, identity: SiteIdentity, pacs: PacsConfig) -> dict[str, int]:
+    """A site's requests task: prepare its data (cached) when a request is open, then answer them all.
+
+    The data is the identity's default dataset prepared as the site DAG does (cohort → fetch →
+    convert → preprocess, every stage cached in ``data_root``). When no case is ready every open
+    request is reported as failed with the reason; a PACS that cannot be queried raises PacsError
+    (nothing reported: a retry may still answer before the deadline). Returns the counts of
+    :func:`answer_over_http` (zeros when nothing was open).
+    """
+    from jipfed.imaging.pipeline import SiteDataConfig, prepare_site
+
+    pending = client.pending_requests()
+    if not any(pending.values()):
+        return {"census": 0, "evaluate": 0}
+    cfg = SiteDataConfig(
+        site_id=identity.site_id,
+        pacs=pacs,
+        data_root=identity.data_root,
+        dataset=str(identity.default_dataset),
+        transport=identity.fetch_transport,
+        preprocess=identity.preprocess,
+    )
+    report = prepare_site(cfg, progress=False)
+    try:
+        if not report.ready_cases:
+            raise ValueError(f"no case of dataset {cfg.dataset!r} is ready (see the site's prepare report)")
+        data = SiteData.from_dir(report.preprocessed_dir, group=identity.site_id)
+    except ValueError as exc:
+        for kind, items in pending.items():
+            for item in items:
+                client.report_request_failure(kind, str(item.get("id")), f"site data not ready: {exc}")
+        raise
+    return answer_over_http(client, identity.site_id, identity.data_root, data)

@@ -104,9 +104,15 @@ def test_a_pod_mode_task_renders_its_pod_without_torch(probe: dict[str, Any]) ->
 def test_the_site_dags_parse(probe: dict[str, Any]) -> None:
     site_errors = {path: text for path, text in probe["errors"].items() if path.endswith("jipfed_site.py")}
     assert site_errors == {}
-    assert {"jipfed_site", "jipfed_site_pull"} <= set(probe["dag_ids"])
+    assert {"jipfed_site", "jipfed_site_pull", "jipfed_site_requests"} <= set(probe["dag_ids"])
 
 
 def test_the_dag_folder_has_no_import_errors(probe: dict[str, Any]) -> None:
     assert probe["errors"] == {}
-    assert probe["dag_ids"] == ["jipfed_central", "jipfed_nightly", "jipfed_site", "jipfed_site_pull"]
+    assert probe["dag_ids"] == [
+        "jipfed_central",
+        "jipfed_nightly",
+        "jipfed_site",
+        "jipfed_site_pull",
+        "jipfed_site_requests",
+    ]
