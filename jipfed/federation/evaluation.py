@@ -200,3 +200,45 @@ def weighted_metrics(answers: Mapping[str, Mapping[str, Any]], label: str) -> di
             sums[metric] = sums.get(metric, 0.0) + n * float(value)
             counts[metric] = counts.get(metric, 0) + n
     return {metric: sums[metric] / counts[metric] for metric in sums if counts[metric]}
+
+
+#: The federated evaluation of an experiment's final model: ``experiments/<exp>/evaluation/final/``.
+FINAL = "final"
+
+
+def request_final_evaluation(
+    exp_store: ExperimentStore, timeout_s: float | None = None, now: datetime | None = None
+) -> SiteRequest:
+    """Ask every site of the finished experiment to score its final model (label ``final``); idempotent.
+
+    ``timeout_s`` defaults to the experiment's ``round_timeout_s``. Raises ObjectNotFoundError
+    before the experiment was finalized.
+    """
+    from safetensors.torch import load as load_tensors
+
+    from jipfed.federation.finalize import FINAL_MODEL
+
+    config = exp_store.load_config()
+    payload = exp_store.store.get_bytes(exp_store.layout.final(f"{FINAL_MODEL}.safetensors"))
+    return request_evaluation(
+        exp_store,
+        FINAL,
+        {FINAL: load_tensors(payload)},
+        sites=list(config["sites"]),
+        timeout_s=float(timeout_s if timeout_s is not None else config.get("round_timeout_s", 3600.0)),
+        now=now,
+    )
+
+
+def collect_final_evaluations(store: ModelStore, now: datetime | None = None) -> list[str]:
+    """Write the summary of every open final-model evaluation that is complete (all sites answered
+    or failed, or its deadline passed); returns the experiments summarised now."""
+    done = []
+    for key in store.list(f"{site_requests.INDEX_PREFIX}evaluate/"):
+        prefix = str(store.get_json(key)["prefix"])
+        if not prefix.endswith(f"/evaluation/{FINAL}"):
+            continue  # another evaluation (a model line's release check collects its own)
+        request = site_requests.load_request(store, prefix)
+        if summarise(store, request, now) is not None:
+            done.append(str(request.body["experiment"]))
+    return done

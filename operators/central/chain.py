@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from jipfed.operators.central._common import DEFAULT_STORE_CONN_ID, open_experiment, step_number
-from jipfed.operators.central.report import write_report
+from jipfed.operators.central.report import refresh_html_reports, write_report
 from jipfed.operators.compat import BaseOperator, Context, TriggerDagRunOperator
 
 
@@ -86,31 +86,53 @@ class NextStepOperator(TriggerDagRunOperator):
 
 
 class FinalizeOperator(BaseOperator):
-    """``rounds.finalize``: publish the final model, card and metrics under ``final/``; write the report.
+    """``rounds.finalize``: publish the final model, card and metrics under ``final/``; write the reports.
 
+    Then asks every site to score the final model (federated evaluation ``final``, answered by the
+    sites' ``jipfed_site_requests`` DAG) without waiting: the experiment finishes now, and a later
+    RecordMetrics run (of any experiment in the store) collects the summary
+    (``evaluation/final/summary.json``) and rewrites the HTML report ``final/report.html``.
     Idempotent: a finished experiment returns its stored model card.
 
     Args:
         experiment: Experiment name (templated).
         model_store_conn_id: Connection of the model store (templated).
+        evaluation_timeout_s: how long the sites may take to score the final model (default the
+            experiment's ``round_timeout_s``).
     """
 
     template_fields: Sequence[str] = ("experiment", "model_store_conn_id")
     ui_color = "#e6ffe6"
 
     def __init__(
-        self, *, experiment: str, model_store_conn_id: str = DEFAULT_STORE_CONN_ID, **kwargs: Any
+        self,
+        *,
+        experiment: str,
+        model_store_conn_id: str = DEFAULT_STORE_CONN_ID,
+        evaluation_timeout_s: float | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.experiment = experiment
         self.model_store_conn_id = model_store_conn_id
+        self.evaluation_timeout_s = evaluation_timeout_s
 
     def execute(self, context: Context) -> dict[str, Any]:
+        from jipfed.federation.evaluation import request_final_evaluation
         from jipfed.federation.rounds import FINAL_MODEL, MODEL_CARD, finalize
 
         exp_store = open_experiment(self.model_store_conn_id, self.experiment)
         card = finalize(exp_store)
         report = write_report(exp_store)
+        request = request_final_evaluation(exp_store, self.evaluation_timeout_s)
+        self.log.info(
+            "experiment %s: sites %s asked to score the final model until %s (evaluation %s)",
+            self.experiment,
+            list(request.sites),
+            request.deadline.isoformat(timespec="seconds"),
+            request.id,
+        )
+        html = refresh_html_reports(exp_store)
         model_key = exp_store.layout.final(f"{FINAL_MODEL}.safetensors")
         self.log.info("experiment %s, rounds:\n%s", self.experiment, report["table"])
         self.log.info(
@@ -121,4 +143,4 @@ class FinalizeOperator(BaseOperator):
             exp_store.store,
             exp_store.layout.final(MODEL_CARD),
         )
-        return {"final_model": model_key, "model_card": card}
+        return {"final_model": model_key, "model_card": card, "report_html": html}

@@ -9,6 +9,7 @@ card stay under ``final/`` (write-once).
 
 from __future__ import annotations
 
+import logging
 import math
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -16,12 +17,16 @@ from pathlib import Path
 from typing import Any
 
 from jipfed.operators.central._common import DEFAULT_STORE_CONN_ID, open_experiment
-from jipfed.operators.compat import BaseOperator, Context
+from jipfed.operators.compat import AirflowNotFoundException, BaseHook, BaseOperator, Context
 
 from jipfed.reporting import plot_rounds, write_json, write_rounds_csv
 from jipfed.storage.state import ExperimentStore
 
+logger = logging.getLogger(__name__)
+
 REPORT_DIR = "report/"
+#: The OpenSearch Connection RecordMetrics indexes the round records with, when it exists.
+DEFAULT_OPENSEARCH_CONN_ID = "jipfed_opensearch_default"
 #: Metrics the table and the plot prefer, in order (the first one present is plotted).
 PLOT_METRICS = ("val_dice_mean", "val_auc", "train_loss")
 TABLE_METRICS = ("val_dice_mean", "val_auc", "train_loss")
@@ -120,22 +125,74 @@ class RecordMetricsOperator(BaseOperator):
     Writes ``metrics.json``, ``metrics.csv`` and a plot under ``experiments/<exp>/report/``
     (overwritten each step) and returns the report's store keys.
 
+    Also collects complete final-model evaluations and rewrites their HTML reports
+    (:func:`refresh_html_reports`) and, when the Connection ``opensearch_conn_id`` exists, indexes
+    the experiment's round records in OpenSearch (down → logged, caught up by a later run).
+
     Args:
         experiment: Experiment name (templated).
         model_store_conn_id: Connection of the model store (templated).
+        opensearch_conn_id: OpenSearch Connection (optional; absent → no indexing).
     """
 
-    template_fields: Sequence[str] = ("experiment", "model_store_conn_id")
+    template_fields: Sequence[str] = ("experiment", "model_store_conn_id", "opensearch_conn_id")
 
     def __init__(
-        self, *, experiment: str, model_store_conn_id: str = DEFAULT_STORE_CONN_ID, **kwargs: Any
+        self,
+        *,
+        experiment: str,
+        model_store_conn_id: str = DEFAULT_STORE_CONN_ID,
+        opensearch_conn_id: str = DEFAULT_OPENSEARCH_CONN_ID,
+        **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.experiment = experiment
         self.model_store_conn_id = model_store_conn_id
+        self.opensearch_conn_id = opensearch_conn_id
 
     def execute(self, context: Context) -> dict[str, str]:
-        report = write_report(open_experiment(self.model_store_conn_id, self.experiment))
+        exp_store = open_experiment(self.model_store_conn_id, self.experiment)
+        report = write_report(exp_store)
         self.log.info("experiment %s, rounds so far:\n%s", self.experiment, report["table"])
         self.log.info("experiment %s: report written to %s", self.experiment, sorted(report["keys"].values()))
+        refresh_html_reports(exp_store)
+        index_rounds(exp_store, self.opensearch_conn_id)
         return report["keys"]
+
+
+def refresh_html_reports(exp_store: ExperimentStore) -> str | None:
+    """Collect the final-model evaluations that are complete (any experiment in the store) and
+    rewrite their experiments' HTML reports, and ``exp_store``'s when it is finished.
+
+    Returns the key of ``exp_store``'s HTML report when it has a final model, else None.
+    """
+    from jipfed.central.ui_pages import write_report as write_html_report
+    from jipfed.federation.evaluation import collect_final_evaluations
+    from jipfed.federation.finalize import FINAL_MODEL
+
+    store = exp_store.store
+    for experiment in collect_final_evaluations(store):
+        if experiment != exp_store.experiment:
+            key = write_html_report(ExperimentStore(store, experiment))
+            logger.info(
+                "experiment %s: final model scored on its sites; report %s rewritten", experiment, key
+            )
+    if not store.exists(exp_store.layout.final(f"{FINAL_MODEL}.safetensors")):
+        return None
+    return write_html_report(exp_store)
+
+
+def index_rounds(exp_store: ExperimentStore, conn_id: str) -> int | None:
+    """Index the experiment's round records in OpenSearch when the Connection ``conn_id`` exists.
+
+    OpenSearch down or refusing never fails the task (the next run catches up); a Connection with
+    unknown extra fields is a configuration error and fails it.
+    """
+    from jipfed.indexing.opensearch import index_quietly, settings_from_connection
+
+    try:
+        conn = BaseHook.get_connection(conn_id)
+    except AirflowNotFoundException:
+        return None
+    settings = settings_from_connection(conn.host, conn.port, conn.login, conn.password, conn.extra_dejson)
+    return index_quietly(settings, exp_store)
