@@ -31,7 +31,8 @@ read + written per second. Flower runs in its own venv, ``.venv-flwr``, created 
 
 * ``aggregate_step``: the central's whole step on a local store whose updates were accepted
   (checked once at arrival, not timed; the median arrival check per update is printed): decide
-  from the arrival records, read each stored update once (hashed on the way) in bounded passes,
+  from the arrival records, read each stored update once (not hashed again: its stored identity is
+  compared with the one recorded at arrival) in bounded passes,
   write the global model. Compared with Flower loading and averaging the same stored files, cold,
   each in a fresh process. Its peak memory (VmHWM growth, exact, no sampling) is measured for 4 and
   16 sites, each in a fresh process. The goals print as PASS / MISS lines: aggregate_step >= 5x

@@ -97,28 +97,58 @@ def record_arrival(exp_store: ExperimentStore, check: ArrivalCheck) -> None:
     exp_store.store.put_bytes(key, canonical_json(record), overwrite=True)
 
 
+def unchanged_identity(
+    exp_store: ExperimentStore, manifest: UpdateManifest
+) -> Mapping[str, int | str] | None:
+    """The identity recorded at the arrival check of this manifest's bytes, if the stored update still has it.
+
+    Then the update is still the bytes checked at arrival and needs no hashing again: a rewrite (in
+    place or by replacement, locally or on S3) changes the identity
+    (:meth:`jipfed.storage.base.ModelStore.identity`). None (logged) when no identity was recorded
+    or it differs, e.g. the store was copied elsewhere: the caller hashes the bytes again.
+    """
+    check = recorded_arrival(exp_store, manifest)
+    change = "no identity was recorded" if check is None or check.identity is None else None
+    if check is not None and check.identity is not None:
+        change = _identity_change(exp_store, manifest, check.identity)
+        if change is None:
+            return check.identity
+    logger.info(
+        "experiment %s: round %d: the stored update of %s: %s since its arrival check; hashing it again",
+        exp_store.experiment,
+        manifest.round,
+        manifest.site,
+        change,
+    )
+    return None
+
+
 def check_unchanged(
     exp_store: ExperimentStore, manifest: UpdateManifest, identity: Mapping[str, int | str]
 ) -> None:
-    """Raise UpdateRejected unless the stored update still has the identity recorded at its arrival check.
-
-    This replaces hashing its bytes again: a rewrite (in place or by replacement, locally or on S3)
-    changes the identity (:meth:`jipfed.storage.base.ModelStore.identity`).
-    """
-    key = exp_store.layout.update(manifest.round, manifest.site)
-    try:
-        now = exp_store.store.identity(key)
-    except StoreError as exc:
+    """Raise UpdateRejected unless the stored update still has ``identity`` (after reading it)."""
+    change = _identity_change(exp_store, manifest, identity)
+    if change is not None:
         raise UpdateRejected(
-            manifest.site, manifest.round, f"stored payload cannot be found ({exc})"
-        ) from None
-    if now != dict(identity):
-        differ = sorted(k for k in set(now) | set(identity) if now.get(k) != identity.get(k))
-        raise UpdateRejected(
-            manifest.site,
-            manifest.round,
-            f"stored payload changed since its arrival check (its {', '.join(differ)} differ)",
+            manifest.site, manifest.round, f"stored payload changed since its arrival check ({change})"
         )
+
+
+def _identity_change(
+    exp_store: ExperimentStore, manifest: UpdateManifest, identity: Mapping[str, int | str]
+) -> str | None:
+    """How the stored update's identity differs from ``identity``; None when it is the same."""
+    try:
+        now = exp_store.store.identity(exp_store.layout.update(manifest.round, manifest.site))
+    except StoreError as exc:
+        return f"its identity cannot be read ({exc})"
+    if now == dict(identity):
+        return None
+    return (
+        "its "
+        + ", ".join(sorted(k for k in set(now) | set(identity) if now.get(k) != identity.get(k)))
+        + " changed"
+    )
 
 
 def recorded_arrival(exp_store: ExperimentStore, manifest: UpdateManifest) -> ArrivalCheck | None:

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from pathlib import Path
 
-from jipfed.federation.arrival import check_unchanged, recorded_arrival
+from jipfed.federation.arrival import check_unchanged, unchanged_identity
 from jipfed.federation.bounds import Clip, scaled
 from jipfed.federation.codec import EncodedFile, write_global_file
 from jipfed.federation.decision import Decision
@@ -72,8 +72,9 @@ def compute_output(
 
     Each included update is read once, from the store, while it is aggregated. Its stored identity
     (size and mtime / inode, or ETag) is compared with the one recorded at its arrival check before
-    and after the read, instead of hashing its bytes again (an update whose arrival record has no
-    identity is hashed on the way, as the start model is); one that changed since its arrival check is moved from
+    and after the read, instead of hashing its bytes again; an update whose identity is not the
+    recorded one (or none was recorded) is hashed on the way, as the start model is, and compared
+    with its arrival digest. One that changed since its arrival check is moved from
     ``decision.included`` to ``decision.rejected`` with the reason, ``on_exclusion(decision)`` is
     called (it raises when the step cannot go on without it, e.g. QuorumNotMet) and the others are
     aggregated again.
@@ -91,12 +92,11 @@ def compute_output(
             identities: dict[str, Mapping[str, int | str]] = {}
             for site in decision.included:
                 manifest = decision.manifests.get(site) or _stored_manifest(exp_store, ps.round, site)
-                check = recorded_arrival(exp_store, manifest)
-                if check is not None and check.identity is not None:
-                    identities[site] = check.identity
-                    check_unchanged(exp_store, manifest, check.identity)
+                identity = unchanged_identity(exp_store, manifest)
+                known = identity is not None  # still the bytes checked at arrival: not hashed again
+                if identity is not None:
+                    identities[site] = identity
                 path = stored_path(exp_store, lay.update(ps.round, site), workdir)
-                known = site in identities  # unchanged since its arrival check: not hashed again
                 sources.append(
                     stack.enter_context(
                         StoredUpdate(path, manifest, None if known else hashing, digest=not known)

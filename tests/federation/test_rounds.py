@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -311,9 +313,12 @@ def _flip_last_byte(exp_store: ExperimentStore, round_: int, site: str) -> None:
     os.replace(tmp, path)
 
 
+REHASHED = "since its arrival check; hashing it again"
+
+
 @pytest.mark.parametrize("min_sites", [2, 3])
 def test_an_update_changed_after_its_arrival_check_is_excluded_while_aggregating(
-    tmp_path: Path, trainers: dict[str, LocalTrainer], min_sites: int
+    tmp_path: Path, trainers: dict[str, LocalTrainer], min_sites: int, caplog: pytest.LogCaptureFixture
 ) -> None:
     exp_store = new_store(tmp_path)
     start_experiment(exp_store, config(min_sites=min_sites))
@@ -324,6 +329,7 @@ def test_an_update_changed_after_its_arrival_check_is_excluded_while_aggregating
     checked = exp_store.store.get_json(arrival_key(exp_store, 0, "site-b"))
     assert (checked["sha256"], checked["site"]) == (manifest["sha256"], "site-b")  # recorded at arrival
     _flip_last_byte(exp_store, 0, "site-b")
+    caplog.set_level(logging.INFO, logger="jipfed.federation.arrival")
     if min_sites == 3:  # without site-b the quorum is missed: nothing is written
         before = listing(exp_store)
         with pytest.raises(QuorumNotMet, match="quorum not met"):
@@ -337,6 +343,26 @@ def test_an_update_changed_after_its_arrival_check_is_excluded_while_aggregating
     assert stored["included"] == ["site-a", "site-c"] and "changed since" in stored["rejected"]["site-b"]
     assert stored["n_samples"] == sum(stored["sites"][s]["n_samples"] for s in ("site-a", "site-c"))
     assert all(torch.isfinite(t).all() for t in _weights(exp_store, open_step(exp_store, 1)).values())
+    # only the rewritten update (new inode) was hashed again; the others by their recorded identity
+    rehashed = [m for m in caplog.messages if REHASHED in m]
+    assert len(rehashed) == 1 and "site-b: its inode" in rehashed[0]
+
+
+def test_a_copied_store_aggregates_every_update_after_hashing_it_again(
+    tmp_path: Path, trainers: dict[str, LocalTrainer], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A store restored or moved elsewhere (new inodes, same bytes) loses no update."""
+    exp_store = new_store(tmp_path / "store")
+    start_experiment(exp_store, config(min_sites=3))
+    ticket = open_step(exp_store, 0)
+    for site in SITES:
+        upload(exp_store, ticket, site, trainers[site])
+    shutil.copytree(tmp_path / "store", tmp_path / "copy")
+    copied = new_store(tmp_path / "copy")
+    caplog.set_level(logging.INFO, logger="jipfed.federation.arrival")
+    record = aggregate_step(copied, 0)
+    assert record.included == SITES and not record.rejected
+    assert sum(REHASHED in m for m in caplog.messages) == len(SITES)
 
 
 def _weights(exp_store: ExperimentStore, ticket: StepTicket) -> dict[str, torch.Tensor]:
