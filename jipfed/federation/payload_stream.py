@@ -12,8 +12,10 @@ that a payload whose bytes do not match the manifest's sha256 is always reported
 
 :class:`StoredUpdate` reads a stored payload file back for aggregation, one tensor per access
 (``os.preadv`` into a fresh buffer: no memory map, so nothing but the tensor being read counts in
-the process's memory), and hashes the bytes as they are read. Read in file order (the order its
-``tensors`` mapping iterates in), the file is hashed in the same single read; :meth:`StoredUpdate.verify`
+the process's memory). Aggregation opens an update whose stored identity is still the one recorded
+at its arrival check with ``digest=False``: its bytes are not hashed again. Otherwise (and for the
+start model) the bytes are hashed as they are read: read in file order (the order its ``tensors``
+mapping iterates in), the file is hashed in the same single read; :meth:`StoredUpdate.verify`
 hashes what was not read and compares the digest with the one recorded at arrival.
 """
 

@@ -35,6 +35,7 @@ from jipfed.federation.update import ModelUpdate, UpdateManifest, spec_of
 from jipfed.federation.validation import ExpectedUpdate
 from jipfed.storage.local import LocalFolderStore
 from jipfed.storage.state import ConfigConflictError, ExperimentStore, Status, sha256_hex
+from jipfed.testing.s3 import S3TestServer
 from jipfed.training.config import TrainConfig
 from jipfed.training.data import SiteData
 from jipfed.training.local import LocalTrainer
@@ -363,6 +364,27 @@ def test_a_copied_store_aggregates_every_update_after_hashing_it_again(
     record = aggregate_step(copied, 0)
     assert record.included == SITES and not record.rejected
     assert sum(REHASHED in m for m in caplog.messages) == len(SITES)
+
+
+def test_an_s3_object_rewritten_after_its_arrival_check_is_hashed_again_and_excluded(
+    tmp_path: Path, trainers: dict[str, LocalTrainer], caplog: pytest.LogCaptureFixture
+) -> None:
+    """On S3 the identity is size + ETag: the rewritten object is hashed again, the others are not."""
+    with S3TestServer() as server:
+        exp_store = ExperimentStore(server.make_store(prefix="fed"), "exp1")
+        start_experiment(exp_store, config(min_sites=2))
+        ticket = open_step(exp_store, 0)
+        for site in SITES:
+            upload(exp_store, ticket, site, trainers[site])
+        key = exp_store.layout.update(0, "site-b")
+        data = bytearray(exp_store.store.get_bytes(key))
+        data[-1] ^= 0x01
+        exp_store.store.put_bytes(key, bytes(data), overwrite=True)
+        caplog.set_level(logging.INFO, logger="jipfed.federation.arrival")
+        record = aggregate_step(exp_store, 0)
+    assert record.included == ("site-a", "site-c") and "changed since" in record.rejected["site-b"]
+    rehashed = [m for m in caplog.messages if REHASHED in m]
+    assert len(rehashed) == 1 and "site-b: its etag changed" in rehashed[0]
 
 
 def _weights(exp_store: ExperimentStore, ticket: StepTicket) -> dict[str, torch.Tensor]:
