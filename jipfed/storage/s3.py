@@ -25,6 +25,7 @@ from typing import BinaryIO
 
 import urllib3
 from minio import Minio
+from minio.datatypes import Object
 from minio.error import S3Error
 
 from jipfed.storage.base import (
@@ -143,20 +144,20 @@ class S3Store(ModelStore):
     def uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._name(key)}"
 
-    def _stat(self, key: str) -> bool:
+    def _stat(self, key: str) -> Object | None:
+        """The object's metadata; None when it does not exist."""
         try:
-            self.client.stat_object(self.bucket, self._name(key))
+            return self.client.stat_object(self.bucket, self._name(key))
         except S3Error as exc:
             if exc.code in _MISSING_CODES:
-                return False
+                return None
             raise StoreError(f"cannot stat {self.uri(key)}: {exc.code}: {exc.message}") from exc
-        return True
 
     def put_stream(self, key: str, stream: BinaryIO, length: int, *, overwrite: bool = False) -> None:
         name = self._name(key)
         if length < 0:
             raise ValueError(f"length for {key!r} must be >= 0, got {length}")
-        if not overwrite and self._stat(key):
+        if not overwrite and self._stat(key) is not None:
             raise ObjectExistsError(key)
         if not overwrite and length <= CONDITIONAL_PUT_MAX_BYTES:
             self._put_if_absent(key, stream, length)
@@ -202,16 +203,13 @@ class S3Store(ModelStore):
 
     def identity(self, key: str) -> ObjectIdentity:
         """Size and ETag (other bytes get another ETag; so may the same bytes uploaded in other parts)."""
-        try:
-            obj = self.client.stat_object(self.bucket, self._name(key))
-        except S3Error as exc:
-            if exc.code in _MISSING_CODES:
-                raise ObjectNotFoundError(key) from None
-            raise StoreError(f"cannot stat {self.uri(key)}: {exc.code}: {exc.message}") from exc
+        obj = self._stat(key)
+        if obj is None:
+            raise ObjectNotFoundError(key)
         return {"size": int(obj.size or 0), "etag": str(obj.etag)}
 
     def exists(self, key: str) -> bool:
-        return self._stat(key)
+        return self._stat(key) is not None
 
     def list(self, prefix: str = "") -> list[str]:
         validate_prefix(prefix)
