@@ -299,7 +299,8 @@ class LocalFederation:
                 seen = len(state.history)
                 if state.status in (Status.FINISHED, Status.FAILED):
                     return state.status
-            failed = [r for r in self.central_runs() if r["state"] == "failed"]
+            # only this experiment's runs: another experiment's failure is not this one's
+            failed = [r for r in self.central_runs(experiment) if r["state"] == "failed"]
             if failed:
                 logs = (
                     self.airflow.failed_task_logs(CENTRAL_DAG, failed[-1]["dag_run_id"])
@@ -324,9 +325,10 @@ class LocalFederation:
             time.sleep(0.5)
         raise TimeoutError(f"experiment {experiment!r}: step {step} not complete after {timeout_s:.0f} s")
 
-    def central_runs(self) -> list[dict[str, Any]]:
-        """The central DAG's runs, oldest first."""
-        return list(self._runs(CENTRAL_DAG))
+    def central_runs(self, experiment: str | None = None) -> list[dict[str, Any]]:
+        """The central DAG's runs (of ``experiment`` only, if given), oldest first."""
+        runs = self._runs(CENTRAL_DAG)
+        return [r for r in runs if experiment is None or (r.get("conf") or {}).get("experiment") == experiment]
 
     def _runs(self, dag_id: str) -> Iterator[dict[str, Any]]:
         data = self.client.request(
