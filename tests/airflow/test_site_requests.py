@@ -37,6 +37,8 @@ from tests.airflow.test_site_dag import (
     TRAIN,
     Central,
     assert_nothing_identifying_was_sent,
+    dags_of,
+    load_dag_module,
     require,
     site_env,
 )
@@ -44,6 +46,18 @@ from tests.airflow.test_site_dag import (
 # the site DAG tests' fixtures: the same S3 and central endpoint, Orthanc, DAGs folder, Airflow home
 s3, central, synth_dicom, pacs = site_dag.s3, site_dag.central, site_dag.synth_dicom, site_dag.pacs
 dags_folder, airflow_homes = site_dag.dags_folder, site_dag.airflow_homes
+
+
+def test_each_site_identity_has_a_requests_dag(monkeypatch: pytest.MonkeyPatch) -> None:
+    dags = dags_of(load_dag_module(monkeypatch, "site-a,site-b"))
+    for site in ("site-a", "site-b"):
+        dag = dags[f"jipfed_site_requests__{site}"]
+        assert str(dag.schedule) == "@continuous" and dag.max_active_runs == 1 and dag.is_paused_upon_creation
+        wait, answer = dag.get_task("wait_for_requests"), dag.get_task("answer_requests")
+        assert wait.downstream_task_ids == {"answer_requests"} and not answer.downstream_task_ids
+        assert wait.mode == "reschedule" and wait.soft_fail and wait.timeout == 3600
+        assert {(t.site_variable, t.hosted_site) for t in dag.tasks} == {(f"jipfed_site__{site}", site)}
+        assert answer.work_task_id is None  # a request is not a training step: no work item
 
 
 @pytest.mark.slow
