@@ -120,17 +120,21 @@ def site_dags(hosted_site: str | None) -> list[DAG]:
     ) as push:
         work = GetWorkOperator(task_id="get_work", site_variable=variable, hosted_site=hosted_site)
         site_chain(work, site_variable=variable, hosted_site=hosted_site)
+    # the polling DAGs: always one run that waits for the central, started by the scheduler
+    polling = {
+        "schedule": "@continuous",
+        "start_date": START_DATE,
+        "catchup": False,
+        "max_active_runs": 1,
+        "is_paused_upon_creation": True,
+        "default_args": DEFAULT_ARGS,
+        "doc_md": doc,
+    }
     with DAG(
         dag_id=f"jipfed_site_pull{suffix}",
         description="JIP Federated site: poll the central for work and answer it (pull)",
-        schedule="@continuous",
-        start_date=START_DATE,
-        catchup=False,
-        max_active_runs=1,
-        is_paused_upon_creation=True,
-        default_args=DEFAULT_ARGS,
         tags=[*TAGS, "pull"],
-        doc_md=doc,
+        **polling,
     ) as pull:
         wait = CentralWorkSensor(
             task_id="wait_for_work",
@@ -144,14 +148,8 @@ def site_dags(hosted_site: str | None) -> list[DAG]:
     with DAG(
         dag_id=f"jipfed_site_requests{suffix}",
         description="JIP Federated site: answer the central's census and evaluation requests (numbers only)",
-        schedule="@continuous",
-        start_date=START_DATE,
-        catchup=False,
-        max_active_runs=1,
-        is_paused_upon_creation=True,
-        default_args=DEFAULT_ARGS,
         tags=[*TAGS, "requests"],
-        doc_md=doc,
+        **polling,
     ) as requests:
         chain(
             SiteRequestsSensor(

@@ -8,7 +8,9 @@ data (cached, as the site DAG does) and answers every open request through the c
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from jipfed.operators.compat import (
     AirflowException,
@@ -25,6 +27,12 @@ from jipfed.operators.site.identity import IDENTITY_VARIABLE, load_identity
 from jipfed.operators.triggers.central_work import is_permanent
 
 from jipfed.central.client import CentralError
+
+if TYPE_CHECKING:
+    from jipfed.central.client import CentralClient
+    from jipfed.tasks.identity import SiteIdentity
+
+T = TypeVar("T")
 
 
 def open_counts(pending: dict[str, list[dict[str, Any]]]) -> dict[str, int]:
@@ -63,20 +71,25 @@ class SiteRequestsSensor(BaseSensorOperator):
 
     def poke(self, context: Context) -> bool | PokeReturnValue:
         identity = load_identity(self.site_variable, self.hosted_site)
-        try:
-            pending = CentralHook(identity.central_conn_id).get_conn().pending_requests()
-        except CentralError as exc:
-            if is_permanent(exc):
-                raise CentralWorkError(
-                    f"site {identity.site_id!r}: the central refused the poll: {exc}"
-                ) from exc
-            self.log.warning("site %s: central not reachable, poking on: %s", identity.site_id, exc)
-            return False
-        counts = open_counts(pending)
+        pending = poll_central(identity, lambda client: client.pending_requests(), self.log)
+        counts = open_counts(pending or {})
         if not any(counts.values()):
             return False
         self.log.info("site %s: open requests %s", identity.site_id, counts)
         return PokeReturnValue(is_done=True, xcom_value=counts)
+
+
+def poll_central(identity: SiteIdentity, ask: Callable[[CentralClient], T], log: logging.Logger) -> T | None:
+    """``ask`` the central (through the identity's Connection); None when it cannot be reached now
+    (logged: the sensor pokes on). A refusal (bad token, wrong URL) raises CentralWorkError, so
+    ``soft_fail`` does not turn it into a skip."""
+    try:
+        return ask(CentralHook(identity.central_conn_id).get_conn())
+    except CentralError as exc:
+        if is_permanent(exc):
+            raise CentralWorkError(f"site {identity.site_id!r}: the central refused the poll: {exc}") from exc
+        log.warning("site %s: central not reachable, poking on: %s", identity.site_id, exc)
+        return None
 
 
 class AnswerRequestsOperator(SiteOperator):
