@@ -106,7 +106,7 @@ def test_site_dags_structure(monkeypatch: pytest.MonkeyPatch) -> None:
     from jipfed.operators.site import report_failure_to_central
 
     dags = dags_of(load_dag_module(monkeypatch, None))
-    assert sorted(dags) == ["jipfed_site", "jipfed_site_pull"]
+    assert sorted(dags) == ["jipfed_site", "jipfed_site_pull", "jipfed_site_requests"]
     push, pull = dags["jipfed_site"], dags["jipfed_site_pull"]
     steps = [*DATA_CHAIN, "train_local", "upload_update", "cleanup"]
     assert linear_order(push) == ["get_work", *steps]
@@ -141,13 +141,15 @@ def test_site_dags_structure(monkeypatch: pytest.MonkeyPatch) -> None:
     assert sensor.deferrable and sensor.soft_fail and sensor.timeout == 3600 and sensor.poke_interval == 30
 
 
-def test_hosted_sites_make_one_dag_pair_each(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_hosted_sites_make_one_dag_set_each(monkeypatch: pytest.MonkeyPatch) -> None:
     dags = dags_of(load_dag_module(monkeypatch, "site-a, site-b"))
     assert sorted(dags) == [
         "jipfed_site__site-a",
         "jipfed_site__site-b",
         "jipfed_site_pull__site-a",
         "jipfed_site_pull__site-b",
+        "jipfed_site_requests__site-a",
+        "jipfed_site_requests__site-b",
     ]
     for site in ("site-a", "site-b"):
         for dag_id in (f"jipfed_site__{site}", f"jipfed_site_pull__{site}"):
