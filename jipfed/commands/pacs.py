@@ -20,7 +20,7 @@ from types import FrameType
 
 from jipfed.imaging.dicomweb import upload_folder
 from jipfed.imaging.pacs import PacsConfig, PacsError
-from jipfed.testing.orthanc import OrthancError, OrthancServer
+from jipfed.local.orthanc import OrthancError, OrthancServer
 
 log = logging.getLogger(__name__)
 

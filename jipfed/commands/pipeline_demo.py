@@ -27,8 +27,8 @@ from jipfed.imaging.dicomweb import upload_folder
 from jipfed.imaging.pacs import PacsError
 from jipfed.imaging.pipeline import TRANSPORTS, PrepareReport, SiteDataConfig, prepare_site
 from jipfed.imaging.synth import DEFAULT_SHAPE, ORIENTATIONS, default_site_profiles, write_dataset
+from jipfed.local.orthanc import OrthancError, OrthancServer
 from jipfed.simulation import SimulationResult, simulate
-from jipfed.testing.orthanc import OrthancError, OrthancServer
 from jipfed.training.config import TrainConfig
 from jipfed.training.data import SiteData
 
