@@ -213,12 +213,25 @@ def epoch_equivalents(records: Sequence[Mapping[str, Any]]) -> list[float | None
 
 
 def final_evaluation(exp_store: ExperimentStore) -> dict[str, Any] | None:
-    """The final model's federated evaluation summary (None: not scored yet)."""
-    key = f"{exp_store.layout.prefix}evaluation/{FINAL_EVALUATION}/summary.json"
+    """The final model's federated evaluation summary (None: not asked for).
+
+    Before the summary is written (by the central's next ``record_metrics``), the sites' answers
+    so far are shown, with the sites still ``waiting``; nothing is written here.
+    """
+    from jipfed.federation import site_requests
+    from jipfed.federation.evaluation import evaluation_prefix, provisional_summary
+
+    prefix = evaluation_prefix(exp_store, FINAL_EVALUATION)
+    key = f"{prefix}/summary.json"
     try:
         return json_object(exp_store.store.get_json(key), key)
     except ObjectNotFoundError:
+        pass
+    try:
+        request = site_requests.load_request(exp_store.store, prefix)
+    except ObjectNotFoundError:
         return None
+    return provisional_summary(exp_store.store, request)
 
 
 def final_model(exp_store: ExperimentStore) -> dict[str, Any] | None:

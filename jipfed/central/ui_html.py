@@ -326,6 +326,9 @@ def _scores(evaluation: Mapping[str, Any]) -> str:
     failed = evaluation.get("failed", {})
     if failed:
         parts.append(f"<p>Not scored at: {_reasons(failed)}</p>")
+    waiting = evaluation.get("waiting", [])
+    if waiting:
+        parts.append(f"<p>Still scoring at: {e(', '.join(waiting))} (answers so far are shown).</p>")
     return "".join(parts)
 
 

@@ -177,17 +177,26 @@ def summarise(store: ModelStore, request: SiteRequest, now: datetime | None = No
     answers, failures, waiting = site_requests.collect(store, request, now)
     if waiting:
         return None
-    labels = list(request.body["models"])
-    summary = {
-        "evaluation": request.id,
-        "models": {label: entry["sha256"] for label, entry in request.body["models"].items()},
-        "sites": answers,
-        "failed": failures,
-        "weighted": {label: weighted_metrics(answers, label) for label in labels},
-    }
-    store.put_if_absent_or_same(key, canonical_json(summary))
+    store.put_if_absent_or_same(key, canonical_json(_summary(request, answers, failures)))
     site_requests.close_request(store, request)
     return store.get_json(key)
+
+
+def _summary(request: SiteRequest, answers: Mapping[str, Any], failures: Mapping[str, str]) -> dict[str, Any]:
+    return {
+        "evaluation": request.id,
+        "models": {label: entry["sha256"] for label, entry in request.body["models"].items()},
+        "sites": dict(answers),
+        "failed": dict(failures),
+        "weighted": {label: weighted_metrics(answers, label) for label in request.body["models"]},
+    }
+
+
+def provisional_summary(store: ModelStore, request: SiteRequest, now: datetime | None = None) -> dict[str, Any]:
+    """The summary of what the sites answered so far, plus ``waiting`` (sites not yet answered);
+    written nowhere, so a read-only page can show it before :func:`summarise` is called."""
+    answers, failures, waiting = site_requests.collect(store, request, now)
+    return {**_summary(request, answers, failures), "waiting": waiting}
 
 
 def weighted_metrics(answers: Mapping[str, Mapping[str, Any]], label: str) -> dict[str, float]:
