@@ -319,8 +319,9 @@ def _scores(evaluation: Mapping[str, Any]) -> str:
         rows.append(
             ["<b>case-weighted</b>", "", *(f"<td class='num'>{fmt(weighted.get(m))}</td>" for m in names)]
         )
+        heading = "scored on every site" if "waiting" not in evaluation else "scored so far"
         parts.append(
-            f"<p>Final model ({e(label)}) scored on every site:</p>"
+            f"<p>Final model ({e(label)}) {heading}:</p>"
             + table(["site", "held-out cases", *names], rows, "final-scores")
         )
     failed = evaluation.get("failed", {})

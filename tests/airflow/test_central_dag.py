@@ -522,6 +522,11 @@ def test_steps_run_one_per_run_with_quorum_and_reruns_repeat_nothing(
             and [r.included for r in state.history] == [("site-a", "site-b")] * 2
         )
         assert store.exists("experiments/exp-chain/final/model.safetensors")
+        # finalize asked every site to score the final model and stored the HTML report beside it
+        asked = json.loads(store.get_bytes("experiments/exp-chain/evaluation/final/request.json"))
+        assert asked["kind"] == "evaluate" and sorted(asked["sites"]) == sorted(exp_store.load_config()["sites"])
+        stored_report = store.get_bytes("experiments/exp-chain/final/report.html")
+        assert b"Still scoring at: " in stored_report and b"scored on every site" not in stored_report
         report = json.loads(store.get_bytes("experiments/exp-chain/report/metrics.json"))
         assert [r["round"] for r in report["rounds"]] == [0, 1]
         answered = list(sites.answered)

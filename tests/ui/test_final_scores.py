@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from jipfed.central.ui_data import final_evaluation
+from jipfed.central.ui_html import _scores
 from jipfed.federation import site_requests
 from jipfed.federation.evaluation import request_evaluation, summarise
 from jipfed.federation.experiment import ExperimentConfig
@@ -34,8 +35,12 @@ def test_answers_so_far_are_shown_and_the_summary_is_left_to_the_central(tmp_pat
     assert shown["failed"] == {"site-b": "no prepared case"} and shown["waiting"] == ["site-c"]
     assert shown["weighted"] == {"final": {"dice_mean": 0.5}}
     assert sorted(exp_store.store.list("")) == before  # the page wrote nothing
+    html = _scores(shown)
+    assert "scored so far" in html and "scored on every site" not in html
+    assert "Still scoring at: site-c" in html and "no prepared case" in html
 
     site_requests.answer(exp_store.store, request, "site-c", {"n_cases": 1, "metrics": {"final": {"dice_mean": 0.1}}})
     summary = summarise(exp_store.store, request)
     assert summary is not None and final_evaluation(exp_store) == summary and "waiting" not in summary
+    assert "scored on every site" in _scores(summary)
     assert abs(summary["weighted"]["final"]["dice_mean"] - (3 * 0.5 + 0.1) / 4) < 1e-12
