@@ -1,7 +1,7 @@
 """The central DAG: structure on Airflow 3.3 and 2.11, Params, the collect trigger, and real runs.
 
-The runs use ``dag.test()`` (Airflow 3.3, in a subprocess) against a local-folder model store,
-or a real ``airflow standalone`` against moto's S3 server. The sites are simulated by a thread in
+The runs use ``dag.test()`` (Airflow 3.3, in a subprocess) against a local-folder model store (the
+push chain in a real ``airflow standalone`` is tested end to end in tests/e2e/). The sites are simulated by a thread in
 the test process that does what the site DAG does through the central endpoint: it polls
 ``pending_work``, downloads the model (``model_for_site``), trains a tiny U-Net on synthetic cases
 (``run_site_step``) and uploads the update (``accept_in_time``) — or reports a failure.
@@ -24,7 +24,6 @@ import torch
 from jipfed.operators.central import next_run_id, route_after_start, route_after_step
 from jipfed.operators.triggers.site_update import ERROR, SiteUpdateTrigger
 
-from jipfed.airflow_rest import AirflowRestClient, AirflowRestError
 from jipfed.federation.dispatch import (
     DELIVERED,
     FAILED,
@@ -45,12 +44,10 @@ from jipfed.storage.local import LocalFolderStore
 from jipfed.storage.state import ExperimentStore, Status
 from jipfed.testing.airflow import (
     RESULT_MARKER,
-    AirflowStandalone,
     check_dag_folder,
     run_airflow_script,
     run_dag_test,
 )
-from jipfed.testing.s3 import S3TestServer
 from jipfed.training.config import TrainConfig
 from jipfed.training.data import SiteData
 from jipfed.training.local import LocalTrainer
@@ -582,109 +579,7 @@ def test_quorum_not_met_fails_the_run_and_leaves_model_and_state_alone(
     )
 
 
-# -- a real Airflow 3.3: scheduler, triggerer, REST push, the chain of runs ---------------------------
-
-SITE_STANDIN_DAG = '''"""Stand-in for the site DAG (Apache Airflow): the central's push only has to create its run."""
-import datetime as dt
-
-from jipfed.operators.compat import dag, task
-
-
-@dag(dag_id="jipfed_site_standin", schedule=None, start_date=dt.datetime(2024, 1, 1), catchup=False)
-def standin():
-    @task
-    def noop() -> None:
-        return None
-
-    noop()
-
-
-standin()
-'''
-
-
-def create_connection(af: Any, conn_id: str, **fields: Any) -> None:
-    """Store a Connection in the standalone's database through its REST API."""
-    body = {"connection_id": conn_id, **fields}
-    if "extra" in body:
-        body["extra"] = json.dumps(body["extra"])
-    af.client.request("POST", "/api/v2/connections", json=body, expect=(200, 201))
-
-
-@pytest.mark.slow
-def test_standalone_runs_the_chain_with_push_and_the_triggerer_reads_the_store_connection(
-    tmp_path: Path, site_data: dict[str, Path]
-) -> None:
-    dags = tmp_path / "dags"
-    dags.mkdir()
-    shutil.copy(DAG_FILE, dags / DAG_FILE.name)
-    (dags / "jipfed_site_standin.py").write_text(SITE_STANDIN_DAG)
-    name = "exp-live"
-    with S3TestServer() as s3, AirflowStandalone(home=tmp_path / "home", dags_folder=dags) as af:
-        # In Airflow's database, not the environment: the triggerer must get it from the API server.
-        create_connection(
-            af,
-            "jipfed_model_store_default",
-            conn_type="aws",
-            login=s3.access_key,
-            password=s3.secret_key,
-            extra={"endpoint_url": s3.endpoint_url, "bucket": s3.bucket, "region_name": s3.region},
-        )
-        for site in ("site-a", "site-b"):  # pushed to this same Airflow; site-c has no Connection
-            create_connection(
-                af,
-                f"jipfed_site_{site}",
-                conn_type="http",
-                host=af.base_url,
-                login=af.username,
-                password=af.password,
-                extra={"dag_id": "jipfed_site_standin"},
-            )
-        af.wait_for_dag(DAG_ID)
-        af.wait_for_dag("jipfed_site_standin")
-        store = s3.make_store()
-        data = {site: site_data[site] for site in ("site-a", "site-b")}
-        gate = AirflowRestClient(af.base_url, af.username, af.password, name="gate")
-
-        def ready(site: str, item: WorkItem) -> bool:
-            """site-b answers step 1 only once its collect task waits in the triggerer."""
-            if (site, item.ticket.step) != ("site-b", 1):
-                return True
-            path = f"/api/v2/dags/{DAG_ID}/dagRuns/{next_run_id(name, 1)}/taskInstances/collect_update/1"
-            try:
-                return gate.request("GET", path)["state"] == "deferred"
-            except AirflowRestError:  # the run or its mapped task does not exist yet
-                return False
-
-        with SimulatedSites(store, data, ready=ready) as sites:
-            conf = {"experiment": name, "min_sites": 2, **FAST, "transport": "push"}
-            af.run_dag(DAG_ID, conf=conf, timeout_s=300)
-            last = af.client.wait_for_dag_run(DAG_ID, next_run_id(name, 1), timeout_s=300, poll_s=1.0)
-        assert last["state"] == "success", af.failed_task_logs(DAG_ID, next_run_id(name, 1))
-        assert last["conf"] == {"experiment": name, "step": 1}
-        tis = {
-            (t["task_id"], t["map_index"]): t["state"]
-            for t in af.client.list_task_instances(DAG_ID, last["dag_run_id"])
-        }
-        assert tis[("finalize", -1)] == "success" and tis[("next_step", -1)] == "skipped"
-        assert [tis[("collect_update", i)] for i in range(3)] == ["success", "success", "skipped"]
-        for step in (0, 1):  # the push created the site runs, one per step and reachable site
-            run = af.client.get_dag_run("jipfed_site_standin", f"jipfed__{name}__s{step}__a0")
-            assert run["conf"] == {"experiment": name, "round": step, "step": step}
-        assert sites.errors == []
-        exp_store = ExperimentStore(store, name)
-        state = exp_store.load_state()
-        assert state.status is Status.FINISHED
-        assert [r.included for r in state.history] == [("site-a", "site-b")] * 2
-        for round_ in (0, 1):
-            missing = exp_store.load_aggregate(round_)["missing_reasons"]["site-c"]
-            assert "jipfed_site_site-c" in missing and "isn't defined" in missing
-        assert store.exists(f"experiments/{name}/final/model.safetensors")
-        waited = af.client.get_task_log(DAG_ID, last["dag_run_id"], "collect_update", 1, map_index=1)
-    # the trigger (in the triggerer, store Connection read from Airflow's database) saw the delivery
-    assert "DEFERRED" in waited, waited
-    assert "site site-b in step 1: delivered" in waited, waited
-
+# -- the collect sensor in poke mode (in the worker, not the triggerer) ---------------------------------
 
 POKE_DAG = '''"""Airflow DAG for a test: CollectUpdateSensor waiting in the worker (not deferrable)."""
 import datetime as dt
