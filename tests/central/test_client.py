@@ -13,7 +13,6 @@ from fastapi.responses import JSONResponse
 
 from jipfed.central.client import CentralClient, CentralError
 from jipfed.central.serve import serve_in_thread
-from jipfed.testing.airflow import free_port
 
 
 class Flaky:
@@ -62,8 +61,8 @@ def test_uploads_are_not_retried(flaky) -> None:
     assert "PUT /v1/experiments/exp1/rounds/3/update (experiment 'exp1', round 3)" in str(info.value)
 
 
-def test_unreachable_central_fails_after_three_tries() -> None:
-    client = CentralClient(f"http://127.0.0.1:{free_port()}/jipfed", "jipfed.site-a.token", backoff_s=0.01)
+def test_unreachable_central_fails_after_three_tries(closed_port: int) -> None:
+    client = CentralClient(f"http://127.0.0.1:{closed_port}/jipfed", "jipfed.site-a.token", backoff_s=0.01)
     with pytest.raises(CentralError, match="no connection after 3 tries") as info:
         client.pending_work_dicts()
     assert info.value.status_code is None and info.value.path == "/v1/work"

@@ -23,7 +23,6 @@ import pytest
 
 from jipfed.cohort.model import CohortCase, SeriesRef
 from jipfed.cohort.opensearch import OpenSearchCohortError, build_query, select_cohort
-from jipfed.testing.orthanc import free_port
 
 USER, PASSWORD, INDEX = "admin", "os-secret", "project_admin"
 
@@ -245,13 +244,13 @@ def test_broken_document_is_skipped_with_warning(
     assert "skipping document '1.2.10.9'" in caplog.text
 
 
-def test_errors_name_the_index(fake: FakeOpenSearch) -> None:
+def test_errors_name_the_index(fake: FakeOpenSearch, closed_port: int) -> None:
     port = fake.server_address[1]
     with pytest.raises(OpenSearchCohortError, match=rf"http://127.0.0.1:{port}, index 'project_admin'.*401"):
         select_cohort(host="127.0.0.1", port=port, username=USER, password="wrong")
     with pytest.raises(OpenSearchCohortError, match="index 'nope'.*index_not_found"):
         _select(fake, index="nope")
-    down = free_port()
+    down = closed_port
     with pytest.raises(OpenSearchCohortError, match=f"127.0.0.1:{down}.*search failed"):
         select_cohort(host="127.0.0.1", port=down, timeout_s=5)
     with pytest.raises(ValueError, match="together"):

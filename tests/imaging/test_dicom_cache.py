@@ -19,7 +19,7 @@ from jipfed.imaging.dicom_cache import MARKER, DicomCache, folder_content_hash
 from jipfed.imaging.dicomweb import fetch_series_wado, upload_files
 from jipfed.imaging.pacs import PacsConfig, PacsError
 from jipfed.testing.dicom_samples import SampleSeries, synth_dataset
-from jipfed.testing.orthanc import OrthancServer, free_port
+from jipfed.testing.orthanc import OrthancServer
 
 
 @pytest.fixture(scope="module")
@@ -172,8 +172,8 @@ def test_pacs_crash_midway_then_resumed(
     assert (resumed.fetched, resumed.cached, resumed.failed) == (len(refs) - 1, 1, [])
 
 
-def test_pacs_down_and_bad_arguments(refs: list[SeriesRef], tmp_path: Path) -> None:
-    down = PacsConfig(dicomweb_url=f"http://127.0.0.1:{free_port()}/dicom-web", timeout_s=5)
+def test_pacs_down_and_bad_arguments(refs: list[SeriesRef], tmp_path: Path, closed_port: int) -> None:
+    down = PacsConfig(dicomweb_url=f"http://127.0.0.1:{closed_port}/dicom-web", timeout_s=5)
     cache = DicomCache(tmp_path)
     report = cache.fetch(down, refs[:2])
     assert report.fetched == 0 and not report.ok

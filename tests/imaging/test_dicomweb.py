@@ -31,7 +31,7 @@ from jipfed.testing.dicom_samples import (
     synth_dataset,
     write_sample_dataset,
 )
-from jipfed.testing.orthanc import OrthancServer, free_port
+from jipfed.testing.orthanc import OrthancServer
 
 SPACED, HYPHENATED = "BRATS SYNTH", "BRATS-SYNTH"
 
@@ -169,9 +169,9 @@ def test_wrong_credentials(pacs: OrthancServer) -> None:
         query_series(config, Modality="MR")
 
 
-def test_pacs_down_names_url(tmp_path: Path, tiny_folder: Path) -> None:
+def test_pacs_down_names_url(tmp_path: Path, tiny_folder: Path, closed_port: int) -> None:
     config = PacsConfig(
-        dicomweb_url=f"http://127.0.0.1:{free_port()}/dicom-web", username="u", password="p", timeout_s=5
+        dicomweb_url=f"http://127.0.0.1:{closed_port}/dicom-web", username="u", password="p", timeout_s=5
     )
     for call in (
         lambda: query_series(config, Modality="MR"),

@@ -17,7 +17,7 @@ from jipfed.imaging.dicomweb import upload_files
 from jipfed.imaging.dimse import fetch_series_cget
 from jipfed.imaging.pacs import PacsConfig, PacsError
 from jipfed.testing.dicom_samples import SampleSeries, instance_signature, synth_dataset
-from jipfed.testing.orthanc import OrthancServer, free_port
+from jipfed.testing.orthanc import OrthancServer
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +69,8 @@ def test_unknown_series_reports_status(pacs: OrthancServer, tmp_path: Path) -> N
         fetch_series_cget(pacs.pacs_config, ref, tmp_path)
 
 
-def test_pacs_down_and_no_dimse(samples: list[SampleSeries], tmp_path: Path) -> None:
-    port = free_port()
+def test_pacs_down_and_no_dimse(samples: list[SampleSeries], tmp_path: Path, closed_port: int) -> None:
+    port = closed_port
     config = PacsConfig(dicomweb_url="http://127.0.0.1:1/dicom-web", dimse_port=port, timeout_s=5)
     with pytest.raises(PacsError, match=f"127.0.0.1:{port}: association as JIPFED"):
         fetch_series_cget(config, _ref(samples[0]), tmp_path)
