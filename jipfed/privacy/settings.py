@@ -6,7 +6,7 @@
                    "adaptive_clip": false, "target_quantile": 0.5, "clip_lr": 0.2,
                    "clip_count_stddev": null, "accountant": "rdp"},
      "sample_dp": {"noise_multiplier": 1.0, "max_grad_norm": 1.0, "delta": 1e-5, "epsilon": null},
-     "secure_aggregation": {"fraction_bits": 24, "value_bound": 1000.0}}
+     "secure_aggregation": {"fraction_bits": 24, "value_bound": 1000.0, "upload_timeout_s": 300.0}}
 
 Client-level DP (DP-FedAvg, McMahan et al. 2018): every site's update is clipped to L2 norm
 ``clip_norm`` (C) and Gaussian noise of std ``noise_multiplier * C`` is added to their sum.
@@ -27,10 +27,7 @@ if TYPE_CHECKING:
 
 ACCOUNTANTS = ("rdp", "prv")
 #: Parts whose building blocks exist but that the central / site round does not run yet, and why.
-NOT_WIRED = {
-    "secure_aggregation": "the masking (jipfed.privacy.secagg) runs in-process (benchmarks/privacy.py); "
-    "sites do not exchange keys through the central endpoint and the codec does not accept masked updates",
-}
+NOT_WIRED: dict[str, str] = {}
 #: Strategies whose server step is a function of the (noised) mean of the sites' deltas.
 MEAN_STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadagrad", "fedadam", "fedyogi", "fedbn")
 #: Models DP-SGD can train (mirrors ``jipfed.privacy.sample_dp.DP_SGD_MODELS``; no torch here).
@@ -131,12 +128,16 @@ class SecureAggregation:
 
     fraction_bits: int = 24
     value_bound: float = 1000.0
+    #: Seconds after the last key of an attempt arrived within which every site of it must upload its
+    #: masked update; a site still missing then dropped out, the attempt is retried without it.
+    upload_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
         bits = self.fraction_bits
         if isinstance(bits, bool) or not isinstance(bits, int) or not 8 <= bits <= 40:
             raise ValueError(f"fraction_bits must be an integer in [8, 40], got {bits!r}")
         _number(self.value_bound, "value_bound", low=0.0)
+        _number(self.upload_timeout_s, "upload_timeout_s", low=0.0)
 
     def check_capacity(self, n_sites: int, max_weight: int) -> None:
         """ValueError unless ``n_sites`` sums of ``max_weight * value_bound`` fit the signed ring."""
@@ -239,5 +240,11 @@ class PrivacySettings:
             raise ValueError(
                 "adaptive clipping needs each site's clipped / not clipped bit at the central; with secure "
                 "aggregation use a fixed clip_norm"
+            )
+        if self.client_dp is not None:
+            raise ValueError(
+                "client-level DP with secure aggregation needs the noise split across the sites over the wire "
+                "(jipfed.privacy.secure_round does it in-process only); the central would add noise again: "
+                "use one of the two"
             )
         agg.check_capacity(len(e.sites), e.max_site_samples)
