@@ -154,6 +154,10 @@ def aggregate_step(exp_store: ExperimentStore, step: int) -> StepRecord:
             f"experiment {config.name!r}: step {step} cannot run before step {state.next_step}"
         )
     ps = plan.step(step)
+    if config.privacy.get("secure_aggregation"):  # only the masked sum exists: jipfed/privacy/secure_step.py
+        from jipfed.privacy.secure_step import aggregate_secure_step
+
+        return aggregate_secure_step(exp_store, config, config_hash, ps, state)
     with (
         tempfile.TemporaryDirectory(prefix="jipfed-aggregate-") as tmp,
         open_model(exp_store, input_keys(exp_store, ps), config_hash, Path(tmp)) as start,
