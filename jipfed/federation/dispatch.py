@@ -254,6 +254,8 @@ def work_for_site(exp_store: ExperimentStore, site: str, now: datetime | None = 
     lay = exp_store.layout
     if exp_store.store.exists(lay.update_manifest(round_, site)):
         return None
+    if _secure_took_part(exp_store, dispatch, site):  # its masked update is on the way or it dropped out
+        return None
     failure = exp_store.site_failures(round_).get(site)
     if failure is not None and int(failure.get("attempt", 0)) >= dispatch.attempt:
         return None
@@ -430,12 +432,30 @@ def site_status(
     round_ = dispatch.ticket.round
     if exp_store.store.exists(exp_store.layout.update_manifest(round_, site)):
         return DELIVERED, f"update of {site} for round {round_} received"
+    secure = _secure_status(exp_store, dispatch, site)
+    if secure is not None:  # a secure-aggregation round (jipfed/privacy/secagg_wire.py)
+        return secure
     failure = exp_store.site_failures(round_).get(site)
     if failure is not None and int(failure.get("attempt", 0)) >= dispatch.attempt:
         return FAILED, str(failure.get("reason"))
     if dispatch.expired(now):
         return TIMED_OUT, f"no update within the round timeout (deadline {_iso(dispatch.deadline)})"
     return WAITING, f"{dispatch.seconds_left(now):.0f} s left"
+
+
+def _secure_took_part(exp_store: ExperimentStore, dispatch: Dispatch, site: str) -> bool:
+    """Whether ``site`` posted a secure-aggregation key in this dispatch (it answered; no work again)."""
+    if not (exp_store.load_config().get("privacy") or {}).get("secure_aggregation"):
+        return False
+    from jipfed.privacy.secagg_wire import took_part
+
+    return took_part(exp_store, dispatch, site)
+
+
+def _secure_status(exp_store: ExperimentStore, dispatch: Dispatch, site: str) -> tuple[str, str] | None:
+    from jipfed.privacy.secagg_wire import site_status as secure_site_status
+
+    return secure_site_status(exp_store, dispatch, site)
 
 
 def record_timeout(exp_store: ExperimentStore, dispatch: Dispatch, site: str) -> dict[str, Any]:
