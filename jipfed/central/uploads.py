@@ -106,6 +106,9 @@ def authorise_upload(
     """
     check_upload_allowed(exp_store, site, round_)
     check_deadline(exp_store, site, round_)
+    if (exp_store.load_config().get("privacy") or {}).get("secure_aggregation"):
+        reason = "this experiment uses secure aggregation: send the masked update (secagg routes)"
+        raise UpdateRefused(exp_store.experiment, site, round_, "masked_only", reason)
     dispatch = current_dispatch(exp_store)
     if dispatch is None:  # the step is open (checked above) but was never dispatched to the sites
         raise UpdateRefused(exp_store.experiment, site, round_, "not_open", "the step was not dispatched")
