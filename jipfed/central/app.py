@@ -20,6 +20,9 @@ model their ticket names, upload their update or report a failure. Every ``/v1``
     GET  /v1/requests/evaluate/{id}/models/{label}                    a model to score (X-Jipfed-Sha256)
     GET  /v1/requests/evaluate/{id}/models/{label}/manifest           its manifest
     GET  /v1/lines/{line}/released                                    the line's released model (X-Jipfed-Version)
+    GET  /v1/experiments/{exp}/rounds/{r}/steps/{s}/secagg            secure aggregation: the current attempt
+    POST /v1/experiments/{exp}/rounds/{r}/steps/{s}/secagg/{a}/key    {"public_key": base64 X25519}
+    PUT  /v1/experiments/{exp}/rounds/{r}/steps/{s}/secagg/{a}/masked multipart: manifest + payload (+ signature)
 
 Errors are JSON ``{"code": ..., "detail": ...}`` (see ``docs/central-api.md``): 400 bad_request,
 401 no_token, 403 bad_token / expired_token / revoked_token / rotated_token / not_selected, 404
@@ -223,6 +226,8 @@ _AUDITED = {
     ("POST", "failure"): "failure_report",
     ("POST", "cohort"): "cohort_report",
     ("GET", "model"): "model",
+    ("POST", "secagg_key"): "secagg_key",
+    ("PUT", "secagg_masked"): "masked_update",
 }
 
 
@@ -443,6 +448,7 @@ def create_app(
         return JSONResponse(record, status_code=201)
 
     _add_request_routes(app, open_store)
+    _add_secagg_routes(app, open_store)
     return app
 
 
@@ -533,3 +539,100 @@ def _add_request_routes(app: FastAPI, open_store: Callable[[_Call], ModelStore])
             media_type="application/octet-stream",
             headers={SHA256_HEADER: manifest["sha256"], "X-Jipfed-Version": version},
         )
+
+
+class PublicKeyPost(BaseModel):
+    """Body of a secure-aggregation key post: the site's X25519 public key for the attempt."""
+
+    public_key: str = Field(min_length=1, max_length=100)
+
+
+def _add_secagg_routes(app: FastAPI, open_store: Callable[[_Call], ModelStore]) -> None:
+    """Secure aggregation over the wire (:mod:`jipfed.privacy.secagg_wire`, ``docs/protocol.md``)."""
+    from jipfed.central.credentials import load_credential
+    from jipfed.central.uploads import HEADER_BYTES, UploadLimits
+    from jipfed.federation.update import UpdateManifest
+    from jipfed.privacy import secagg_wire
+
+    prefix = "/v1/experiments/{experiment}/rounds/{round_}/steps/{step}/secagg"
+
+    @app.get(prefix)
+    def secagg_status(experiment: str, round_: Round, step: Step, site: Site) -> dict[str, Any]:
+        """The current secure-aggregation attempt: its sites, who posted keys / masked updates, the
+        public keys once every site of the attempt posted one, the failed attempts and why."""
+        call = _Call(site, experiment, round_, step)
+        with _protocol_errors(call):
+            exp_store = _experiment_store(open_store(call), call)
+            return secagg_wire.attempt_status(exp_store, site, round_, step)
+
+    @app.post(prefix + "/{attempt}/key", status_code=201)
+    def secagg_key(
+        experiment: str,
+        round_: Round,
+        step: Step,
+        attempt: Annotated[int, Path(ge=0)],
+        body: PublicKeyPost,
+        site: Site,
+    ) -> JSONResponse:
+        """Store the site's public key for the attempt (write-once; another key is refused: key_exists)."""
+        call = _Call(site, experiment, round_, step)
+        with _protocol_errors(call):
+            exp_store = _experiment_store(open_store(call), call)
+            try:
+                record = secagg_wire.post_key(exp_store, site, round_, step, attempt, body.public_key)
+            except ValueError as exc:
+                raise CentralAPIError(400, "bad_request", f"{call.where()}: {exc}") from None
+        return JSONResponse(record, status_code=201)
+
+    @app.put(prefix + "/{attempt}/masked", status_code=201)
+    async def secagg_masked(
+        request: Request,
+        experiment: str,
+        round_: Round,
+        step: Step,
+        attempt: Annotated[int, Path(ge=0)],
+        site: Site,
+    ) -> JSONResponse:
+        """Accept the site's masked update (multipart: text ``manifest``, file ``payload``, ``signature``)."""
+        call = _Call(site, experiment, round_, step)
+
+        def authorise() -> tuple[ExperimentStore, UploadLimits, bytes | None]:
+            with _protocol_errors(call):
+                exp_store = _experiment_store(open_store(call), call)
+                dispatch, _ = secagg_wire.open_for_site(exp_store, site, round_, step)
+                start = UpdateManifest.from_dict(exp_store.store.get_json(dispatch.ticket.manifest_key))
+                length = secagg_wire.vector_length(start)
+                credential = load_credential(exp_store.store, site)
+                key = credential.public_key_bytes() if credential else None
+                return exp_store, UploadLimits(8 * length + HEADER_BYTES, HEADER_BYTES), key
+
+        exp_store, limits, signing_key = await run_in_threadpool(authorise)
+        try:
+            upload = await read_upload(request, limits, extra_fields=("signature",))
+        except UploadTooLarge:
+            raise CentralAPIError(
+                413, "too_large", f"{call.where()}: the masked update exceeds {limits.payload_bytes} bytes"
+            ) from None
+        except MalformedUpload as exc:
+            raise CentralAPIError(400, "bad_request", f"{call.where()}: {exc}") from None
+
+        def accept() -> dict[str, Any]:
+            with _protocol_errors(call):
+                return secagg_wire.commit_masked(
+                    exp_store,
+                    site,
+                    round_,
+                    step,
+                    attempt,
+                    upload.manifest,
+                    upload.payload.read(),
+                    signing_key=signing_key,
+                    signature=upload.fields.get("signature"),
+                )
+
+        try:
+            accepted = await run_in_threadpool(accept)
+        finally:
+            await upload.close()
+        request.state.audit = {"sha256": accepted["sha256"], "attempt": attempt}
+        return JSONResponse({"accepted": accepted}, status_code=201)
