@@ -385,6 +385,50 @@ class CentralClient:
         response = self._request("POST", path, experiment=experiment, round=round, json=body)
         return dict(response.json())
 
+    # -- secure aggregation (jipfed.privacy.secagg_wire) -------------------------------------------
+
+    def _secagg_path(self, experiment: str, round: int, step: int) -> str:
+        return f"/v1/experiments/{_q(experiment)}/rounds/{_q(round)}/steps/{_q(step)}/secagg"
+
+    def secagg_status(self, experiment: str, round: int, step: int) -> dict[str, Any]:
+        """The step's current secure-aggregation attempt (sites, keys once all posted, failed attempts)."""
+        path = self._secagg_path(experiment, round, step)
+        return dict(self._request("GET", path, experiment=experiment, round=round).json())
+
+    def post_secagg_key(
+        self, experiment: str, round: int, step: int, attempt: int, public_key: str
+    ) -> dict[str, Any]:
+        """Post this site's X25519 public key (base64) for ``attempt``; the same key again is accepted."""
+        path = f"{self._secagg_path(experiment, round, step)}/{_q(attempt)}/key"
+        body = {"public_key": public_key}
+        return dict(self._request("POST", path, experiment=experiment, round=round, json=body).json())
+
+    def put_masked_update(
+        self, experiment: str, round: int, step: int, attempt: int, payload: bytes, manifest_json: str
+    ) -> dict[str, Any]:
+        """Upload this site's masked update for ``attempt`` (signed when the client has a key)."""
+        from jipfed.federation.signing import sign, statement
+        from jipfed.privacy.secagg_wire import MASKED_PURPOSE
+
+        path = f"{self._secagg_path(experiment, round, step)}/{_q(attempt)}/masked"
+        fields = {"manifest": manifest_json}
+        if self.signing_key is not None:
+            manifest = json.loads(manifest_json)
+            claim = statement(
+                MASKED_PURPOSE,
+                experiment=experiment,
+                round=round,
+                step=step,
+                site=str(manifest.get("site")),
+                config_hash=str(manifest.get("config_hash")),
+                manifest_text=manifest_json.encode("utf-8"),
+                payload_sha256=manifest.get("sha256"),
+            )
+            fields["signature"] = sign(self.signing_key, claim)
+        files = {"payload": ("masked.safetensors", payload, "application/octet-stream")}
+        response = self._request("PUT", path, experiment=experiment, round=round, data=fields, files=files)
+        return dict(response.json()["accepted"])
+
     # -- site requests (a line's census, federated evaluation) and released line models ------------
 
     def pending_requests(self) -> dict[str, list[dict[str, Any]]]:
