@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import json
 import logging
@@ -67,6 +68,11 @@ def settings_of(privacy: Mapping[str, Any]) -> SecureAggregation | None:
 def secure_settings(exp_store: ExperimentStore) -> SecureAggregation | None:
     """:func:`settings_of` the stored experiment config."""
     return settings_of(exp_store.load_config().get("privacy") or {})
+
+
+def seed_context(experiment: str, round_: int, dispatch_attempt: int, attempt: int) -> str:
+    """What an attempt's pair seeds are bound to (:func:`jipfed.privacy.secagg.pair_seed`)."""
+    return f"{experiment}|round {round_}|dispatch {dispatch_attempt}|attempt {attempt}"
 
 
 def vector_length(manifest: UpdateManifest) -> int:
@@ -121,11 +127,6 @@ class AttemptView:
     def complete(self) -> bool:
         return self.failed is None and set(self.masked) >= set(self.sites)
 
-    @property
-    def context(self) -> str:
-        """What the pair seeds are bound to (:func:`jipfed.privacy.secagg.pair_seed`)."""
-        return f"round {self.round}|dispatch {self.dispatch_attempt}|attempt {self.attempt}"
-
     def public_keys(self) -> dict[str, str] | None:
         """site -> base64 public key, once every site of the attempt posted one (else None)."""
         return {s: self.keys[s]["public_key"] for s in self.sites} if self.keys_complete else None
@@ -136,7 +137,6 @@ class AttemptView:
             "round": self.round,
             "dispatch_attempt": self.dispatch_attempt,
             "attempt": self.attempt,
-            "context": self.context,
             "sites": list(self.sites),
             "keys_posted": sorted(self.keys),
             "public_keys": self.public_keys(),
@@ -147,7 +147,9 @@ class AttemptView:
         }
 
 
-def _load(exp_store: ExperimentStore, dispatch: Dispatch, attempt: int, history: list[dict[str, Any]]) -> AttemptView:
+def _load(
+    exp_store: ExperimentStore, dispatch: Dispatch, attempt: int, history: list[dict[str, Any]]
+) -> AttemptView:
     store = exp_store.store
     prefix = attempt_prefix(exp_store, dispatch.ticket.round, dispatch.attempt, attempt)
     sites = tuple(store.get_json(f"{prefix}sites.json")["sites"])
@@ -159,10 +161,8 @@ def _load(exp_store: ExperimentStore, dispatch: Dispatch, attempt: int, history:
 
 def _put_once_json(exp_store: ExperimentStore, key: str, obj: Any) -> None:
     """Write-once; a concurrent writer's object wins (all writers derive it from the same state)."""
-    try:
+    with contextlib.suppress(ObjectExistsError):
         exp_store.store.put_json(key, obj)
-    except ObjectExistsError:
-        pass
 
 
 def current_attempt(exp_store: ExperimentStore, dispatch: Dispatch) -> AttemptView:
@@ -184,7 +184,11 @@ def current_attempt(exp_store: ExperimentStore, dispatch: Dispatch) -> AttemptVi
 
 
 def _dropped(
-    exp_store: ExperimentStore, dispatch: Dispatch, view: AttemptView, settings: SecureAggregation, now: datetime
+    exp_store: ExperimentStore,
+    dispatch: Dispatch,
+    view: AttemptView,
+    settings: SecureAggregation,
+    now: datetime,
 ) -> dict[str, str]:
     """Sites of ``view`` that will not complete it, and why."""
     dropped = {}
@@ -220,7 +224,9 @@ def advance(
     prefix = attempt_prefix(exp_store, view.round, view.dispatch_attempt, view.attempt)
     remaining = sorted(set(view.sites) - set(dropped))
     reason = "; ".join(f"{site} {why}" for site, why in sorted(dropped.items()))
-    _put_once_json(exp_store, f"{prefix}failed.json", {"dropped": dropped, "reason": reason, "at": now.isoformat()})
+    _put_once_json(
+        exp_store, f"{prefix}failed.json", {"dropped": dropped, "reason": reason, "at": now.isoformat()}
+    )
     if len(remaining) >= 2 and not dispatch.expired(now):
         nxt = attempt_prefix(exp_store, view.round, view.dispatch_attempt, view.attempt + 1)
         _put_once_json(
@@ -256,12 +262,16 @@ def open_for_site(
     """
     settings = secure_settings(exp_store)
     if settings is None:
-        raise _refuse(exp_store, site, round_, "not_secure", "this experiment does not use secure aggregation")
+        raise _refuse(
+            exp_store, site, round_, "not_secure", "this experiment does not use secure aggregation"
+        )
     dispatch = current_dispatch(exp_store)
     if dispatch is None or (dispatch.ticket.round, dispatch.ticket.step) != (round_, step):
         raise _refuse(exp_store, site, round_, "not_open", f"round {round_} step {step} is not open")
     if site not in dispatch.ticket.sites:
-        raise _refuse(exp_store, site, round_, "not_selected", f"site {site!r} is not selected for step {step}")
+        raise _refuse(
+            exp_store, site, round_, "not_selected", f"site {site!r} is not selected for step {step}"
+        )
     return dispatch, settings
 
 
@@ -327,7 +337,9 @@ def post_key(
                 f"round {round_} attempt {attempt}: site {site!r} already posted a different key",
             ) from None  # fmt: skip
         return stored
-    logger.info("experiment %s: round %d attempt %d: key of %s stored", exp_store.experiment, round_, attempt, site)
+    logger.info(
+        "experiment %s: round %d attempt %d: key of %s stored", exp_store.experiment, round_, attempt, site
+    )
     return record
 
 
@@ -357,9 +369,16 @@ def check_masked_payload(payload: bytes, length: int, where: str) -> np.ndarray:
     except (SafetensorError, ValueError, OverflowError) as exc:
         raise ValueError(f"{where}: not a safetensors file: {exc}") from None
     vector = tensors.get(MASKED_TENSOR)
-    if set(tensors) != {MASKED_TENSOR} or vector is None or vector.dtype != np.uint64 or vector.shape != (length,):
+    if (
+        set(tensors) != {MASKED_TENSOR}
+        or vector is None
+        or vector.dtype != np.uint64
+        or vector.shape != (length,)
+    ):
         got = {n: (str(t.dtype), list(t.shape)) for n, t in tensors.items()}
-        raise ValueError(f"{where}: expected one uint64 tensor {MASKED_TENSOR!r} of shape [{length}], got {got}")
+        raise ValueError(
+            f"{where}: expected one uint64 tensor {MASKED_TENSOR!r} of shape [{length}], got {got}"
+        )
     return vector
 
 
@@ -395,10 +414,18 @@ def commit_masked(
     _check_attempt(exp_store, site, view, attempt)
     where = f"experiment {exp_store.experiment!r}, round {round_}, attempt {attempt}, site {site!r}"
     if not view.keys_complete:
-        raise _refuse(exp_store, site, round_, "keys_missing", f"{where}: keys of {sorted(set(view.sites) - set(view.keys))} missing")
+        raise _refuse(
+            exp_store,
+            site,
+            round_,
+            "keys_missing",
+            f"{where}: keys of {sorted(set(view.sites) - set(view.keys))} missing",
+        )
     prefix = attempt_prefix(exp_store, round_, dispatch.attempt, attempt)
     if exp_store.store.exists(masked_manifest_key(prefix, site)):
-        raise _refuse(exp_store, site, round_, "duplicate", f"{where}: the masked update was already received")
+        raise _refuse(
+            exp_store, site, round_, "duplicate", f"{where}: the masked update was already received"
+        )
     start = UpdateManifest.from_dict(exp_store.store.get_json(dispatch.ticket.manifest_key))
     length = vector_length(start)
     expected = {
@@ -410,7 +437,7 @@ def commit_masked(
         manifest = parse_masked_manifest(manifest_text)
         wrong = {k: manifest[k] for k, v in expected.items() if manifest[k] != v}
         if wrong:
-            raise ValueError(f"manifest fields {wrong} do not match {({k: expected[k] for k in wrong})}")
+            raise ValueError(f"manifest fields {wrong} do not match { ({k: expected[k] for k in wrong}) }")
         digest = hashlib.sha256(payload).hexdigest()
         if digest != manifest["sha256"]:
             raise ValueError(f"payload sha256 {digest} differs from the manifest's {manifest['sha256']}")
@@ -431,8 +458,16 @@ def commit_masked(
     try:
         exp_store.store.put_json(masked_manifest_key(prefix, site), manifest)
     except ObjectExistsError:
-        raise _refuse(exp_store, site, round_, "duplicate", f"{where}: the masked update was already received") from None
-    logger.info("experiment %s: round %d attempt %d: masked update of %s stored", exp_store.experiment, round_, attempt, site)
+        raise _refuse(
+            exp_store, site, round_, "duplicate", f"{where}: the masked update was already received"
+        ) from None
+    logger.info(
+        "experiment %s: round %d attempt %d: masked update of %s stored",
+        exp_store.experiment,
+        round_,
+        attempt,
+        site,
+    )
     return manifest
 
 
@@ -457,7 +492,9 @@ def unmask_attempt(
         manifests[site] = exp_store.store.get_json(masked_manifest_key(prefix, site))
         payload = exp_store.store.get_bytes(masked_key(prefix, site))
         if hashlib.sha256(payload).hexdigest() != manifests[site]["sha256"]:
-            raise ValueError(f"round {view.round} attempt {view.attempt}: stored masked update of {site!r} changed")
+            raise ValueError(
+                f"round {view.round} attempt {view.attempt}: stored masked update of {site!r} changed"
+            )
         vectors.append(check_masked_payload(payload, length, f"masked update of {site!r}"))
     mean, weight = unmask_mean(vectors, settings)
     return mean, weight, manifests
@@ -482,8 +519,14 @@ def site_status(exp_store: ExperimentStore, dispatch: Dispatch, site: str) -> tu
         if view.complete:
             return DELIVERED, f"masked update of {site} in the complete attempt {view.attempt}"
         if dispatch.expired():
-            return TIMED_OUT, f"secure aggregation did not complete before the deadline (attempt {view.attempt})"
-        return WAITING, f"secure-aggregation attempt {view.attempt}: {len(view.masked)}/{len(view.sites)} masked"
+            return (
+                TIMED_OUT,
+                f"secure aggregation did not complete before the deadline (attempt {view.attempt})",
+            )
+        return (
+            WAITING,
+            f"secure-aggregation attempt {view.attempt}: {len(view.masked)}/{len(view.sites)} masked",
+        )
     reasons = [h["dropped"][site] for h in view.history if site in h.get("dropped", {})]
     return FAILED, f"dropped from secure aggregation: {reasons[-1] if reasons else 'not in the attempt'}"
 
