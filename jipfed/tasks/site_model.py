@@ -189,21 +189,67 @@ def report_cohort(client: CentralClient, ticket: StepTicket, cases_path: Path, *
     try:
         client.report_cohort(ticket.experiment, ticket.round, ticket.step, int(n_cases))
     except CentralRefused as exc:
-        raise TaskFailed(f"{where}: the central refused the cohort report ({exc.code}): {exc.detail}") from exc
+        raise TaskFailed(
+            f"{where}: the central refused the cohort report ({exc.code}): {exc.detail}"
+        ) from exc
     except CentralError as exc:
         raise TaskError(f"{where}: cohort report failed: {exc}") from exc
 
 
 def upload(run: SiteRun, client: CentralClient) -> dict[str, Any]:
-    """Upload the update in the in dir to the central; returns the manifest the central accepted."""
+    """Upload the update in the in dir to the central; returns the manifest the central accepted.
+
+    In a secure-aggregation experiment the update never leaves the site: it is masked and the
+    masked vector uploaded (:func:`secure_upload`).
+    """
     ticket = run.require_work().ticket
     payload_path = run.input_path(UPDATE_PAYLOAD)
     manifest_path = run.input_path(UPDATE_MANIFEST)
     if not payload_path.is_file() or not manifest_path.is_file():
         raise TaskFailed(f"{run.where}: no update in {payload_path.parent}: did training run?")
+    if (run.require_work().config.get("privacy") or {}).get("secure_aggregation"):
+        return secure_upload(run, client, payload_path.read_bytes(), manifest_path.read_text())
     report_cohort(client, ticket, run.input_path(TRAINED_CASES), where=run.where)
     accepted = upload_update(
         client, ticket, payload_path.read_bytes(), manifest_path.read_text(), where=run.where
     )
     log.info("%s: update accepted by the central (sha256 %s)", run.where, accepted.get("sha256"))
     return accepted
+
+
+def secure_upload(run: SiteRun, client: CentralClient, payload: bytes, manifest_json: str) -> dict[str, Any]:
+    """Secure aggregation (:mod:`jipfed.privacy.secagg_site`): post a key, wait for the peers' keys
+    (until the step's deadline), upload the masked update, re-mask when a peer drops out.
+
+    No cohort report: the sample count stays hidden in the masked sum. Returns the central's status
+    of the complete attempt.
+    """
+    from jipfed.federation.experiment import ExperimentConfig
+    from jipfed.privacy.secagg_site import SecAggSiteError, site_update
+    from jipfed.privacy.secagg_site import secure_upload as run_secure_upload
+    from jipfed.privacy.secagg_wire import settings_of
+
+    work = run.require_work()
+    ticket = work.ticket
+    settings = settings_of(work.config["privacy"])
+    assert settings is not None  # the caller checked
+    try:
+        update = site_update(payload, manifest_json, ExperimentConfig.from_dict(work.config).max_site_samples)
+        return run_secure_upload(
+            client,
+            experiment=ticket.experiment,
+            round=ticket.round,
+            step=ticket.step,
+            site=run.identity.site_id,
+            config_hash=ticket.config_hash,
+            update=update,
+            settings=settings,
+            deadline=work.dispatch.deadline,
+            key_dir=run.out_dir / "secagg-keys",
+        )
+    except SecAggSiteError as exc:
+        raise TaskFailed(f"{run.where}: {exc}") from exc
+    except CentralRefused as exc:
+        raise TaskFailed(f"{run.where}: the central refused ({exc.code}): {exc.detail}") from exc
+    except CentralError as exc:
+        raise TaskError(f"{run.where}: secure aggregation failed: {exc}") from exc
