@@ -51,7 +51,11 @@ def test_client_dp_is_stored_with_its_defaults_and_round_trips() -> None:
             {"norm_bound_factor": None},
             "use a fixed clip_norm",
         ),
-        ({"secure_aggregation": True}, {"norm_bound_factor": None}, "secure_aggregation is not available"),
+        (
+            {"secure_aggregation": True, "client_dp": {}},
+            {"norm_bound_factor": None},
+            "client-level DP with secure aggregation needs the noise split",
+        ),
         ({"sample_dp": True}, {"train": TrainConfig(model="segresnet")}, "supports the models"),
         ({"sample_dp": True}, {"strategy": "scaffold"}, "per-case gradients of the task loss only"),
     ],
