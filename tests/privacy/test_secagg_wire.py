@@ -1,0 +1,210 @@
+"""Secure aggregation over the wire: the real endpoint on a loopback port, the product's client and store."""
+
+from __future__ import annotations
+
+import base64
+import json
+import secrets
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load as load_numpy
+from safetensors.torch import load as load_torch
+
+from jipfed.central.app import create_app
+from jipfed.central.client import CentralClient, CentralError, CentralRefused
+from jipfed.central.serve import serve_in_thread
+from jipfed.central.tokens import site_token
+from jipfed.federation.closing import aggregate_step
+from jipfed.federation.codec import encode_update
+from jipfed.federation.dispatch import DELIVERED, FAILED, current_dispatch, dispatch_step, site_status
+from jipfed.federation.experiment import ExperimentConfig
+from jipfed.federation.rounds import start_experiment
+from jipfed.federation.update import ModelUpdate
+from jipfed.privacy import secagg, secagg_site, secagg_wire
+from jipfed.privacy.settings import SecureAggregation
+from jipfed.storage.local import LocalFolderStore
+from jipfed.storage.state import ExperimentStore
+from jipfed.training.config import TrainConfig
+
+SITES = ("site-a", "site-b", "site-c")
+TRAIN = TrainConfig(size="tiny", steps=1, batch_size=2, lr=0.01, amp=False, augment=False)
+WEIGHTS = {"site-a": 3, "site-b": 5, "site-c": 4}
+#: Seconds a site that posted its key has to upload before it counts as dropped out (short: a test).
+UPLOAD_TIMEOUT_S = 1.0
+
+
+@pytest.fixture
+def central(tmp_path: Path) -> Iterator[tuple[str, LocalFolderStore, Callable[[str], CentralClient]]]:
+    secret = secrets.token_hex(32)
+    store = LocalFolderStore(tmp_path / "store")
+    url, stop = serve_in_thread(create_app(lambda: store, secret))
+
+    def client(site: str) -> CentralClient:
+        return CentralClient(url, site_token(secret, site), timeout_s=30, backoff_s=0.01)
+
+    yield url, store, client
+    stop()
+
+
+def start(store: LocalFolderStore, name: str = "sec1", secure: bool = True) -> ExperimentStore:
+    privacy = {"secure_aggregation": {"upload_timeout_s": UPLOAD_TIMEOUT_S}} if secure else {}
+    config = ExperimentConfig(
+        name=name, sites=SITES, rounds=1, train=TRAIN, round_timeout_s=120.0, min_sites=2,
+        norm_bound_factor=None, privacy=privacy,
+    )  # fmt: skip
+    exp_store = ExperimentStore(store, name)
+    start_experiment(exp_store, config)
+    dispatch_step(exp_store, 0)
+    return exp_store
+
+
+def site_updates(client: CentralClient, exp_store: ExperimentStore) -> tuple[dict, dict]:
+    """(global weights of round 0, site -> encoded random delta with weight WEIGHTS[site])."""
+    ticket = current_dispatch(exp_store).ticket
+    payload, _ = client.get_model(ticket.experiment, ticket.round, ticket.step)
+    start_weights = load_torch(payload)
+    generator = torch.Generator().manual_seed(7)
+    updates = {}
+    for site in SITES:
+        delta = {
+            n: 0.01 * torch.randn(t.shape, generator=generator).to(t.dtype) for n, t in start_weights.items()
+        }
+        update = ModelUpdate.build(
+            delta, experiment=ticket.experiment, round=0, site=site, kind="delta", n_samples=WEIGHTS[site],
+            config_hash=ticket.config_hash, metrics={"train_loss": 0.5},
+        )  # fmt: skip
+        updates[site] = encode_update(update, "fp32")
+    return start_weights, updates
+
+
+def run_site(client: CentralClient, exp_store: ExperimentStore, site: str, encoded, key_dir: Path) -> dict:
+    ticket = current_dispatch(exp_store).ticket
+    return secagg_site.secure_upload(
+        client,
+        experiment=ticket.experiment,
+        round=0,
+        step=0,
+        site=site,
+        config_hash=ticket.config_hash,
+        update=secagg_site.site_update(encoded.payload, encoded.manifest.to_json(), 1000),
+        settings=SecureAggregation(upload_timeout_s=UPLOAD_TIMEOUT_S),
+        deadline=current_dispatch(exp_store).deadline,
+        key_dir=key_dir,
+        poll_interval_s=0.05,
+    )
+
+
+def test_round_completes_without_a_site_that_dropped_after_key_agreement(central, tmp_path: Path) -> None:
+    _, store, client = central
+    exp_store = start(store)
+    start_weights, updates = site_updates(client("site-a"), exp_store)
+    # site-c takes the work and posts its key, then dies (never uploads)
+    dead = client("site-c")
+    assert [item.ticket.experiment for item in dead.pending_work()] == ["sec1"]
+    dead_key = base64.b64encode(secagg.public_bytes(secagg.new_private_key())).decode()
+    dead.post_secagg_key("sec1", 0, 0, 0, dead_key)
+    assert dead.pending_work() == []  # it answered: no work item again
+    with ThreadPoolExecutor(2) as pool:
+        futures = {
+            s: pool.submit(run_site, client(s), exp_store, s, updates[s], tmp_path / s)
+            for s in ("site-a", "site-b")
+        }
+        done = {s: f.result(timeout=60) for s, f in futures.items()}
+    assert all(
+        d["complete"] and d["attempt"] == 1 and d["sites"] == ["site-a", "site-b"] for d in done.values()
+    )
+    dispatch = current_dispatch(exp_store)
+    assert site_status(exp_store, dispatch, "site-a")[0] == DELIVERED
+    state, reason = site_status(exp_store, dispatch, "site-c")
+    assert state == FAILED and "posted its key but sent no masked update" in reason
+
+    record = aggregate_step(exp_store, 0)
+    assert record.included == ("site-a", "site-b")
+    stored = store.get_json(exp_store.layout.aggregate(0))
+    retry = stored["secure_aggregation"]["retries"][0]
+    assert retry["attempt"] == 0 and list(retry["dropped"]) == ["site-c"]
+    assert stored["missing"] == ["site-c"] and "dropped out" in stored["missing_reasons"]["site-c"]
+    assert stored["secure_aggregation"]["total_weight"] == pytest.approx(8.0)
+
+    new_global = load_torch(store.get_bytes(exp_store.layout.global_model(1)))
+    deltas = {s: load_torch(updates[s].payload) for s in ("site-a", "site-b")}
+    for name, tensor in start_weights.items():
+        plain = (3 * deltas["site-a"][name].double() + 5 * deltas["site-b"][name].double()) / 8
+        expected = (tensor.double() + plain).to(tensor.dtype)
+        assert torch.allclose(new_global[name], expected, atol=1e-6), name
+    # the central never stored an unmasked site update: no update objects, only uint64 masked vectors
+    keys = store.list(exp_store.layout.round_prefix(0))
+    assert not [k for k in keys if "/updates/" in k]
+    masked = [k for k in keys if k.endswith(".safetensors") and "/masked/" in k]
+    assert len(masked) == 4  # a and b in attempts 0 and 1
+    flat_a = secagg.encode_fixed(
+        np.append(secagg.flatten(deltas["site-a"]) * 3, 3), SecureAggregation()
+    )  # what site-a's plain fixed-point vector would be
+    for key in masked:
+        vector = load_numpy(store.get_bytes(key))[secagg_wire.MASKED_TENSOR]
+        assert vector.dtype == np.uint64 and not np.array_equal(vector, flat_a)
+
+
+def test_keys_are_write_once_and_wrong_uploads_refused(central, tmp_path: Path) -> None:
+    url, store, client = central
+    exp_store = start(store)
+    _, updates = site_updates(client("site-a"), exp_store)
+    a = client("site-a")
+    key = base64.b64encode(secagg.public_bytes(secagg.new_private_key())).decode()
+    a.post_secagg_key("sec1", 0, 0, 0, key)
+    a.post_secagg_key("sec1", 0, 0, 0, key)  # the same key again: a retried task
+    other = base64.b64encode(secagg.public_bytes(secagg.new_private_key())).decode()
+    with pytest.raises(CentralRefused) as refused:
+        a.post_secagg_key("sec1", 0, 0, 0, other)
+    assert refused.value.code == "key_exists"
+    with pytest.raises(CentralRefused) as refused:
+        a.post_secagg_key("sec1", 0, 0, 1, other)
+    assert refused.value.code == "wrong_attempt"
+    with pytest.raises(CentralError) as bad:
+        a.post_secagg_key("sec1", 0, 0, 0, "bm90IGEga2V5")
+    assert bad.value.status_code == 400 and "32 bytes" in bad.value.detail
+    status = a.secagg_status("sec1", 0, 0)
+    assert status["keys_posted"] == ["site-a"] and status["public_keys"] is None  # not before all posted
+    # no masked upload before every key is in; never a plain update in a secure experiment
+    with pytest.raises(CentralRefused) as refused:
+        a.put_masked_update("sec1", 0, 0, 0, b"x", "{}")
+    assert refused.value.code == "keys_missing"
+    with pytest.raises(CentralRefused) as refused:
+        a.put_update("sec1", 0, updates["site-a"].payload, updates["site-a"].manifest.to_json(), step=0)
+    assert refused.value.code == "masked_only"
+    for site in ("site-b", "site-c"):
+        client(site).post_secagg_key(
+            "sec1", 0, 0, 0, base64.b64encode(secagg.public_bytes(secagg.new_private_key())).decode()
+        )
+    status = a.secagg_status("sec1", 0, 0)
+    update = secagg_site.site_update(updates["site-a"].payload, updates["site-a"].manifest.to_json(), 1000)
+    own = secagg.X25519PrivateKey.generate()
+    config_hash = current_dispatch(exp_store).ticket.config_hash
+    payload, manifest = secagg_site.masked_upload(
+        update, status, "site-a", 0, config_hash, own, SecureAggregation()
+    )
+    tampered = json.loads(manifest) | {"sha256": "0" * 64}
+    with pytest.raises(CentralRefused) as refused:
+        a.put_masked_update("sec1", 0, 0, 0, payload, json.dumps(tampered))
+    assert refused.value.code == "rejected" and "sha256" in refused.value.detail
+    short = json.loads(manifest) | {"length": 3}
+    with pytest.raises(CentralRefused) as refused:
+        a.put_masked_update("sec1", 0, 0, 0, payload, json.dumps(short))
+    assert refused.value.code == "rejected" and "length" in refused.value.detail
+    assert a.put_masked_update("sec1", 0, 0, 0, payload, manifest)["site"] == "site-a"
+    with pytest.raises(CentralRefused) as refused:
+        a.put_masked_update("sec1", 0, 0, 0, payload, manifest)
+    assert refused.value.code == "duplicate"
+
+
+def test_secagg_routes_refuse_a_plain_experiment(central) -> None:
+    _, store, client = central
+    start(store, "plain1", secure=False)
+    with pytest.raises(CentralRefused) as refused:
+        client("site-a").secagg_status("plain1", 0, 0)
+    assert refused.value.code == "not_secure"
