@@ -4,9 +4,13 @@ Abadi et al., "Deep Learning with Differential Privacy", CCS 2016 (https://arxiv
 :class:`DPSGD` wraps one round's model, optimiser and loader with opacus' ``PrivacyEngine`` and
 keeps the site's accountant history across rounds (``history``: ``(noise, sample rate, steps)``,
 persisted with the site's state). Sampling: the site's shuffled fixed-size batches are accounted
-with sample rate ``batch / cases`` (opacus' ``poisson_sampling=False``; the usual approximation of
-Poisson sampling). The noise comes from a generator seeded with fresh OS randomness, never from the
-experiment seed (which the central knows).
+with sample rate ``batch / cases`` (the usual approximation of Poisson sampling); each step's noised sum of clipped per-case
+gradients is divided by that step's batch size, so with no noise and no clipping DP-SGD is plain
+training (opacus' ``make_private`` would divide by ``int(cases / batches)``, e.g. 1 for 9 cases in
+batches of 2: twice the step size and the noise). The noise is drawn from ChaCha20 keyed with 32
+bytes of OS randomness (:func:`secure_normal`, with opacus' floating-point-attack defence), never
+from the experiment seed (which the central knows): opacus' own ``secure_mode`` needs
+``torchcsprng``, whose last release (0.2.1) pins torch 1.8.1. Tests pass a fixed ``noise_key``.
 
 Models: MONAI's ``unet`` (Conv3d, ConvTranspose3d, PReLU, InstanceNorm without affine) works in all
 size presets. ``segresnet`` fails in opacus' hooks (in-place activations on views); ``densenet`` and
@@ -16,11 +20,14 @@ GroupNorm would change the shared weights): those are refused with this reason.
 
 from __future__ import annotations
 
-import secrets
-from collections.abc import Sequence
+import math
+import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from opacus.optimizers import DPOptimizer
 from torch import nn
 
 from jipfed.privacy.accountant import epsilon_after
@@ -58,6 +65,8 @@ class DPSGD:
 
     settings: SampleDP
     history: list[tuple[float, float, int]] = field(default_factory=list)
+    #: ChaCha20 key of the noise; None = 32 fresh bytes from the OS each round (tests fix it).
+    noise_key: bytes | None = None
 
     def epsilon(self, extra_steps: int = 0, sample_rate: float | None = None) -> float:
         """ε spent so far, or after ``extra_steps`` more steps at ``sample_rate``."""
@@ -79,22 +88,22 @@ class DPSGD:
 
     def wrap(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, loader: torch.utils.data.DataLoader
-    ) -> tuple[nn.Module, torch.optim.Optimizer, object]:
-        """(per-sample-gradient module, DP optimiser, engine) for one round; close with :meth:`finish`."""
-        from opacus import PrivacyEngine
+    ) -> tuple[nn.Module, torch.optim.Optimizer, None]:
+        """(per-sample-gradient module, DP optimiser, None) for one round; close with :meth:`finish`."""
+        from opacus import GradSampleModule
+        from opacus.validators import ModuleValidator
 
-        engine = PrivacyEngine(accountant="rdp")
-        generator = torch.Generator().manual_seed(secrets.randbits(63))
-        module, dp_optimizer, _ = engine.make_private(
-            module=model,
-            optimizer=optimizer,
-            data_loader=loader,
+        ModuleValidator.validate(model, strict=True)
+        module = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+        dp_optimizer = SecureDPOptimizer(
+            optimizer,
             noise_multiplier=self.settings.noise_multiplier,
             max_grad_norm=self.settings.max_grad_norm,
-            poisson_sampling=False,
-            noise_generator=generator,
+            expected_batch_size=loader.batch_size,
+            loss_reduction="mean",
+            noise=ChaChaNormal(self.noise_key),
         )
-        return module, dp_optimizer, engine
+        return module, dp_optimizer, None
 
     def finish(self, module: nn.Module, steps: int, sample_rate: float) -> float:
         """Detach opacus' hooks, record ``steps`` at ``sample_rate``; the site's ε after this round."""
@@ -113,3 +122,56 @@ class DPSGD:
         if tensor.ndim != 2 or tensor.shape[1] != 3:
             raise ValueError(f"DP-SGD history must be (phases, 3), got {tuple(tensor.shape)}")
         self.history = [(float(z), float(q), int(t)) for z, q, t in tensor.tolist()]
+
+
+class ChaChaNormal:
+    """Standard normal float64 samples from a ChaCha20 keystream (Box-Muller on 53-bit uniforms).
+
+    ``key`` None = 32 bytes of OS randomness: a cryptographically secure source, unlike torch's
+    Mersenne Twister. A fixed key gives a reproducible stream (tests only).
+    """
+
+    def __init__(self, key: bytes | None = None) -> None:
+        key = os.urandom(32) if key is None else key
+        if len(key) != 32:
+            raise ValueError(f"the ChaCha20 noise key must be 32 bytes, got {len(key)}")
+        self._stream = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor()
+
+    def __call__(self, n: int) -> torch.Tensor:
+        pairs = (n + 1) // 2
+        words = torch.frombuffer(bytearray(self._stream.update(bytes(16 * pairs))), dtype=torch.int64)
+        uniform = ((words >> 11) & ((1 << 53) - 1)).double().add_(0.5).mul_(2.0**-53)  # in (0, 1)
+        u1, u2 = uniform[:pairs], uniform[pairs:]
+        radius = torch.sqrt(-2.0 * torch.log(u1))
+        angle = (2.0 * math.pi) * u2
+        return torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)])[:n]
+
+
+def secure_normal(std: float, reference: torch.Tensor, draw: Callable[[int], torch.Tensor]) -> torch.Tensor:
+    """N(0, std^2) noise shaped like ``reference``: the sum of 4 draws / 2, opacus' defence against
+    floating-point attacks on Gaussian noise (Holohan et al., https://arxiv.org/abs/2107.10138)."""
+    n = reference.numel()
+    total = draw(n) + draw(n) + draw(n) + draw(n)
+    return (total * (std / 2.0)).to(reference.dtype).view(reference.shape).to(reference.device)
+
+
+class SecureDPOptimizer(DPOptimizer):
+    """opacus' DP optimiser with ChaCha20 noise, averaging each step over that step's batch size."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, noise: ChaChaNormal, **kwargs: object) -> None:
+        super().__init__(optimizer, **kwargs)
+        self._noise = noise
+
+    def add_noise(self) -> None:
+        std = self.noise_multiplier * self.max_grad_norm
+        for p in self.params:
+            noise = secure_normal(std, p.summed_grad, self._noise) if std > 0 else 0.0
+            p.grad = (p.summed_grad + noise).view_as(p)
+
+    def pre_step(self, closure: Callable[[], float] | None = None) -> float | None:
+        samples = self.grad_samples
+        if samples and samples[0] is not None:
+            self.expected_batch_size = int(
+                samples[0].shape[0]
+            )  # fixed-size shuffled batches, last one smaller
+        return super().pre_step(closure)

@@ -10,6 +10,7 @@ import torch
 from opacus.accountants import RDPAccountant
 from training.synth import write_site
 
+from jipfed.privacy.sample_dp import ChaChaNormal, secure_normal
 from jipfed.privacy.settings import SampleDP
 from jipfed.training.config import TrainConfig
 from jipfed.training.data import SiteData
@@ -67,6 +68,38 @@ def test_models_opacus_cannot_handle_are_refused(data: SiteData) -> None:
     with pytest.raises(ValueError, match="FedProx, SCAFFOLD and FedDyn are refused"):
         unet = LocalTrainer(TRAIN, data, device="cpu")
         unet.train(unet.get_weights(), mu=0.1, round=0, fit=FitSettings(dp_sgd=DP))
+
+
+def test_without_noise_and_clipping_dp_sgd_is_plain_training(data: SiteData) -> None:
+    """5 training cases in batches of 2: the last batch has one case and is averaged over one."""
+    torch.set_num_threads(1)
+    config = TrainConfig(
+        size="tiny", steps=3, batch_size=2, lr=0.01, amp=False, augment=False, optimizer="sgd"
+    )
+    plain = LocalTrainer(config, data, device="cpu")
+    start = plain.get_weights()
+    expected = plain.train(start, round=0)
+    assert expected.n_samples == 5 and expected.steps == 3
+    open_dp = SampleDP(noise_multiplier=1e-12, max_grad_norm=1e6)  # noise std 1e-6, nothing clipped
+    got = LocalTrainer(config, data, device="cpu").train(start, round=0, fit=FitSettings(dp_sgd=open_dp))
+    moved = {n: float((w - start[n]).abs().max()) for n, w in expected.weights.items()}
+    assert max(moved.values()) > 1e-4
+    for name, weight in expected.weights.items():  # biases before InstanceNorm get no gradient
+        assert float((got.weights[name] - weight).abs().max()) <= 1e-3 * moved[name] + 1e-6, name
+
+
+def test_chacha_noise_is_standard_normal_and_reproducible_only_with_its_key() -> None:
+    key = bytes(range(32))
+    a, b = ChaChaNormal(key)(200_001), ChaChaNormal(key)(200_001)
+    assert a.dtype == torch.float64 and a.shape == (200_001,) and torch.equal(a, b)
+    assert abs(float(a.mean())) < 0.01 and abs(float(a.std()) - 1.0) < 0.01
+    assert abs(float((a.abs() < 1.0).double().mean()) - 0.6827) < 0.005  # the normal's 1-sigma mass
+    assert not torch.equal(ChaChaNormal()(1000), ChaChaNormal()(1000))  # fresh OS keys
+    noise = secure_normal(0.5, torch.zeros(100, 1000), ChaChaNormal(key))
+    assert noise.shape == (100, 1000) and noise.dtype == torch.float32
+    assert abs(float(noise.std()) - 0.5) < 0.01
+    with pytest.raises(ValueError, match="must be 32 bytes, got 3"):
+        ChaChaNormal(b"abc")
 
 
 @pytest.mark.slow
