@@ -22,9 +22,12 @@ Memory
     count in the process's RSS while the pass runs, so a single pass over n lazy sites shows up to
     n models of file-backed RSS. ``sites_per_pass=k`` bounds that to k models (each further pass
     costs two accumulator passes). A :class:`~jipfed.federation.payload_stream.StoredUpdate` (what
-    the central's ``aggregate_step`` reads) maps nothing: each tensor is read into its own buffer,
-    so a stream of them goes in passes of :func:`sites_per_lazy_pass` sites holding a quarter of a
-    model in their current tensors. Measured in ``tests/federation/test_aggregate.py``.
+    the central's ``aggregate_step`` reads) is *paged*: each tensor access maps that tensor's bytes
+    afresh, so the pass asks the kernel for a chunk's pages just before it sums the chunk
+    (``MADV_POPULATE_READ``: page-cache pages, no copy) and drops them right after
+    (``MADV_DONTNEED``). One site then holds about a chunk while a pass runs, and a stream of them
+    goes in passes of :func:`sites_per_lazy_pass` sites (a quarter of a model of chunks: all sites
+    of a usual federation in one pass). Measured in ``tests/federation/test_aggregate.py``.
 
     Coordinate-wise median and trimmed mean need all sites' values of a coordinate at once, so they
     cannot stream over sites. :func:`coordinatewise_median` and :func:`coordinatewise_trimmed_mean`
@@ -56,8 +59,12 @@ is added once at the end (``acc += W_delta * global``), never per site.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import functools
 import logging
+import mmap
+import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from typing import NamedTuple
@@ -111,6 +118,8 @@ class Contribution(NamedTuple):
     tensors: Mapping[str, torch.Tensor]
     weight: float
     base: Mapping[str, torch.Tensor] | None = None
+    #: the tensors are fresh file mappings only this pass reads: their pages are dropped once summed
+    paged: bool = False
 
 
 def _check_weight(weight: object) -> float:
@@ -209,7 +218,10 @@ class WeightedMean:
                 spec = self._check_specs(name, tensors)
                 touched = True
                 if spec[1].is_floating_point:
-                    dest = self._float_tensor(name, spec, tensors, weights, finish, base, base_weight, total)
+                    paged = [c.paged for c in group]
+                    dest = self._float_tensor(
+                        name, spec, tensors, weights, paged, finish, base, base_weight, total
+                    )
                 else:
                     dest = self._integer_tensor(name, tensors, [c.base for c in group])
                 if finish:
@@ -242,6 +254,7 @@ class WeightedMean:
         spec: tuple[torch.Size, torch.dtype],
         tensors: list[torch.Tensor],
         weights: list[float],
+        paged: list[bool],
         finish: bool,
         base: Mapping[str, torch.Tensor] | None,
         base_weight: float,
@@ -261,6 +274,7 @@ class WeightedMean:
             dest,
             tensors,
             weights,
+            paged=paged,
             acc=acc,
             acc_dtype=acc_dtype,
             base=base[name] if finish and base is not None and base_weight else None,
@@ -291,6 +305,7 @@ def blocked_weighted_sum(
     inputs: Sequence[torch.Tensor],
     weights: Sequence[float],
     *,
+    paged: Sequence[bool] = (),
     acc: torch.Tensor | None = None,
     acc_dtype: torch.dtype,
     base: torch.Tensor | None = None,
@@ -302,7 +317,9 @@ def blocked_weighted_sum(
     All tensors have ``dest``'s shape. Each chunk is formed in a cache-sized buffer in ``acc_dtype``
     (``dest``'s chunk itself when ``dest`` has that dtype) and written once; ``acc`` may be ``dest``
     (accumulate in place) or None (the first input starts the sum). A tensor of at most one chunk
-    is taken whole (no views: per-operation overhead dominates small tensors).
+    is taken whole (no views: per-operation overhead dominates small tensors). ``paged[i]``: input
+    ``i`` is a file mapping nobody else uses; each chunk's pages are populated before and dropped
+    after it is summed (see the module docstring).
     """
     if acc is None and not inputs:
         raise ValueError("blocked_weighted_sum needs an accumulator or at least one input")
@@ -316,8 +333,11 @@ def blocked_weighted_sum(
     scratch = None
     if dest.dtype != acc_dtype:
         scratch = torch.empty(dest.shape if numel <= step else (step,), dtype=acc_dtype)
+    mapped = [x for x, p in zip(inputs, paged, strict=False) if p and x.numel()]
     for start in range(0, numel, step):
         span = None if numel <= step else slice(start, min(start + step, numel))
+        for x in mapped:
+            page_hint(_part(x, span), MADV_POPULATE_READ)
         d = _part(dest, span)
         a = d if scratch is None else _part(scratch, None if span is None else slice(0, span.stop - start))
         rest = zip(inputs, weights, strict=True)
@@ -337,10 +357,44 @@ def blocked_weighted_sum(
             a.div_(divide_by)
         if a is not d:
             d.copy_(a)
+        for x in mapped:
+            page_hint(_part(x, span), MADV_DONTNEED, to_end=span is None or span.stop == numel)
 
 
 def _part(x: torch.Tensor, span: slice | None) -> torch.Tensor:
     return x if span is None else x[span]
+
+
+MADV_DONTNEED = mmap.MADV_DONTNEED
+#: Linux >= 5.14: fault the range's pages in at once (read-only; a private mapping stays copy-on-write).
+MADV_POPULATE_READ = 22
+_LIBC = ctypes.CDLL(None, use_errno=True)
+_LIBC.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+
+
+def page_hint(x: torch.Tensor, advice: int, *, to_end: bool = True) -> None:
+    """``madvise`` the pages of a file-mapped tensor's bytes.
+
+    ``MADV_POPULATE_READ`` covers every page the bytes touch (nothing when the kernel lacks it);
+    ``MADV_DONTNEED`` only pages that end inside them, up to the last page with ``to_end`` (the
+    tensor is done). Only for a private mapping nothing wrote to: dropped pages are read again
+    from the file when touched.
+
+    Raises:
+        OSError: the mapping reaches past the end of its file (the file was truncated while read).
+    """
+    begin, end = x.data_ptr(), x.data_ptr() + x.numel() * x.element_size()
+    first = begin - begin % mmap.PAGESIZE
+    last = end + (-end % mmap.PAGESIZE if advice != MADV_DONTNEED or to_end else -(end % mmap.PAGESIZE))
+    if last <= first or _LIBC.madvise(first, last - first, advice) == 0:
+        return
+    code = ctypes.get_errno()
+    if code == errno.EFAULT:
+        raise OSError(
+            code, "a file-mapped input is shorter than its tensor: the file was truncated while read"
+        )
+    if code != errno.EINVAL:  # EINVAL: this kernel has no MADV_POPULATE_READ; pages fault in on access
+        raise OSError(code, f"madvise({advice}) failed: {os.strerror(code)}")
 
 
 def _lockstep(
@@ -384,13 +438,16 @@ def sites_per_lazy_pass(update: UpdateSource) -> int:
 
     An update read one tensor per access (it has ``tensor_bytes``, e.g.
     :class:`~jipfed.federation.payload_stream.StoredUpdate`) costs only its current tensor while a
-    pass runs, so a pass takes as many as hold :data:`LAZY_PASS_MODEL_FRACTION` of a model in
-    their largest tensors at once.
+    pass runs, a paged one only the current chunk of it, so a pass takes as many as hold
+    :data:`LAZY_PASS_MODEL_FRACTION` of a model in those at once.
     """
     sizes = getattr(update, "tensor_bytes", None)
     if sizes is None:
         return 1
     largest, model = sizes
+    if getattr(update, "paged", False):
+        itemsize = max(spec.torch_dtype.itemsize for spec in update.manifest.tensors.values())
+        largest = min(largest, chunk_elements() * itemsize)
     return max(1, int(LAZY_PASS_MODEL_FRACTION * model) // max(largest, 1))
 
 
@@ -421,7 +478,7 @@ def mean_weights(
         manifest = update.manifest
         logger.debug("adding site %s (%d samples, %s)", manifest.site, manifest.n_samples, manifest.kind)
         base = global_weights if manifest.kind == "delta" else None
-        return Contribution(update.tensors, float(manifest.n_samples), base)
+        return Contribution(update.tensors, float(manifest.n_samples), base, getattr(update, "paged", False))
 
     if isinstance(updates, Sequence):
         k = len(updates) if sites_per_pass is None else sites_per_pass

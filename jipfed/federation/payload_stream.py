@@ -10,9 +10,13 @@ an :class:`ArrivalCheck`, is what the central records next to the stored update,
 does not read the update to decide whether to use it. The first problem found is reported, except
 that a payload whose bytes do not match the manifest's sha256 is always reported as such.
 
-:class:`StoredUpdate` reads a stored payload file back for aggregation, one tensor per access
-(``os.preadv`` into a fresh buffer: no memory map, so nothing but the tensor being read counts in
-the process's memory). Aggregation opens an update whose stored identity is still the one recorded
+:class:`StoredUpdate` reads a stored payload file back for aggregation, one tensor per access:
+each raw tensor is a copy-on-write memory map of its own byte range of the file (no copy, no
+zeroed buffer: the page cache's pages are used directly; writing to it changes only the process's
+copy), unmapped when the tensor is dropped. An fp32-encoded update's decoded tensors are these
+maps, so it is *paged* (:attr:`StoredUpdate.paged`): a reader that consumed part of a tensor may
+drop its pages (:mod:`jipfed.federation.aggregate` does so chunk by chunk), so a pass over many
+sites holds a few chunks of each, not whole tensors. Aggregation opens an update whose stored identity is still the one recorded
 at its arrival check with ``digest=False``: its bytes are not hashed again. Otherwise (and for the
 start model) the bytes are hashed as they are read: read in file order (the order its ``tensors``
 mapping iterates in), the file is hashed in the same single read; :meth:`StoredUpdate.verify`
@@ -58,8 +62,6 @@ from jipfed.federation.validation import (
 
 #: safetensors refuses headers above 100 MB; so do we.
 MAX_HEADER_BYTES = 100_000_000
-#: Tensors of at least this many bytes are read into their own anonymous mapping (see ``_read_buffer``).
-OWN_MAPPING_BYTES = 1 << 20
 #: Bytes hashed per read when :meth:`StoredUpdate.verify` reads what aggregation did not.
 HASH_CHUNK = 1 << 22
 ARRIVAL_FORMAT = 1
@@ -454,20 +456,19 @@ class StoredUpdate(ManifestFields):
         sizes = [spec.numel * DTYPES[spec.dtype].itemsize for spec in self.manifest.tensors.values()]
         return max(sizes), sum(sizes)
 
+    @property
+    def paged(self) -> bool:
+        """Whether every float tensor read is a fresh, unwritten map of the file (fp32: not decoded)."""
+        return self.manifest.encoding == "fp32"
+
     def read_raw(self, key: str) -> torch.Tensor:
         """The raw payload tensor ``key`` (its bytes hashed when they follow what was hashed so far)."""
         entry = self._entries[key]
-        buffer = _read_buffer(entry.nbytes)
-        view = memoryview(buffer.numpy())
-        got = 0
-        while got < entry.nbytes:
-            n = os.preadv(self._fd, [view[got:]], entry.begin + got)
-            if n == 0:
-                raise self._reject(f"stored payload ends inside tensor {key!r} (changed since arrival)")
-            got += n
+        buffer = self._map(entry)
         if not self.digest:
             pass
         elif entry.begin == self._hashed_to:
+            view = memoryview(buffer.numpy())
             if self.hashing is None:
                 self._hash.update(view)
             else:
@@ -480,6 +481,20 @@ class StoredUpdate(ManifestFields):
             if entry.nbytes
             else torch.empty(entry.shape, dtype=DTYPES[entry.dtype])
         )
+
+    def _map(self, entry: PayloadEntry) -> torch.Tensor:
+        """The entry's bytes as a private (copy-on-write) map of the file; unmapped with the tensor."""
+        if not entry.nbytes:
+            return torch.empty(0, dtype=torch.uint8)
+        start = entry.begin - entry.begin % mmap.ALLOCATIONGRANULARITY
+        try:
+            mapped = mmap.mmap(self._fd, entry.end - start, offset=start, access=mmap.ACCESS_COPY)
+        except (OSError, ValueError) as exc:
+            raise self._reject(
+                f"stored payload cannot hold tensor {entry.key!r} (changed since arrival: {exc})"
+            ) from None
+        mapped.madvise(mmap.MADV_SEQUENTIAL)
+        return torch.frombuffer(mapped, dtype=torch.uint8)[entry.begin - start :]
 
     def tensor(self, name: str) -> torch.Tensor:
         """Decoded tensor ``name`` (dtype of its manifest spec)."""
@@ -522,18 +537,6 @@ class StoredUpdate(ManifestFields):
 
     def __repr__(self) -> str:
         return f"StoredUpdate({self.path}, site={self.site!r}, round={self.round}, kind={self.kind!r})"
-
-
-def _read_buffer(nbytes: int) -> torch.Tensor:
-    """A uint8 buffer for one tensor's bytes; a large one is its own anonymous mapping.
-
-    The mapping goes back to the kernel as soon as the tensor is dropped, so passes over many
-    sites' tensors do not leave freed buffers in the allocator's heap (where they count as RSS).
-    """
-    if nbytes < OWN_MAPPING_BYTES:
-        return torch.empty(nbytes, dtype=torch.uint8)
-    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
-    return torch.frombuffer(mmap.mmap(-1, nbytes, flags=flags), dtype=torch.uint8)
 
 
 class _StoredTensors(Mapping[str, torch.Tensor]):
