@@ -51,6 +51,10 @@ def start_experiment(exp_store: ExperimentStore, config: ExperimentConfig) -> Ex
     """
     if config.name != exp_store.experiment:
         raise ValueError(f"config is for experiment {config.name!r}, the store for {exp_store.experiment!r}")
+    if config.privacy.get("secure_aggregation") and len(config.sites) < 2:  # a site's view has 1 site: here
+        raise ValueError(
+            f"experiment {config.name!r}: secure aggregation needs at least 2 sites (a sum of one update is the update)"
+        )
     config_hash = exp_store.save_config(config.to_dict())
     state = exp_store.load_or_create_state()
     if not exp_store.has_global(0):
