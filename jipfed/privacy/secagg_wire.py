@@ -268,6 +268,8 @@ def open_for_site(
     dispatch = current_dispatch(exp_store)
     if dispatch is None or (dispatch.ticket.round, dispatch.ticket.step) != (round_, step):
         raise _refuse(exp_store, site, round_, "not_open", f"round {round_} step {step} is not open")
+    if len(dispatch.ticket.sites) < 2:  # one masked update would be the update
+        raise _refuse(exp_store, site, round_, "not_secure", f"step {step} selects fewer than 2 sites")
     if site not in dispatch.ticket.sites:
         raise _refuse(
             exp_store, site, round_, "not_selected", f"site {site!r} is not selected for step {step}"
