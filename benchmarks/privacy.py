@@ -12,17 +12,28 @@ global model's Dice on each site's held-out cases (mean over sites).
    is the smallest that keeps ε after all rounds (opacus RDP, sampling rate 1).
 3. **Sample-level DP** (DP-SGD at each site) at each ε: the noise multiplier is the smallest that
    keeps every site's own ε within the budget after all its steps (rate batch / training cases).
+   Per-case clip norm: ``--max-grad-norm``, or (default) the ``--clip-quantile`` of the initial
+   model's per-case gradient norms over all sites' training cases. That calibration reads the
+   sites' data without accounting for it (a deployment takes C from public or proxy data; here the
+   data are synthetic); it is printed so the run can be repeated with a fixed ``--max-grad-norm``.
 4. **Secure aggregation cost** with ``--sites`` sites, for the trained model's shapes: seconds a
    site spends on key agreement + masking, the central's unmasking, against plain aggregation and
    the no-DP run's measured round wall time; bytes per site per round masked vs fp32.
 
-Run: ``nice -n 5 .venv/bin/python benchmarks/privacy.py > /tmp/privacy.log 2>&1`` (``--quick``: a
+Two settings, both reported with PASS/MISS for the goal (≥ 95 % of the no-DP Dice at ε ≤ 8):
+the test size (``--cases 12``) and a cohort (``--cohort``: 64 cases per site on a 16³ grid, which
+runs in minutes on one core). Client-level noise on the mean is ``z·C/n_sites`` per coordinate;
+the benchmark prints its norm against the mean update's and how many sites would bring it down to
+the update's norm.
+
+Run: ``nice -n 10 .venv/bin/python benchmarks/privacy.py > /tmp/privacy.log 2>&1`` (``--quick``: a
 smoke run of a few minutes). Results: ``<workdir>/results.json``; finished runs are cached.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -59,8 +70,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--budgets", type=float, nargs="+", default=[1.0, 4.0, 8.0])
     parser.add_argument("--delta", type=float, default=1e-5)
-    parser.add_argument("--max-grad-norm", type=float, default=1.0, help="DP-SGD per-case clip norm")
+    parser.add_argument(
+        "--max-grad-norm",
+        type=float,
+        default=None,
+        help="DP-SGD per-case clip norm (default: --clip-quantile)",
+    )
+    parser.add_argument(
+        "--clip-quantile",
+        type=float,
+        default=0.5,
+        help="C = this quantile of the initial per-case grad norms",
+    )
     parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument(
+        "--dp-lr", type=float, default=None, help="learning rate of the DP runs (default --lr)"
+    )
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--shape", type=int, nargs=3, default=[48, 48, 32])
     parser.add_argument("--spatial-size", type=int, nargs=3, default=[24, 24, 24])
@@ -68,11 +93,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--levels", nargs="+", choices=["client", "sample"], default=["client", "sample"])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="smoke run: 16^3 grid, 3 rounds, 6 cases")
+    parser.add_argument("--cohort", action="store_true", help="64 cases per site on a 16^3 grid, batch 16")
     args = parser.parse_args(argv)
+    if args.quick or args.cohort:
+        args.shape, args.spatial_size, args.spacing = [32, 32, 24], [16, 16, 16], [8.0, 8.0, 8.0]
     if args.quick:
         args.cases, args.rounds = 6, 3
-        args.shape, args.spatial_size, args.spacing = [32, 32, 24], [16, 16, 16], [8.0, 8.0, 8.0]
         args.workdir = args.workdir.with_name(args.workdir.name + "-quick")
+    if args.cohort:
+        args.cases, args.batch_size = 64, 16
+        args.workdir = args.workdir.with_name(args.workdir.name + "-cohort")
     return args
 
 
@@ -118,9 +148,31 @@ def run(
     return cached(args.workdir / "runs" / f"{name}.json", compute)
 
 
+def run_root(args: argparse.Namespace, name: str) -> Path:
+    return args.workdir / "runs" / name / "store" / "experiments" / name / "rounds"
+
+
+def base_weights(args: argparse.Namespace) -> dict[str, torch.Tensor]:
+    return safetensors.torch.load((run_root(args, "nodp") / "0" / "global.safetensors").read_bytes())
+
+
+def mean_update_norm(args: argparse.Namespace, name: str) -> float:
+    """Median over rounds of the L2 norm of the change of the global model (the mean update)."""
+    root = run_root(args, name)
+    rounds = sorted(int(p.name) for p in root.iterdir() if (p / "global.safetensors").is_file())
+    models = [safetensors.torch.load((root / str(r) / "global.safetensors").read_bytes()) for r in rounds]
+    norms = [
+        math.sqrt(
+            sum(float((b[k].double() - a[k].double()).pow(2).sum()) for k in a if a[k].is_floating_point())
+        )
+        for a, b in zip(models, models[1:], strict=False)
+    ]
+    return statistics.median(norms) if norms else math.nan
+
+
 def update_norms(args: argparse.Namespace, name: str) -> list[float]:
     """L2 norms of every stored site update (fp32 deltas) of a finished run."""
-    root = args.workdir / "runs" / name / "store" / "experiments" / name / "rounds"
+    root = run_root(args, name)
     norms = []
     for path in sorted(root.glob("*/updates/*.safetensors")):
         tensors = safetensors.torch.load(path.read_bytes())
@@ -128,6 +180,47 @@ def update_norms(args: argparse.Namespace, name: str) -> list[float]:
             math.sqrt(sum(float(t.double().pow(2).sum()) for t in tensors.values() if t.is_floating_point()))
         )
     return norms
+
+
+def per_case_grad_norms(sites: Mapping[str, SiteData], train: TrainConfig, limit: int = 32) -> list[float]:
+    """L2 norms of the initial model's per-case gradients (task loss) on up to ``limit`` training cases a site."""
+    from opacus import GradSampleModule
+
+    from jipfed.training.data import CaseDataset, make_loader
+    from jipfed.training.local import LocalTrainer
+    from jipfed.training.models import build_model
+
+    model = build_model(train)
+    module = GradSampleModule(model)
+    norms: list[float] = []
+    for data in sites.values():
+        loss_fn = LocalTrainer(train, data, device="cpu")._loss_fn()
+        records = data.split(train.val_fraction, train.seed)[0][:limit]
+        for batch in make_loader(CaseDataset(records, train.task, augment=False), 8, shuffle=False):
+            model.zero_grad(set_to_none=True)
+            loss_fn(module(batch["image"]), batch["label"]).backward()
+            squares = sum(p.grad_sample.flatten(1).double().pow(2).sum(1) for p in model.parameters())
+            norms += [float(v) for v in squares.sqrt()]  # opacus undoes the mean loss's 1/B
+            for p in model.parameters():
+                p.grad_sample = None
+    module._close()
+    return norms
+
+
+def quantile(values: list[float], q: float) -> float:
+    return float(torch.quantile(torch.tensor(values, dtype=torch.float64), q))
+
+
+def client_noise_report(args: argparse.Namespace, row: Mapping[str, Any], update_norm: float, n: int) -> str:
+    """Client-level noise on the mean (z·C/n per coordinate, norm ·sqrt(d)) against the mean update's norm."""
+    clip = row["privacy"][-1].get("clip_norm", math.nan)
+    noise_norm = row["noise"] * clip * math.sqrt(n) / args.sites
+    needed = math.ceil(row["noise"] * clip * math.sqrt(n) / update_norm)
+    return (
+        f"         noise on the mean: std {row['noise'] * clip / args.sites:.3g} per coordinate, norm "
+        f"{noise_norm:.3g} vs mean update norm {update_norm:.3g} ({noise_norm / update_norm:.0f}x); "
+        f"~{needed} sites would bring it down to the update's norm"
+    )
 
 
 def sample_noise(
@@ -232,13 +325,30 @@ def main(argv: list[str] | None = None) -> int:
     base = run(args, sites, "nodp", train, {})
     norms = update_norms(args, "nodp")
     clip = statistics.median(norms)
-    print(f"sites {args.sites}, cases {args.cases}, rounds {args.rounds}, delta {args.delta}")
-    print(f"no DP: Dice {base['dice']:.4f} ({base['seconds']:.0f} s); median update norm {clip:.4f}")
+    mean_update = mean_update_norm(args, "nodp")
+    dp_train = dataclasses.replace(train, lr=args.dp_lr or args.lr)
+    case_norms = per_case_grad_norms(sites, dp_train) if args.max_grad_norm is None else []
+    grad_clip = args.max_grad_norm or quantile(case_norms, args.clip_quantile)
+    n_params = sum(v.numel() for v in base_weights(args).values() if v.is_floating_point())
+    print(
+        f"sites {args.sites}, cases {args.cases}, rounds {args.rounds}, batch {args.batch_size}, grid "
+        f"{args.spatial_size}, delta {args.delta}, {n_params} parameters, lr {args.lr}, DP lr {dp_train.lr}"
+    )
+    print(
+        f"no DP: Dice {base['dice']:.4f} ({base['seconds']:.0f} s); site update norms median {clip:.4f}, "
+        f"mean update norm (median over rounds) {mean_update:.4f}"
+    )
+    if case_norms:
+        print(
+            f"initial per-case gradient norms: min {min(case_norms):.4f} median {quantile(case_norms, 0.5):.4f} "
+            f"max {max(case_norms):.4f} -> DP-SGD clip norm C = {grad_clip:.4f} (quantile {args.clip_quantile})"
+        )
     rows: list[dict[str, Any]] = []
     for level in args.levels:
         for eps in args.budgets:
             if level == "client":
                 privacy = {"client_dp": {"epsilon": eps, "delta": args.delta, "clip_norm": clip}}
+                name = f"client-eps{eps:g}"
             else:
                 z = sample_noise(args, sites, train, eps)
                 privacy = {
@@ -246,10 +356,11 @@ def main(argv: list[str] | None = None) -> int:
                         "epsilon": eps,
                         "delta": args.delta,
                         "noise_multiplier": z,
-                        "max_grad_norm": args.max_grad_norm,
+                        "max_grad_norm": grad_clip,
                     }
                 }
-            out = run(args, sites, f"{level}-eps{eps:g}", train, privacy)
+                name = f"sample-eps{eps:g}-C{grad_clip:.4g}-lr{dp_train.lr:g}".replace(".", "p")
+            out = run(args, sites, name, dp_train if level == "sample" else train, privacy)
             if level == "client":
                 last = out["privacy"][-1]
                 spent, z = last["epsilon_total"], last["noise_multiplier"]
@@ -261,13 +372,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"{level:6s} eps {eps:5g}: noise multiplier {z:7.3f}, spent {spent:6.3f}, "
                 f"Dice {out['dice']:.4f} ({ratio:6.1%} of no DP)"
             )
-    payload = next(
-        (args.workdir / "runs" / "nodp" / "store" / "experiments" / "nodp" / "rounds" / "0").glob(
-            "global.safetensors"
-        )
-    )
-    like = safetensors.torch.load(payload.read_bytes())
-    cost = secagg_cost(args, like, base["seconds"] / args.rounds)
+            if level == "client":
+                print(client_noise_report(args, rows[-1], mean_update, n_params))
+    cost = secagg_cost(args, base_weights(args), base["seconds"] / args.rounds)
     print(
         f"secure aggregation, {args.sites} sites, {cost['parameters']} parameters: site masking "
         f"{cost['site_mask_s'] * 1e3:.1f} ms, central unmasking {cost['central_unmask_s'] * 1e3:.1f} ms, plain "
@@ -276,12 +383,15 @@ def main(argv: list[str] | None = None) -> int:
         f"+{cost['extra_fraction']:.2%}; bytes per site {cost['masked_bytes']} vs {cost['plain_bytes']} fp32 "
         f"({cost['masked_bytes'] / cost['plain_bytes']:.2f}x)"
     )
-    good = [r for r in rows if r["budget"] <= EPSILON_GOAL and r["dice"] >= DICE_GOAL * base["dice"]]
-    print(
-        ("PASS" if good else "MISS")
-        + f": a level keeps >= {DICE_GOAL:.0%} of the non-private Dice at eps <= {EPSILON_GOAL:g}"
-        + (f" ({good[0]['level']} at eps {good[0]['budget']:g})" if good else "")
-    )
+    for level in args.levels:
+        tried = [r for r in rows if r["level"] == level and r["budget"] <= EPSILON_GOAL]
+        best = max(tried, key=lambda r: r["dice"], default=None)
+        share = best["dice"] / base["dice"] if best and base["dice"] > 0 else math.nan
+        print(
+            ("PASS" if best and share >= DICE_GOAL else "MISS")
+            + f" ({level}, {args.cases} cases per site): best at eps <= {EPSILON_GOAL:g} keeps {share:.1%} "
+            f"of the non-private Dice (goal {DICE_GOAL:.0%})"
+        )
     print(
         ("PASS" if cost["extra_fraction"] <= SECAGG_GOAL else "MISS")
         + f": secure aggregation adds <= {SECAGG_GOAL:.0%}"

@@ -23,6 +23,7 @@ from jipfed.federation.dispatch import (
     site_status,
     utcnow,
 )
+from jipfed.privacy.settings import PrivacySettings
 from jipfed.storage.base import ObjectNotFoundError, json_object
 from jipfed.storage.state import ExperimentStore
 
@@ -270,7 +271,60 @@ def experiment_view(exp_store: ExperimentStore, now: datetime | None = None) -> 
         "series": series(records, metrics),
         "epochs": epoch_equivalents(records),
         "final": final_model(exp_store),
+        "privacy": privacy_view(records, config.privacy),
     }
+
+
+def privacy_view(records: Sequence[Mapping[str, Any]], privacy: Mapping[str, Any]) -> dict[str, Any] | None:
+    """ε spent, from the round records (None: no DP configured).
+
+    ``client``: DP-FedAvg's per-round release (``aggregate.json["privacy"]``): ε of the round, ε in
+    total so far, noise multiplier, clip norm; with δ and the budget from the config.
+    ``sample``: DP-SGD at the sites: each site's ε after each round (``dp_epsilon`` in the round's
+    site metrics; None where the site was not aggregated), its latest, δ and the per-site budget.
+    """
+    parsed = PrivacySettings.from_mapping(privacy)
+    client_cfg, sample_cfg = parsed.client_dp, parsed.sample_dp
+    if client_cfg is None and sample_cfg is None:
+        return None
+    out: dict[str, Any] = {"client": None, "sample": None}
+    if client_cfg is not None:
+        rows = [
+            {
+                "round": r["round"],
+                **{
+                    k: number((r.get("privacy") or {}).get(k))
+                    for k in ("epsilon_round", "epsilon_total", "noise_multiplier", "clip_norm")
+                },
+            }
+            for r in records
+        ]
+        spent = [row["epsilon_total"] for row in rows if row["epsilon_total"] is not None]
+        out["client"] = {
+            "delta": client_cfg.delta,
+            "budget": client_cfg.epsilon,
+            "accountant": client_cfg.accountant,
+            "total": spent[-1] if spent else 0.0,
+            "rounds": rows,
+        }
+    if sample_cfg is not None:
+        sites = sorted({site for r in records for site in r.get("sites", {})})
+        per_site = {
+            site: [number(r.get("sites", {}).get(site, {}).get("dp_epsilon")) for r in records]
+            for site in sites
+        }
+        out["sample"] = {
+            "delta": sample_cfg.delta,
+            "budget": sample_cfg.epsilon,
+            "accountant": sample_cfg.accountant,
+            "rounds": [r["round"] for r in records],
+            "sites": per_site,
+            "latest": {
+                site: next((v for v in reversed(values) if v is not None), None)
+                for site, values in per_site.items()
+            },
+        }
+    return out
 
 
 def _round_row(record: Mapping[str, Any], exp_store: ExperimentStore) -> dict[str, Any]:

@@ -377,9 +377,57 @@ def experiment_body(view: Mapping[str, Any], links: Links | None) -> str:
             _grid(view),
             _chart_divs(charts),
             _rounds_table(view, links),
+            _privacy(view.get("privacy")),
             _final(view, links),
         ]
     )
+
+
+def _budget(budget: float | None) -> str:
+    return fmt(budget, 3) if budget is not None else "none set"
+
+
+def _privacy(privacy: Mapping[str, Any] | None) -> str:
+    """ε spent: client level per round and in total, sample level per site and round (with δ, budget)."""
+    if privacy is None:
+        return ""
+    parts = ["<h2>Privacy (&epsilon;, &delta;)</h2>"]
+    client = privacy["client"]
+    if client is not None:
+        parts.append(
+            "<p id='client-dp'>Client-level DP (DP-FedAvg): &epsilon; spent "
+            f"<b class='epsilon-total'>{fmt(client['total'], 3)}</b> of budget "
+            f"<span class='epsilon-budget'>{_budget(client['budget'])}</span> at &delta; = "
+            f"<span class='delta'>{e(client['delta'])}</span> ({e(client['accountant'])} accountant)</p>"
+        )
+        rows = [
+            [
+                str(r["round"]),
+                f"<td class='num'>{fmt(r['epsilon_round'], 3)}</td>",
+                f"<td class='num'>{fmt(r['epsilon_total'], 3)}</td>",
+                f"<td class='num'>{fmt(r['noise_multiplier'], 3)}</td>",
+                f"<td class='num'>{fmt(r['clip_norm'], 4)}</td>",
+            ]
+            for r in client["rounds"]
+        ]
+        header = ["round", "ε this round", "ε total", "noise multiplier", "clip norm"]
+        parts.append(table(header, rows, "client-epsilon"))
+    sample = privacy["sample"]
+    if sample is not None:
+        latest = ", ".join(f"{e(site)} {fmt(eps, 3)}" for site, eps in sample["latest"].items()) or "-"
+        parts.append(
+            "<p id='sample-dp'>Sample-level DP (DP-SGD at each site): latest &epsilon; per site "
+            f"<span class='epsilon-latest'>{latest}</span>; budget per site "
+            f"<span class='epsilon-budget'>{_budget(sample['budget'])}</span> at &delta; = "
+            f"<span class='delta'>{e(sample['delta'])}</span> ({e(sample['accountant'])} accountant)</p>"
+        )
+        sites = list(sample["sites"])
+        rows = [
+            [str(r), *(f"<td class='num'>{fmt(sample['sites'][s][i], 3)}</td>" for s in sites)]
+            for i, r in enumerate(sample["rounds"])
+        ]
+        parts.append(table(["round", *(f"ε {s}" for s in sites)], rows, "sample-epsilon"))
+    return "".join(parts)
 
 
 def experiment_page(view: Mapping[str, Any], links: Links) -> Page:

@@ -46,4 +46,17 @@ class DPSGDFit(Strategy):
         return self.inner.state_dict()
 
     def load_state_dict(self, state: StrategyState) -> None:
+        """The inner strategy's state; a wrapper around this one (client-level DP) labels it with this
+        strategy's name and config, which are checked here and then handed on as the inner's."""
+        if state.strategy == self.name:
+            if dict(state.config) != self.config():
+                raise ValueError(
+                    f"state config {dict(state.config)} differs from this strategy's {self.config()}"
+                )
+            state = StrategyState(
+                strategy=self.inner.name,
+                config=self.inner.config(),
+                meta=dict(state.meta),
+                tensors=state.tensors,
+            )
         self.inner.load_state_dict(state)
