@@ -1,0 +1,261 @@
+"""Secure aggregation over the wire: seconds and bytes per round, secure vs plain, through the product's code path.
+
+Each measured round is one step of a fresh experiment (tiny U-Net, FedAvg, ``--sites`` sites) on a
+local-folder model store served by the real central endpoint on a loopback port. Every site (a
+thread, as a site's upload task would run) takes its work with ``CentralClient``, downloads the
+global model, trains one local epoch on its synthetic cases (``run_site_step``; ``--no-train``: a
+random delta instead, to isolate the protocol) and then
+
+* **plain**: reports its cohort and uploads the fp32 update (``jipfed.tasks.site_model.upload_update``);
+* **secure**: posts its X25519 key, waits for the peers' keys, masks and uploads the masked uint64
+  vector (``jipfed.privacy.secagg_site.secure_upload``, product poll interval).
+
+The central then checks every site's status (the collect's ``site_status``) and aggregates the step
+(``aggregate_step``: unmasking the sum for secure). Round time: dispatch to the stored global model.
+Bytes: what the sites sent (payloads, manifests, keys) and received (the model) per round.
+Goal (issue 16): secure aggregation adds at most 10 % to the round's wall time with 4 sites.
+
+Run: ``nice -n 10 .venv/bin/python benchmarks/secure_aggregation.py`` (``--rounds``, ``--sites``,
+``--no-train``; results also in ``<workdir>/secure_aggregation.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import secrets
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from jipfed.central.app import create_app
+from jipfed.central.client import CentralClient
+from jipfed.central.serve import serve_in_thread
+from jipfed.central.tokens import site_token
+from jipfed.federation.closing import aggregate_step
+from jipfed.federation.codec import EncodedUpdate, encode_update
+from jipfed.federation.dispatch import DELIVERED, WorkItem, current_dispatch, dispatch_step, site_status
+from jipfed.federation.experiment import ExperimentConfig
+from jipfed.federation.rounds import start_experiment
+from jipfed.federation.site_round import run_site_step
+from jipfed.federation.update import ModelUpdate
+from jipfed.privacy import secagg_site
+from jipfed.privacy.secagg_wire import secure_settings
+from jipfed.simulation import prepare_synthetic_sites
+from jipfed.storage.local import LocalFolderStore
+from jipfed.storage.state import ExperimentStore
+from jipfed.tasks.site_model import upload_update
+from jipfed.training.config import TrainConfig
+from jipfed.training.data import SiteData
+from jipfed.training.local import LocalTrainer
+
+GOAL_EXTRA = 0.10
+TRAIN = TrainConfig(size="tiny", epochs=1, batch_size=2, lr=0.01, amp=False, val_fraction=0.25)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sites", type=int, default=4)
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="measured rounds per mode (after one warm-up each)"
+    )
+    parser.add_argument("--cases", type=int, default=6, help="synthetic cases per site")
+    parser.add_argument("--no-train", action="store_true", help="random deltas instead of local training")
+    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "jipfed-secagg-bench")
+    return parser.parse_args(argv)
+
+
+class Round:
+    """One step of a fresh experiment through the endpoint; ``run()`` -> (seconds, bytes up, bytes down)."""
+
+    def __init__(self, root: Path, name: str, secure: bool, data: dict[str, SiteData] | None) -> None:
+        self.store = LocalFolderStore(root / name)
+        self.exp_store = ExperimentStore(self.store, name)
+        self.sites = tuple(sorted(data)) if data else ()
+        self.data = data
+        privacy = {"secure_aggregation": {}} if secure else {}
+        config = ExperimentConfig(
+            name=name, sites=self.sites, rounds=1, train=TRAIN, round_timeout_s=600.0,
+            norm_bound_factor=None, privacy=privacy,
+        )  # fmt: skip
+        start_experiment(self.exp_store, config)
+        self.secure = secure
+        self.up = self.down = 0
+        self._lock = threading.Lock()
+        self.errors: list[str] = []
+
+    def count(self, up: int = 0, down: int = 0) -> None:
+        with self._lock:
+            self.up += up
+            self.down += down
+
+    def update(self, client: CentralClient, site: str, item: WorkItem) -> EncodedUpdate:
+        ticket = item.ticket
+        payload, manifest = client.get_model(ticket.experiment, ticket.round, ticket.step)
+        self.count(down=len(payload) + len(json.dumps(manifest)))
+        trainer = LocalTrainer(TRAIN, self.data[site], device="cpu")
+        if not ARGS.no_train:
+            return run_site_step(
+                ticket,
+                payload,
+                manifest,
+                trainer,
+                site,
+                ticket.experiment,
+                ticket.config_hash,
+                evaluate=False,
+            )
+        start = {n: t for n, t in trainer.get_weights().items() if n in trainer.shared_names}
+        delta = {
+            n: 0.01 * torch.randn_like(t) if t.is_floating_point() else torch.zeros_like(t)
+            for n, t in start.items()
+        }
+        return encode_update(
+            ModelUpdate.build(
+                delta, experiment=ticket.experiment, round=0, site=site, kind="delta", n_samples=4,
+                config_hash=ticket.config_hash,
+            ),
+            "fp32",
+        )  # fmt: skip
+
+    def site(self, client: CentralClient, site: str) -> None:
+        torch.set_num_threads(1)
+        try:
+            item = client.pending_work()[0]
+            encoded = self.update(client, site, item)
+            ticket = item.ticket
+            if not self.secure:
+                client.report_cohort(ticket.experiment, ticket.round, ticket.step, 4)
+                manifest = encoded.manifest.to_json()
+                upload_update(client, ticket, encoded.payload, manifest, where=site)
+                self.count(up=len(encoded.payload) + len(manifest))
+                return
+            settings = secure_settings(self.exp_store)
+            update = secagg_site.site_update(encoded.payload, encoded.manifest.to_json(), 10_000)
+            sent = _counting(client, self.count)
+            secagg_site.secure_upload(
+                sent, experiment=ticket.experiment, round=ticket.round, step=ticket.step, site=site,
+                config_hash=ticket.config_hash, update=update, settings=settings,
+                deadline=item.dispatch.deadline, key_dir=Path(tempfile.mkdtemp(prefix="secagg-keys-")),
+            )  # fmt: skip
+        except Exception as exc:
+            self.errors.append(f"{site}: {type(exc).__name__}: {exc}")
+
+    def run(self, url: str, secret: str) -> tuple[float, int, int]:
+        started = time.perf_counter()
+        dispatch_step(self.exp_store, 0)
+        threads = [
+            threading.Thread(
+                target=self.site, args=(CentralClient(url, site_token(secret, s), timeout_s=120), s)
+            )
+            for s in self.sites
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if self.errors:
+            raise RuntimeError(f"sites failed: {self.errors}")
+        dispatch = current_dispatch(self.exp_store)
+        assert all(site_status(self.exp_store, dispatch, s)[0] == DELIVERED for s in self.sites)
+        aggregate_step(self.exp_store, 0)
+        return time.perf_counter() - started, self.up, self.down
+
+
+class _counting:
+    """A ``CentralClient`` wrapper counting the bytes of the secure-aggregation calls."""
+
+    def __init__(self, client: CentralClient, count: Callable[..., None]) -> None:
+        self.client, self._count = client, count
+
+    def secagg_status(self, *args: Any) -> dict[str, Any]:
+        status = self.client.secagg_status(*args)
+        self._count(down=len(json.dumps(status)))
+        return status
+
+    def post_secagg_key(self, *args: Any) -> dict[str, Any]:
+        self._count(up=len(json.dumps({"public_key": args[-1]})))
+        return self.client.post_secagg_key(*args)
+
+    def put_masked_update(self, *args: Any) -> dict[str, Any]:
+        self._count(up=len(args[-2]) + len(args[-1]))
+        return self.client.put_masked_update(*args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    global ARGS
+    ARGS = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    folders = prepare_synthetic_sites(
+        ARGS.workdir / "data", n_sites=ARGS.sites, cases_per_site=ARGS.cases, shape=(32, 32, 20),
+        spatial_size=(16, 16, 16), spacing_mm=(4.0, 4.0, 4.0), progress=False,
+    )  # fmt: skip
+    data = {
+        f"site-{i}": SiteData.from_dir(folder, group=f"site-{i}") for i, folder in enumerate(folders.values())
+    }
+    secret = secrets.token_hex(32)
+    root = Path(tempfile.mkdtemp(prefix="stores-", dir=ARGS.workdir))
+    stores: dict[str, LocalFolderStore] = {}
+    url, stop = serve_in_thread(create_app(lambda: stores["current"], secret))
+    results: dict[str, list[tuple[float, int, int]]] = {"plain": [], "secure": []}
+    try:
+        for i in range(ARGS.rounds + 1):  # round 0 of each mode warms up
+            for mode in ("plain", "secure"):
+                bench = Round(root, f"{mode}-{i}", mode == "secure", data)
+                stores["current"] = bench.store
+                measured = bench.run(url, secret)
+                if i:
+                    results[mode].append(measured)
+                print(
+                    f"{mode:6s} round {i}: {measured[0]:.2f} s, up {measured[1]:,} B, down {measured[2]:,} B"
+                )
+    finally:
+        stop()
+    summary = {
+        mode: {
+            "seconds_median": statistics.median(r[0] for r in runs),
+            "seconds": [round(r[0], 3) for r in runs],
+            "bytes_up_per_round": runs[-1][1],
+            "bytes_down_per_round": runs[-1][2],
+        }
+        for mode, runs in results.items()
+    }
+    extra = summary["secure"]["seconds_median"] / summary["plain"]["seconds_median"] - 1
+    verdict = "PASS" if extra <= GOAL_EXTRA else "MISS"
+    training = "random deltas (protocol only)" if ARGS.no_train else "1 local epoch of a tiny U-Net"
+    print(f"\n{ARGS.sites} sites, {training}, {ARGS.rounds} rounds per mode (median):")
+    for mode, s in summary.items():
+        print(
+            f"  {mode:6s} {s['seconds_median']:.2f} s/round, sent {s['bytes_up_per_round']:,} B, "
+            f"received {s['bytes_down_per_round']:,} B"
+        )
+    print(
+        f"  secure aggregation adds {100 * extra:+.1f} % to the round's wall time: {verdict} (goal <= 10 %)"
+    )
+    out = ARGS.workdir / "secure_aggregation.json"
+    out.write_text(
+        json.dumps(
+            {
+                "args": vars(ARGS) | {"workdir": str(ARGS.workdir)},
+                **summary,
+                "extra": extra,
+                "verdict": verdict,
+            },
+            indent=2,
+        )
+    )
+    return 0
+
+
+ARGS: argparse.Namespace
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
