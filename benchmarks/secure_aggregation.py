@@ -132,7 +132,7 @@ class Round:
             encoded = self.update(client, site, item)
             ticket = item.ticket
             if not self.secure:
-                client.report_cohort(ticket.experiment, ticket.round, ticket.step, 4)
+                client.report_cohort(ticket.experiment, ticket.round, ticket.step, len(self.data[site]))
                 manifest = encoded.manifest.to_json()
                 upload_update(client, ticket, encoded.payload, manifest, where=site)
                 self.count(up=len(encoded.payload) + len(manifest))
