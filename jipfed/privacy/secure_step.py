@@ -18,6 +18,7 @@ from typing import Any
 
 from jipfed.federation.codec import write_global_file
 from jipfed.federation.compute import strategy_for
+from jipfed.federation.decision import Decision
 from jipfed.federation.dispatch import load_dispatch
 from jipfed.federation.experiment import ExperimentConfig
 from jipfed.federation.plans import PlanStep
@@ -54,35 +55,22 @@ def secure_record(
     shas: tuple[str, str],
 ) -> dict[str, Any]:
     """The round record: the ordinary keys plus ``secure_aggregation`` (attempt, retries, total weight)."""
+    from jipfed.federation.closing import record_dict
+
     dropped: dict[str, str] = {}
     for failed in view.history:
         dropped.update(failed["dropped"])
     missing = sorted(set(ps.sites) - set(view.sites))
+    reasons = {site: dropped.get(site, "not in the secure-aggregation attempt") for site in missing}
+    decision = Decision(list(view.sites), {}, missing, {}, reasons)
     sites = {site: dict(m["metrics"]) for site, m in sorted(manifests.items())}
     common = set.intersection(*(set(m) for m in sites.values())) if sites else set()
     return {
-        "format": 1,
-        "experiment": config.name,
-        "config_hash": config_hash,
-        "plan": config.plan,
-        "strategy": config.strategy,
-        "step": ps.step,
-        "round": ps.round,
-        "hop": ps.hop,
-        "selected": list(ps.sites),
-        "included": list(view.sites),
-        "rejected": {},
-        "bounded": {},
-        "missing": missing,
-        "missing_reasons": {
-            site: dropped.get(site, "not in the secure-aggregation attempt") for site in missing
-        },
+        **record_dict(config, config_hash, ps, decision, *shas),
         "n_samples": round(weight),
         # unweighted: a site's sample count is hidden in the masked sum
         "metrics": {name: sum(m[name] for m in sites.values()) / len(sites) for name in sorted(common)},
         "sites": sites,
-        "input_sha256": shas[0],
-        "output_sha256": shas[1],
         "secure_aggregation": {
             "dispatch_attempt": view.dispatch_attempt,
             "attempt": view.attempt,
