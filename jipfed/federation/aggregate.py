@@ -446,7 +446,8 @@ def sites_per_lazy_pass(update: UpdateSource) -> int:
         return 1
     largest, model = sizes
     if getattr(update, "paged", False):
-        itemsize = max(spec.torch_dtype.itemsize for spec in update.manifest.tensors.values())
+        specs = update.manifest.tensors.values()
+        itemsize = max((s.torch_dtype.itemsize for s in specs if s.torch_dtype.is_floating_point), default=1)
         largest = min(largest, chunk_elements() * itemsize)
     return max(1, int(LAZY_PASS_MODEL_FRACTION * model) // max(largest, 1))
 

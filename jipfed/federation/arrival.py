@@ -5,16 +5,19 @@ The central checks each update once, while its bytes stream into the store
 (``updates/<site>.checked``: sha256, size, delta norm) before it commits the update's manifest.
 The record holds the stored object's identity (size and mtime / inode, or ETag) taken right after
 the bytes were stored. Deciding a step reads these records, not the updates; aggregating compares
-the identities (:func:`check_unchanged`) instead of hashing the bytes again, so each update is read
-once after its arrival. Only a committed update without a record for its bytes (written around the
-upload path) is checked from the store, once, and recorded.
+the identities instead of hashing the bytes again, so each update is read
+once after its arrival (:func:`unchanged_check` gives the check a
+:class:`~jipfed.federation.payload_stream.StoredUpdate` makes after its reads). Only a committed
+update without a record for its bytes (written around the upload path) is checked from the store,
+once, and recorded.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
 
@@ -27,6 +30,7 @@ from jipfed.federation.plans import PlanStep
 from jipfed.federation.round_io import (
     check_sample_bound,
     expected_update,
+    identity_change,
     input_keys,
     load_weights,
     needs_start_weights,
@@ -34,7 +38,6 @@ from jipfed.federation.round_io import (
     stored_path,
 )
 from jipfed.federation.update import TensorSpec, UpdateManifest
-from jipfed.federation.validation import UpdateRejected
 from jipfed.storage.base import StoreError, canonical_json
 from jipfed.storage.layout import validate_slug
 from jipfed.storage.state import ExperimentStore
@@ -110,7 +113,9 @@ def unchanged_identity(
     check = recorded_arrival(exp_store, manifest)
     change = "no identity was recorded" if check is None or check.identity is None else None
     if check is not None and check.identity is not None:
-        change = _identity_change(exp_store, manifest, check.identity)
+        change = identity_change(
+            exp_store, exp_store.layout.update(manifest.round, manifest.site), check.identity
+        )
         if change is None:
             return check.identity
     logger.info(
@@ -123,31 +128,12 @@ def unchanged_identity(
     return None
 
 
-def check_unchanged(
+def unchanged_check(
     exp_store: ExperimentStore, manifest: UpdateManifest, identity: Mapping[str, int | str]
-) -> None:
-    """Raise UpdateRejected unless the stored update still has ``identity`` (after reading it)."""
-    change = _identity_change(exp_store, manifest, identity)
-    if change is not None:
-        raise UpdateRejected(
-            manifest.site, manifest.round, f"stored payload changed since its arrival check ({change})"
-        )
-
-
-def _identity_change(
-    exp_store: ExperimentStore, manifest: UpdateManifest, identity: Mapping[str, int | str]
-) -> str | None:
-    """How the stored update's identity differs from ``identity``; None when it is the same."""
-    try:
-        now = exp_store.store.identity(exp_store.layout.update(manifest.round, manifest.site))
-    except StoreError as exc:
-        return f"its identity cannot be read ({exc})"
-    if now == dict(identity):
-        return None
-    return (
-        "its "
-        + ", ".join(sorted(k for k in set(now) | set(identity) if now.get(k) != identity.get(k)))
-        + " changed"
+) -> Callable[[], str | None]:
+    """How the stored update differs from ``identity`` when called (None: unchanged), for :class:`StoredUpdate`."""
+    return functools.partial(
+        identity_change, exp_store, exp_store.layout.update(manifest.round, manifest.site), identity
     )
 
 

@@ -32,7 +32,7 @@ from jipfed.federation.round_io import (
 from jipfed.federation.strategies import StrategyState
 from jipfed.federation.tickets import ProtocolError, load_config
 from jipfed.federation.update import UpdateManifest
-from jipfed.storage.base import canonical_json
+from jipfed.storage.base import PendingObject, canonical_json
 from jipfed.storage.state import ExperimentStore, IntegrityError, StepRecord
 
 logger = logging.getLogger(__name__)
@@ -105,15 +105,20 @@ def to_step_record(record: Mapping[str, Any]) -> StepRecord:
 
 
 def write_outputs(
-    exp_store: ExperimentStore, ps: PlanStep, encoded: EncodedFile, strategy_state: StrategyState | None
+    exp_store: ExperimentStore,
+    ps: PlanStep,
+    encoded: EncodedFile,
+    strategy_state: StrategyState | None,
+    pending: PendingObject | None = None,
 ) -> None:
+    """Server strategy state, next model (``pending``: already written in place) and its manifest, in this order."""
     lay = exp_store.layout
     if strategy_state is not None:
         payload, text = strategy_state.to_payload()
         put_once(exp_store, lay.strategy_state(ps.round), payload)
         put_once(exp_store, lay.strategy_state_manifest(ps.round), text.encode("utf-8"))
     model_key, manifest_key, _ = output_keys(exp_store, ps)
-    put_file_once(exp_store, model_key, encoded)
+    put_file_once(exp_store, model_key, encoded, pending)
     put_once(exp_store, manifest_key, canonical_json(encoded.manifest.to_dict()))
 
 
@@ -162,6 +167,8 @@ def aggregate_step(exp_store: ExperimentStore, step: int) -> StepRecord:
         tempfile.TemporaryDirectory(prefix="jipfed-aggregate-") as tmp,
         open_model(exp_store, input_keys(exp_store, ps), config_hash, Path(tmp)) as start,
         hash_pipeline(start) as hashing,
+        # written where it will be stored, published only after the decision record
+        exp_store.store.pending(output_keys(exp_store, ps)[0], Path(tmp)) as output,
     ):
         start.hashing = hashing
         record = _stored_decision(exp_store, config, ps)
@@ -178,7 +185,7 @@ def aggregate_step(exp_store: ExperimentStore, step: int) -> StepRecord:
             check_quorum(exp_store, config, ps, state, changed)
 
         encoded, strategy_state = compute_output(
-            exp_store, config, config_hash, ps, start, decision, Path(tmp), on_exclusion, hashing
+            exp_store, config, config_hash, ps, start, decision, Path(tmp), on_exclusion, hashing, output.path
         )
         if record is None:
             input_sha = start.manifest.sha256 or ""
@@ -193,7 +200,7 @@ def aggregate_step(exp_store: ExperimentStore, step: int) -> StepRecord:
                 f"experiment {config.name!r}, step {step}: recomputed model {encoded.manifest.sha256} differs from "
                 f"the recorded {record['output_sha256']}"
             )
-        write_outputs(exp_store, ps, encoded, strategy_state)
+        write_outputs(exp_store, ps, encoded, strategy_state, output)
     step_record = to_step_record(record)
     next_round = plan.step(step + 1).round if step + 1 < plan.n_steps else ps.round + 1
     exp_store.save_state(state.complete_step(step_record, next_round=next_round))

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 
-from jipfed.federation.arrival import check_unchanged, unchanged_identity
+from jipfed.federation.arrival import unchanged_check, unchanged_identity
 from jipfed.federation.bounds import Clip, scaled
 from jipfed.federation.codec import EncodedFile, write_global_file
 from jipfed.federation.decision import Decision
@@ -67,8 +67,9 @@ def compute_output(
     workdir: Path,
     on_exclusion: Callable[[Decision], None],
     hashing: HashPipeline | None = None,
+    output: Path | None = None,
 ) -> tuple[EncodedFile, StrategyState | None]:
-    """The step's output model (a file in ``workdir``) and, for parallel plans, the new server state.
+    """The step's output model (the file ``output``, default in ``workdir``) and, for parallel plans, the new server state.
 
     Each included update is read once, from the store, while it is aggregated. Its stored identity
     (size and mtime / inode, or ETag) is compared with the one recorded at its arrival check before
@@ -89,19 +90,16 @@ def compute_output(
         state: StrategyState | None = None
         with ExitStack() as stack:
             sources: list[StoredUpdate] = []
-            identities: dict[str, Mapping[str, int | str]] = {}
             for site in decision.included:
                 manifest = decision.manifests.get(site) or _stored_manifest(exp_store, ps.round, site)
                 identity = unchanged_identity(exp_store, manifest)
-                known = identity is not None  # still the bytes checked at arrival: not hashed again
-                if identity is not None:
-                    identities[site] = identity
                 path = stored_path(exp_store, lay.update(ps.round, site), workdir)
-                sources.append(
-                    stack.enter_context(
-                        StoredUpdate(path, manifest, None if known else hashing, digest=not known)
-                    )
-                )
+                if identity is None:  # hashed as read, compared with the arrival digest
+                    source = StoredUpdate(path, manifest, hashing)
+                else:  # still the bytes checked at arrival: not hashed again
+                    unchanged = unchanged_check(exp_store, manifest, identity)
+                    source = StoredUpdate(path, manifest, digest=False, unchanged=unchanged)
+                sources.append(stack.enter_context(source))
             if config.plan == "parallel":
                 used: list[StoredUpdate] = sources
                 views = [
@@ -118,16 +116,13 @@ def compute_output(
                 used = []
                 weights = dict(start.tensors.items())
             for source in [*used, start]:
-                if source.digest:
-                    source.verify()
-                else:  # still the bytes checked at arrival after the read
-                    check_unchanged(exp_store, source.manifest, identities[source.site])
+                source.verify()  # hashed, or still the checked object after the reads
         order = [n for n in start.manifest.tensors if n in weights] + [
             n for n in weights if n not in start.manifest.tensors
         ]
         encoded = write_global_file(
             {name: weights[name] for name in order},
-            workdir / "output.safetensors",
+            output or workdir / "output.safetensors",
             experiment=config.name,
             round=out_round,
             config_hash=config_hash,

@@ -32,7 +32,7 @@ import mmap
 import os
 import struct
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -395,6 +395,8 @@ class StoredUpdate(ManifestFields):
             may also be set after opening, before the first read).
         digest: hash the bytes read (for :meth:`verify`); False when the caller knows the file
             is unchanged since its check in another way (its stored identity), so nothing is hashed.
+        unchanged: with ``digest=False``, what :meth:`verify` asks instead of hashing: how the
+            stored object changed since its check (e.g. "its mtime_ns changed"), None if it did not.
 
     Raises:
         UpdateRejected: the file is missing, not safetensors, or its tensors differ from the manifest.
@@ -407,9 +409,10 @@ class StoredUpdate(ManifestFields):
         hashing: HashPipeline | None = None,
         *,
         digest: bool = True,
+        unchanged: Callable[[], str | None] | None = None,
     ) -> None:
         self.path, self.manifest = path, manifest
-        self.hashing, self.digest = hashing, digest
+        self.hashing, self.digest, self._unchanged = hashing, digest, unchanged
         try:
             self._fd = os.open(path, os.O_RDONLY)
         except OSError as exc:
@@ -501,9 +504,17 @@ class StoredUpdate(ManifestFields):
         return decode_entry(name, self.manifest.tensors[name], self.manifest, self.read_raw)
 
     def verify(self) -> None:
-        """Hash what was not read in order and compare with the arrival digest; UpdateRejected if changed."""
+        """Hash what was not read in order and compare with the arrival digest; UpdateRejected if changed.
+
+        Opened with ``digest=False``: ask ``unchanged`` instead (after the reads, as before them).
+        """
         if not self.digest:
-            raise RuntimeError(f"{self!r} was opened with digest=False: its bytes were not hashed")
+            if self._unchanged is None:
+                raise RuntimeError(f"{self!r} was opened with digest=False: its bytes were not hashed")
+            change = self._unchanged()
+            if change is not None:
+                raise self._reject(f"stored payload changed since its check in round {self.round} ({change})")
+            return
         if self.hashing is not None:
             self.hashing.wait(self._hash)
         if not self._in_order:  # read out of file order: hash the whole file again

@@ -8,6 +8,7 @@ sample-count bound.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,7 +23,7 @@ from jipfed.federation.plans import PlanStep
 from jipfed.federation.tickets import ProtocolError
 from jipfed.federation.update import TensorSpec, UpdateManifest
 from jipfed.federation.validation import ExpectedUpdate, UpdateRejected, check_manifest
-from jipfed.storage.base import ObjectExistsError
+from jipfed.storage.base import ObjectExistsError, PendingObject, StoreError
 from jipfed.storage.local import LocalFolderStore
 from jipfed.storage.state import ExperimentState, ExperimentStore, IntegrityError, Status, sha256_hex
 
@@ -75,7 +76,12 @@ def stored_path(exp_store: ExperimentStore, key: str, workdir: Path) -> Path:
 def open_model(
     exp_store: ExperimentStore, keys: tuple[str, str], config_hash: str, workdir: Path
 ) -> StoredUpdate:
-    """A stored global / hop model, opened for reading (its sha256 is checked by ``verify()``).
+    """A stored global / hop model, opened for reading (checked by ``verify()`` after the reads).
+
+    While the model object still has the identity recorded with its sha256 when it was stored
+    (:meth:`~jipfed.storage.state.ExperimentStore.record_model_check`), its bytes are not hashed:
+    ``verify()`` compares the identity again. Otherwise they are hashed as read and compared with
+    the manifest's sha256.
 
     Raises:
         IntegrityError: the manifest is invalid or not this experiment's, or the payload's header
@@ -93,7 +99,16 @@ def open_model(
         check_manifest(manifest, expected)
         if manifest.sha256 is None:
             raise UpdateRejected(manifest.site, manifest.round, "manifest has no sha256")
-        return StoredUpdate(stored_path(exp_store, model_key, workdir), manifest)
+        identity = exp_store.checked_model_identity(model_key, manifest.sha256)
+        change = (
+            "no check was recorded" if identity is None else identity_change(exp_store, model_key, identity)
+        )
+        path = stored_path(exp_store, model_key, workdir)
+        if identity is None or change is not None:
+            logger.info("stored model %r: %s since it was stored; hashing it", model_key, change)
+            return StoredUpdate(path, manifest)
+        unchanged = functools.partial(identity_change, exp_store, model_key, identity)
+        return StoredUpdate(path, manifest, digest=False, unchanged=unchanged)
     except (ValueError, UpdateRejected) as exc:
         raise IntegrityError(f"stored model {model_key!r} is invalid: {exc}") from exc
 
@@ -108,15 +123,39 @@ def load_weights(model: StoredUpdate) -> dict[str, torch.Tensor]:
     return {name: weights[name] for name in model.manifest.tensors}
 
 
-def put_file_once(exp_store: ExperimentStore, key: str, encoded: EncodedFile) -> None:
-    """Write-once of a file's bytes, as ``put_if_absent_or_same`` (a rerun finds the same bytes)."""
+def identity_change(exp_store: ExperimentStore, key: str, identity: Mapping[str, int | str]) -> str | None:
+    """How the stored object's identity differs from ``identity`` (e.g. "its mtime_ns changed"); None if not."""
+    try:
+        now = exp_store.store.identity(key)
+    except StoreError as exc:
+        return f"its identity cannot be read ({exc})"
+    if now == dict(identity):
+        return None
+    return (
+        "its "
+        + ", ".join(sorted(k for k in set(now) | set(identity) if now.get(k) != identity.get(k)))
+        + " changed"
+    )
+
+
+def put_file_once(
+    exp_store: ExperimentStore, key: str, encoded: EncodedFile, pending: PendingObject | None = None
+) -> None:
+    """Write-once of a model file, as ``put_if_absent_or_same`` (a rerun finds the same bytes); records its check.
+
+    ``pending``: ``encoded.path`` is this pending object's file, published in place (not copied).
+    """
     store = exp_store.store
     try:
-        with open(encoded.path, "rb") as fh:
-            store.put_stream(key, fh, encoded.size)
+        if pending is not None and pending.path == encoded.path:
+            pending.commit()
+        else:
+            with open(encoded.path, "rb") as fh:
+                store.put_stream(key, fh, encoded.size)
     except ObjectExistsError:
         if sha256_hex(store.get_bytes(key)) != encoded.manifest.sha256:
             raise ObjectExistsError(key, "it holds different content") from None
+    exp_store.record_model_check(key, encoded.manifest.sha256 or "")
 
 
 def put_once(exp_store: ExperimentStore, key: str, data: bytes) -> None:

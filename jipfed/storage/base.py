@@ -11,12 +11,15 @@ refuses to replace an existing object (:class:`ObjectExistsError` names the key)
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import re
+import secrets
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, BinaryIO
 
 DEFAULT_URL_EXPIRY = timedelta(minutes=15)
@@ -95,6 +98,34 @@ def canonical_json(obj: Any) -> bytes:
 ObjectIdentity = dict[str, int | str]
 
 
+class PendingObject:
+    """A local file (:attr:`path`) written first, that becomes object ``key`` on :meth:`commit`.
+
+    Until then nothing is visible at ``key``; leaving the ``with`` block without committing
+    removes the file. ``publish(path, overwrite)`` makes the written file the object.
+    """
+
+    def __init__(self, key: str, path: Path, publish: Callable[[Path, bool], None]) -> None:
+        self.key, self.path = key, path
+        self._publish = publish
+        self.committed = False
+
+    def commit(self, *, overwrite: bool = False) -> None:
+        """Publish the file at ``key`` atomically. Raises ObjectExistsError as :meth:`ModelStore.put_stream`."""
+        self._publish(self.path, overwrite)
+        self.committed = True
+
+    def discard(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+    def __enter__(self) -> PendingObject:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.discard()
+
+
 class ModelStore(ABC):
     """An object store holding models, manifests and experiment state.
 
@@ -154,6 +185,21 @@ class ModelStore(ABC):
     @abstractmethod
     def uri(self, key: str) -> str:
         """A printable reference to ``key`` (``s3://bucket/...`` or a path), for logs and XCom."""
+
+    def pending(self, key: str, workdir: Path) -> PendingObject:
+        """A file to write object ``key``'s content into, published by :meth:`PendingObject.commit`.
+
+        This default writes the file in ``workdir`` and uploads it with :meth:`put_stream`; a backend
+        that can publish the file in place (the local folder) overrides it, so nothing is copied.
+        """
+        validate_key(key)
+        path = Path(workdir) / f".pending.{secrets.token_hex(8)}"
+
+        def publish(file: Path, overwrite: bool) -> None:
+            with open(file, "rb") as fh:
+                self.put_stream(key, fh, file.stat().st_size, overwrite=overwrite)
+
+        return PendingObject(key, path, publish)
 
     def put_bytes(self, key: str, data: bytes, *, overwrite: bool = False) -> None:
         """Write ``data`` to ``key`` atomically; see :meth:`put_stream`."""

@@ -32,13 +32,24 @@ _SLUG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 MODEL_SUFFIX = ".safetensors"
 MANIFEST_SUFFIX = ".json"
 SIGNATURE_SUFFIX = ".sig"
+#: A stored model's check record: its sha256 and the identity of the object that has it.
+CHECK_SUFFIX = ".checked"
 
 
 def signature_key(model_key: str) -> str:
     """The key of the detached signature of the model at ``model_key`` (``global.safetensors`` -> ``global.sig``)."""
+    return _beside(model_key, SIGNATURE_SUFFIX)
+
+
+def check_key(model_key: str) -> str:
+    """The key of the check record of the model at ``model_key`` (``global.safetensors`` -> ``global.checked``)."""
+    return _beside(model_key, CHECK_SUFFIX)
+
+
+def _beside(model_key: str, suffix: str) -> str:
     if not model_key.endswith(MODEL_SUFFIX):
         raise ValueError(f"not a model key: {model_key!r}")
-    return model_key[: -len(MODEL_SUFFIX)] + SIGNATURE_SUFFIX
+    return model_key[: -len(MODEL_SUFFIX)] + suffix
 
 
 def validate_slug(name: str, what: str = "name") -> str:

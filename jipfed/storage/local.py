@@ -25,6 +25,7 @@ from jipfed.storage.base import (
     ObjectExistsError,
     ObjectIdentity,
     ObjectNotFoundError,
+    PendingObject,
     PresignNotSupportedError,
     StoreError,
     validate_key,
@@ -64,14 +65,41 @@ class LocalFolderStore(ModelStore):
     def uri(self, key: str) -> str:
         return str(self._path(key))
 
-    def put_stream(self, key: str, stream: BinaryIO, length: int, *, overwrite: bool = False) -> None:
+    def _temporary(self, key: str) -> tuple[Path, Path]:
+        """(object path, a new hidden temporary path beside it); the folder is created."""
         path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path, path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
+
+    def _publish(self, key: str, tmp: Path, overwrite: bool) -> None:
+        """Make the written file ``tmp`` object ``key``: fsync, link (or replace), fsync the folder."""
+        path = self._path(key)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise ObjectExistsError(key) from None
+            os.unlink(tmp)
+        _fsync_dir(path.parent)
+
+    def pending(self, key: str, workdir: Path) -> PendingObject:
+        """A hidden temporary file in the object's own folder: :meth:`PendingObject.commit` links it in place."""
+        _, tmp = self._temporary(key)
+        return PendingObject(key, tmp, lambda file, overwrite: self._publish(key, file, overwrite))
+
+    def put_stream(self, key: str, stream: BinaryIO, length: int, *, overwrite: bool = False) -> None:
         if length < 0:
             raise ValueError(f"length for {key!r} must be >= 0, got {length}")
+        path, tmp = self._temporary(key)
         if not overwrite and path.exists():
             raise ObjectExistsError(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
         try:
             with open(tmp, "xb") as fh:
                 remaining = length
@@ -81,16 +109,7 @@ class LocalFolderStore(ModelStore):
                         raise StoreError(f"stream for {key!r} ended {remaining} bytes short of {length}")
                     fh.write(chunk)
                     remaining -= len(chunk)
-                fh.flush()
-                os.fsync(fh.fileno())
-            if overwrite:
-                os.replace(tmp, path)
-            else:
-                try:
-                    os.link(tmp, path)
-                except FileExistsError:
-                    raise ObjectExistsError(key) from None
-            _fsync_dir(path.parent)
+            self._publish(key, tmp, overwrite)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)

@@ -27,13 +27,14 @@ from jipfed.storage.base import (
     DEFAULT_URL_EXPIRY,
     ModelStore,
     ObjectExistsError,
+    ObjectIdentity,
     ObjectNotFoundError,
     StoreError,
     canonical_json,
     check_expiry,
     json_object,
 )
-from jipfed.storage.layout import ExperimentLayout, validate_round, validate_slug
+from jipfed.storage.layout import ExperimentLayout, check_key, validate_round, validate_slug
 
 log = logging.getLogger(__name__)
 
@@ -352,8 +353,31 @@ class ExperimentStore:
         """Store round ``round_``'s global model and manifest (write-once; identical retry ok)."""
         data = _check_manifest(manifest, payload, validate_round(round_), None)
         self.store.put_if_absent_or_same(self.layout.global_model(round_), payload)
+        self.record_model_check(self.layout.global_model(round_), data.get("sha256") or sha256_hex(payload))
         self.store.put_if_absent_or_same(self.layout.global_manifest(round_), canonical_json(data))
         log.info("saved global model of round %d (%d bytes)", round_, len(payload))
+
+    def record_model_check(self, model_key: str, sha256: str) -> None:
+        """Record that the stored model at ``model_key`` has ``sha256``, with the object's identity now.
+
+        Reading the model back then needs no hashing while its identity is still this one
+        (:meth:`checked_model_identity`). Called right after the model's bytes are stored (or
+        found to be the same bytes); a later record replaces it.
+        """
+        record = {"format": 1, "sha256": sha256, "identity": self.store.identity(model_key)}
+        self.store.put_bytes(check_key(model_key), canonical_json(record), overwrite=True)
+
+    def checked_model_identity(self, model_key: str, sha256: str | None) -> ObjectIdentity | None:
+        """The identity recorded with ``sha256`` for the model at ``model_key``; None when there is
+        no such record (hash the bytes instead)."""
+        try:
+            record = self.store.get_json(check_key(model_key))
+        except StoreError:
+            return None
+        if not isinstance(record, dict) or record.get("format") != 1 or record.get("sha256") != sha256:
+            return None
+        identity = record.get("identity")
+        return dict(identity) if isinstance(identity, dict) else None
 
     def has_global(self, round_: int) -> bool:
         """Whether round ``round_``'s global model is complete (its manifest exists)."""

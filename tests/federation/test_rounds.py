@@ -34,7 +34,7 @@ from jipfed.federation.site_round import SiteStepError, run_site_step
 from jipfed.federation.update import ModelUpdate, UpdateManifest, spec_of
 from jipfed.federation.validation import ExpectedUpdate
 from jipfed.storage.local import LocalFolderStore
-from jipfed.storage.state import ConfigConflictError, ExperimentStore, Status, sha256_hex
+from jipfed.storage.state import ConfigConflictError, ExperimentStore, IntegrityError, Status, sha256_hex
 from jipfed.testing.s3 import S3TestServer
 from jipfed.training.config import TrainConfig
 from jipfed.training.data import SiteData
@@ -472,11 +472,11 @@ class CrashOnce(LocalFolderStore):
 
     armed: str | None = None
 
-    def put_stream(self, key: str, stream: Any, length: int, *, overwrite: bool = False) -> None:
+    def _publish(self, key: str, tmp: Path, overwrite: bool) -> None:  # every write (put_stream, pending)
         if CrashOnce.armed is not None and key.endswith(CrashOnce.armed):
             CrashOnce.armed = None
             raise OSError(f"simulated crash before writing {key}")
-        super().put_stream(key, stream, length, overwrite=overwrite)
+        super()._publish(key, tmp, overwrite)
 
 
 @pytest.fixture
@@ -648,3 +648,39 @@ def test_site_update_carries_only_aggregate_numbers(
     for key in [*trainer.train_keys, *trainer.val_keys]:
         assert key not in text
     assert str(tmp_path) not in text and ".npz" not in text
+
+
+START_REHASHED = "since it was stored; hashing it"
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_a_start_model_replaced_since_it_was_stored_is_hashed_and_a_changed_one_fails_the_step(
+    tmp_path: Path, trainers: dict[str, LocalTrainer], caplog: pytest.LogCaptureFixture, flip: bool
+) -> None:
+    """The global model is not hashed while it has the identity recorded when it was stored."""
+    exp_store = new_store(tmp_path)
+    start_experiment(exp_store, config(min_sites=2))
+    ticket = open_step(exp_store, 0)
+    for site in SITES:
+        upload(exp_store, ticket, site, trainers[site])
+    path = Path(exp_store.store.uri(exp_store.layout.global_model(0)))
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01 if flip else 0x00
+    path.with_name(".rewrite").write_bytes(bytes(data))
+    os.replace(path.with_name(".rewrite"), path)  # new inode, same size
+    caplog.set_level(logging.INFO, logger="jipfed.federation.round_io")
+    if flip:
+        before = listing(exp_store)
+        with pytest.raises(IntegrityError, match=r"rounds/0/global.safetensors.*changed since"):
+            aggregate_step(exp_store, 0)
+        assert listing(exp_store) == before and not exp_store.has_global(1)
+    else:
+        assert aggregate_step(exp_store, 0).included == SITES
+    assert sum(START_REHASHED in m and "its inode" in m for m in caplog.messages) == 1, caplog.messages
+    if not flip:  # the new global model was recorded when stored: the next step does not hash it
+        caplog.clear()
+        ticket = open_step(exp_store, 1)
+        for site in SITES:
+            upload(exp_store, ticket, site, trainers[site])
+        assert aggregate_step(exp_store, 1).included == SITES
+        assert not any(START_REHASHED in m for m in caplog.messages)
