@@ -13,15 +13,20 @@ at start); sample level (DP-SGD) and secure aggregation are refused at start wit
 aggregation).
 
 ### What a run does
-`start` decides the step (the experiment's next open step) → `dispatch_step` records it with a
-deadline (now + round timeout) → `dispatch_to_site` (one per selected site) triggers the site's
-DAG (push, Connection `jipfed_site_<site-id>`) or leaves the step for the site to pull →
-`collect_update` (one per site, deferrable) waits until the site delivered, reported a failure
-(skipped) or timed out (skipped, recorded) → `aggregate` applies the quorum: too few updates fail
-the run and leave the global model untouched → `record_metrics` rewrites the report under
-`experiments/<exp>/report/` and logs the per-round table → `next_step` triggers the run of the
-next step (run id `jipfed__<exp>__step<nnnn>`, conf `{"experiment", "step"}`), or `finalize`
-publishes the final model under `experiments/<exp>/final/`.
+Three steps on the critical path, each a task in the grid:
+`open_step` starts or resumes the experiment, decides the step (the experiment's next open
+step), records its dispatch with a deadline (now + round timeout) and hands it to every selected
+site: push transport triggers the site's DAG (Connection `jipfed_site_<site-id>`; a site that
+cannot be reached gets its failure recorded, the others go on, each site's outcome is in the log),
+pull transport leaves it for the sites to pull → `collect_update` (one per site, deferrable)
+waits until the site delivered, reported a failure (skipped) or timed out (skipped, recorded) →
+`close_step` aggregates with the quorum rule (too few updates fail the run and leave the global
+model untouched), dispatches and pushes the next step at once (the sites start while the central
+moves on) and triggers the run of that step (run id `jipfed__<exp>__step<nnnn>`, conf
+`{"experiment", "step"}`), or after the last step finalizes: publishes the final model under
+`experiments/<exp>/final/` with the report. Beside the collect tasks, off the critical path,
+`record_metrics` rewrites the report under `experiments/<exp>/report/` from the steps aggregated
+so far (a run reports the steps before its own) and logs the per-round table.
 
 ### Resuming
 All state lives in the model store, not in this Airflow: clearing a failed run re-runs its step
@@ -29,7 +34,9 @@ All state lives in the model store, not in this Airflow: clearing a failed run r
 run of an earlier step continues with the next open step, and after a restart of the central
 Airflow, triggering the experiment (same settings, or conf `{"experiment": ..., "step": n}`)
 continues where it stopped. `max_active_runs=1`: a triggered run waits until the previous one
-has finished (experiments therefore run one step at a time, one after the other).
+has finished (experiments therefore run one step at a time, one after the other). It costs one
+scheduler loop per step, since `close_step` is the last task of a run and the sites already have
+the next step; it keeps one central run at a time writing an experiment's state.
 """
 
 from __future__ import annotations
@@ -37,18 +44,8 @@ from __future__ import annotations
 import datetime as dt
 import os
 
-from jipfed.operators.central import (
-    AggregateStepOperator,
-    DispatchStepOperator,
-    DispatchToSiteOperator,
-    FinalizeOperator,
-    NextStepOperator,
-    RecordMetricsOperator,
-    StartExperimentOperator,
-    route_after_start,
-    route_after_step,
-)
-from jipfed.operators.compat import Param, TriggerRule, dag, task
+from jipfed.operators.central import CloseStepOperator, OpenStepOperator, RecordMetricsOperator
+from jipfed.operators.compat import Param, TriggerRule, dag
 from jipfed.operators.sensors.collect_update import CollectUpdateSensor
 
 from jipfed.central.params import CHAIN_PARAMS, PARAMS
@@ -58,7 +55,7 @@ DAG_ID = "jipfed_central"
 
 #: Kaapana's workflow form (the same params); Kaapana reads it from here and from default_args.
 ui_forms = kaapana_ui_forms()
-#: Seconds between checks for a site's update; None = about 1 % of the round timeout (1-30 s).
+#: Seconds between checks for a site's update; None = 1 s (up to 5 s for round timeouts over 10 minutes).
 POLL_INTERVAL_S = (
     float(os.environ["JIPFED_POLL_INTERVAL_S"]) if os.environ.get("JIPFED_POLL_INTERVAL_S") else None
 )
@@ -84,41 +81,24 @@ POLL_INTERVAL_S = (
     tags=["jipfed", "federated-learning", "central"],
 )
 def jipfed_central() -> None:
-    start = StartExperimentOperator(task_id="start")
-    experiment, step = start.output["experiment"], start.output["step"]
-    route = task.branch(task_id="route")(route_after_start)(
-        start.output, run_step="dispatch_step", after_step="route_next"
-    )
-    dispatch = DispatchStepOperator(task_id="dispatch_step", experiment=experiment, step=step)
-    to_sites = DispatchToSiteOperator.partial(
-        task_id="dispatch_to_site", experiment=experiment, step=step
-    ).expand(site=dispatch.output)
+    opened = OpenStepOperator(task_id="open_step")
+    experiment, step = opened.output["experiment"], opened.output["step"]
     collect = CollectUpdateSensor.partial(
-        task_id="collect_update",
+        task_id="collect_update", experiment=experiment, step=step, poll_interval_s=POLL_INTERVAL_S
+    ).expand(site=opened.output)  # no step in the run: mapped over nothing, skipped
+    # the step as a template: None (no step in the run) renders as None, where an XComArg fails
+    metrics = RecordMetricsOperator(
+        task_id="record_metrics",
         experiment=experiment,
-        step=step,
-        poll_interval_s=POLL_INTERVAL_S,
-        trigger_rule=TriggerRule.NONE_FAILED,
-    ).expand(site=dispatch.output)
-    # Trigger rule all_done also runs it when the run has no step or `start` failed: it pulls the XComs
-    # itself (a missing one is None with native rendering, where an XComArg fails) and skips on None.
-    aggregate = AggregateStepOperator(
-        task_id="aggregate",
-        experiment="{{ ti.xcom_pull(task_ids='start', key='experiment') }}",
-        step="{{ ti.xcom_pull(task_ids='start', key='step') }}",
+        step="{{ ti.xcom_pull(task_ids='open_step', key='step') }}",
     )
-    start >> aggregate
-    metrics = RecordMetricsOperator(task_id="record_metrics", experiment=experiment)
-    route_next = task.branch(task_id="route_next", trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS)(
-        route_after_step
-    )(start.output, next_step="next_step", finalize="finalize")
-    next_step = NextStepOperator(task_id="next_step", experiment=experiment, step=step)
-    final = FinalizeOperator(task_id="finalize", experiment=experiment)
-
-    # The report is written beside the next step's trigger, off the rounds' critical path.
-    route >> dispatch >> to_sites >> collect >> aggregate >> [metrics, route_next]
-    route_next >> [next_step, final]
-    route >> route_next
+    # all_done: it also runs when a site's collect failed; it reads open_step's XComs itself and
+    # skips when there are none. After record_metrics, so the report it writes at the end is the last.
+    close = CloseStepOperator(
+        task_id="close_step", open_task_id="open_step", trigger_rule=TriggerRule.ALL_DONE
+    )
+    opened >> [collect, metrics] >> close
+    opened >> close
 
 
 jipfed_central()

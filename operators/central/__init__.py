@@ -1,27 +1,20 @@
-"""Operators of the central DAG: start, dispatch, collect, aggregate, metrics, next step, finalize."""
+"""Operators of the central DAG: open the step, (collect per site), record metrics, close the step."""
 
 from jipfed.operators.central.aggregate import AggregateStepOperator
-from jipfed.operators.central.chain import (
-    FinalizeOperator,
-    NextStepOperator,
-    next_run_id,
-    route_after_start,
-    route_after_step,
-)
-from jipfed.operators.central.dispatch import DispatchStepOperator, DispatchToSiteOperator, site_run_id
+from jipfed.operators.central.chain import CloseStepOperator, finalize_experiment, next_run_id
+from jipfed.operators.central.dispatch import push_step, site_run_id
+from jipfed.operators.central.open_step import OpenStepOperator
 from jipfed.operators.central.report import RecordMetricsOperator
 from jipfed.operators.central.start import StartExperimentOperator
 
 __all__ = [
     "AggregateStepOperator",
-    "DispatchStepOperator",
-    "DispatchToSiteOperator",
-    "FinalizeOperator",
-    "NextStepOperator",
+    "CloseStepOperator",
+    "OpenStepOperator",
     "RecordMetricsOperator",
     "StartExperimentOperator",
+    "finalize_experiment",
     "next_run_id",
-    "route_after_start",
-    "route_after_step",
+    "push_step",
     "site_run_id",
 ]

@@ -85,7 +85,10 @@ class AggregateStepOperator(BaseOperator):
     def execute(self, context: Context) -> dict[str, Any]:
         if self.step is None:
             raise AirflowSkipException("no step to aggregate in this run")
-        step = step_number(self.step, self.experiment)
+        return self.aggregate_step(context, step_number(self.step, self.experiment))
+
+    def aggregate_step(self, context: Context, step: int) -> dict[str, Any]:
+        """Aggregate ``step`` in this process or as the pod; returns the step's stored record."""
         settings = central_settings(self.settings_variable)
         if settings.execution.runs_in_pod("aggregate"):
             from jipfed.operators.pod import launch

@@ -1,34 +1,31 @@
-"""DispatchStepOperator (record the step's dispatch) and DispatchToSiteOperator (reach one site)."""
+"""Hand a dispatched step to the sites: trigger each push site's DAG, one site never stopping the others."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+import logging
+import time
+from typing import TYPE_CHECKING
 
-from jipfed.operators.central._common import (
-    DEFAULT_STORE_CONN_ID,
-    open_experiment,
-    step_dispatch,
-    step_number,
-    where,
-)
-from jipfed.operators.compat import (
-    AirflowException,
-    AirflowNotFoundException,
-    AirflowSkipException,
-    BaseOperator,
-    Context,
-)
+from jipfed.operators.central._common import where
+from jipfed.operators.compat import AirflowNotFoundException
 from jipfed.operators.hooks import AirflowApiHook
 
 from jipfed.airflow_rest import AirflowRestError
 
-#: XCom key of the full dispatch record (the return value is the list of selected sites, for mapping).
-DISPATCH_KEY = "dispatch"
+if TYPE_CHECKING:  # the federation modules import torch: only at run time
+    from jipfed.federation.dispatch import Dispatch
+    from jipfed.storage.state import ExperimentStore
+
+logger = logging.getLogger(__name__)
+
 #: Connection id of a site's Airflow REST API, ``{site}`` replaced by the site id.
 SITE_CONN_ID_TEMPLATE = "jipfed_site_{site}"
 #: The DAG the central triggers at a site (a Connection's ``dag_id`` extra overrides it).
 SITE_DAG_ID = "jipfed_site"
+#: Passes over the sites whose push failed transiently (5xx, no answer) before the failure is recorded.
+PUSH_PASSES = 3
+#: Seconds between two passes.
+PUSH_RETRY_DELAY_S = 2.0
 
 
 def site_run_id(experiment: str, step: int, attempt: int) -> str:
@@ -36,136 +33,114 @@ def site_run_id(experiment: str, step: int, attempt: int) -> str:
     return f"jipfed__{experiment}__s{step}__a{attempt}"
 
 
-class DispatchStepOperator(BaseOperator):
-    """Record the dispatch of the run's step (``dispatch_step``: ticket, transport, deadline).
+class PushFailed(Exception):
+    """The site's Airflow did not take the step; ``transient`` when trying again may help."""
 
-    Idempotent while the deadline has not passed; after it passed (a cleared run retrying the
-    step) the step is dispatched again as attempt + 1. Returns the selected sites (the list the
-    per-site tasks are mapped over) and pushes the dispatch record as XCom key ``"dispatch"``.
+    def __init__(self, reason: str, *, transient: bool) -> None:
+        super().__init__(reason)
+        self.transient = transient
 
-    Args:
-        experiment: Experiment name (templated).
-        step: The step to dispatch (templated; usually the start task's XCom ``step``).
-        model_store_conn_id: Connection of the model store (templated).
+
+def push_to_site(
+    dispatch: Dispatch,
+    site: str,
+    *,
+    conn_id_template: str = SITE_CONN_ID_TEMPLATE,
+    site_dag_id: str = SITE_DAG_ID,
+) -> str:
+    """Trigger the site's DAG for the dispatched step (an existing run of the same id is fine).
+
+    Uses the Connection ``conn_id_template.format(site=site)`` (its ``dag_id`` extra overrides
+    ``site_dag_id``), conf ``{"experiment", "round", "step"}`` and run id :func:`site_run_id`.
+    Returns what happened, for the log. Raises :class:`PushFailed`.
     """
-
-    template_fields: Sequence[str] = ("experiment", "step", "model_store_conn_id")
-
-    def __init__(
-        self,
-        *,
-        experiment: str,
-        step: Any,
-        model_store_conn_id: str = DEFAULT_STORE_CONN_ID,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(**kwargs)
-        self.experiment = experiment
-        self.step = step
-        self.model_store_conn_id = model_store_conn_id
-
-    def execute(self, context: Context) -> list[str]:
-        from jipfed.federation.dispatch import dispatch_step
-
-        step = step_number(self.step, self.experiment)
-        exp_store = open_experiment(self.model_store_conn_id, self.experiment)
-        dispatch = dispatch_step(exp_store, step)
-        ticket = dispatch.ticket
-        self.log.info(
-            "%s: dispatched (attempt %d) to %s by %s; deadline %s (%.0f s left)",
-            where(self.experiment, step, ticket.round),
-            dispatch.attempt,
-            list(ticket.sites),
-            dispatch.transport,
-            dispatch.deadline.isoformat(),
-            dispatch.seconds_left(),
-        )
-        context["ti"].xcom_push(key=DISPATCH_KEY, value=dispatch.to_dict())
-        return list(ticket.sites)
+    ticket = dispatch.ticket
+    conn_id = conn_id_template.format(site=site)
+    run_id = site_run_id(ticket.experiment, ticket.step, dispatch.attempt)
+    conf = {"experiment": ticket.experiment, "round": ticket.round, "step": ticket.step}
+    try:
+        hook = AirflowApiHook(conn_id)
+        dag_id = hook.dag_id(site_dag_id)
+        run = hook.trigger_dag_run(dag_id, conf=conf, run_id=run_id, exist_ok=True)
+    except (AirflowRestError, AirflowNotFoundException, ValueError) as exc:
+        transient = isinstance(exc, AirflowRestError) and (exc.status_code is None or exc.status_code >= 500)
+        raise PushFailed(
+            f"central could not push the step to the site (connection {conn_id!r}): {exc}",
+            transient=transient,
+        ) from exc
+    return f"triggered DAG {dag_id} run {run_id} on the site (state {run.get('state')})"
 
 
-class DispatchToSiteOperator(BaseOperator):
-    """Hand the dispatched step to one site (mapped over the selected sites).
+def push_step(
+    exp_store: ExperimentStore,
+    dispatch: Dispatch,
+    *,
+    conn_id_template: str = SITE_CONN_ID_TEMPLATE,
+    site_dag_id: str = SITE_DAG_ID,
+    passes: int = PUSH_PASSES,
+    retry_delay_s: float = PUSH_RETRY_DELAY_S,
+) -> dict[str, str]:
+    """Push the dispatched step to every selected site; returns ``{site: outcome}`` (all logged).
 
-    Push transport: trigger the site's DAG through its Airflow REST API (Connection
-    ``site_conn_id_template.format(site=site)``, DAG ``site_dag_id`` unless the Connection's
-    ``dag_id`` extra names another) with conf ``{"experiment", "round", "step"}`` and run id
-    ``jipfed__<experiment>__s<step>__a<attempt>`` (an existing run is fine). If the site cannot be
-    reached, its failure is recorded (``report_site_failure``, source ``central``) and the task is
-    skipped: the step goes on and the quorum decides. Pull transport: nothing to send, the site
-    finds the step when it polls the central endpoint.
-
-    Args:
-        experiment: Experiment name (templated).
-        step: The dispatched step (templated).
-        site: The site id (templated; mapped).
-        site_conn_id_template: Connection id of a site's Airflow API with ``{site}`` (templated).
-        site_dag_id: DAG to trigger at the site (templated).
-        model_store_conn_id: Connection of the model store (templated).
+    A site that cannot be reached (after ``passes`` tries when the error is transient) gets its
+    failure recorded (``report_site_failure``, source ``central``): its collect task skips and the
+    quorum decides. No site's failure stops the push to the others. Pull transport: nothing to send.
     """
+    from jipfed.federation.dispatch import report_site_failure
 
-    template_fields: Sequence[str] = (
-        "experiment",
-        "step",
-        "site",
-        "site_conn_id_template",
-        "site_dag_id",
-        "model_store_conn_id",
+    ticket = dispatch.ticket
+    if dispatch.transport != "push":
+        return {
+            site: "pull transport: the site pulls the step from the central endpoint" for site in ticket.sites
+        }
+    outcomes: dict[str, str] = {}
+    pending = list(ticket.sites)
+    for attempt in range(1, passes + 1):
+        retry = []
+        for site in pending:
+            here = where(ticket.experiment, ticket.step, ticket.round, site)
+            try:
+                outcomes[site] = push_to_site(
+                    dispatch, site, conn_id_template=conn_id_template, site_dag_id=site_dag_id
+                )
+            except PushFailed as exc:
+                if exc.transient and attempt < passes:
+                    logger.warning(
+                        "%s: push failed (try %d of %d), trying again: %s", here, attempt, passes, exc
+                    )
+                    retry.append(site)
+                    continue
+                stored = report_site_failure(
+                    exp_store, site, ticket.round, ticket.step, str(exc), source="central"
+                )
+                outcomes[site] = f"not reached, failure recorded: {stored['reason']}"
+                logger.warning("%s: %s", here, outcomes[site])
+            else:
+                logger.info("%s: %s", here, outcomes[site])
+        if not retry:
+            break
+        time.sleep(retry_delay_s)
+        pending = retry
+    return outcomes
+
+
+def describe_dispatch(dispatch: Dispatch) -> str:
+    """``experiment 'x', round 0, step 0: attempt 0 to [...] by push; deadline ... (600 s left)``."""
+    ticket = dispatch.ticket
+    return (
+        f"{where(ticket.experiment, ticket.step, ticket.round)}: dispatched (attempt {dispatch.attempt}) to "
+        f"{list(ticket.sites)} by {dispatch.transport}; deadline {dispatch.deadline.isoformat()} "
+        f"({dispatch.seconds_left():.0f} s left)"
     )
 
-    def __init__(
-        self,
-        *,
-        experiment: str,
-        step: Any,
-        site: str,
-        site_conn_id_template: str = SITE_CONN_ID_TEMPLATE,
-        site_dag_id: str = SITE_DAG_ID,
-        model_store_conn_id: str = DEFAULT_STORE_CONN_ID,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(**kwargs)
-        self.experiment = experiment
-        self.step = step
-        self.site = site
-        self.site_conn_id_template = site_conn_id_template
-        self.site_dag_id = site_dag_id
-        self.model_store_conn_id = model_store_conn_id
 
-    def execute(self, context: Context) -> dict[str, Any] | None:
-        from jipfed.federation.dispatch import report_site_failure
-
-        step = step_number(self.step, self.experiment)
-        exp_store = open_experiment(self.model_store_conn_id, self.experiment)
-        dispatch = step_dispatch(exp_store, step)
-        here = where(self.experiment, step, dispatch.ticket.round, self.site)
-        if self.site not in dispatch.ticket.sites:
-            raise ValueError(
-                f"{here}: the site is not selected for this step ({list(dispatch.ticket.sites)})"
-            )
-        if dispatch.transport == "pull":
-            self.log.info("%s: pull transport, the site will pull the step from the central endpoint", here)
-            return None
-        conn_id = self.site_conn_id_template.format(site=self.site)
-        run_id = site_run_id(self.experiment, step, dispatch.attempt)
-        conf = {"experiment": self.experiment, "round": dispatch.ticket.round, "step": step}
-        try:
-            hook = AirflowApiHook(conn_id)
-            dag_id = hook.dag_id(self.site_dag_id)
-            run = hook.trigger_dag_run(dag_id, conf=conf, run_id=run_id, exist_ok=True)
-        except (AirflowRestError, AirflowNotFoundException, ValueError) as exc:
-            transient = isinstance(exc, AirflowRestError) and (
-                exc.status_code is None or exc.status_code >= 500
-            )
-            if transient and context["ti"].try_number <= (self.retries or 0):
-                raise AirflowException(f"{here}: push failed, retrying: {exc}") from exc  # e.g. a busy DB
-            reason = f"central could not push the step to the site (connection {conn_id!r}): {exc}"
-            stored = report_site_failure(
-                exp_store, self.site, dispatch.ticket.round, step, reason, source="central"
-            )
-            self.log.warning("%s: %s", here, stored["reason"])
-            raise AirflowSkipException(f"{here}: {stored['reason']}") from None
-        self.log.info(
-            "%s: triggered DAG %s run %s on the site (state %s)", here, dag_id, run_id, run.get("state")
-        )
-        return {"dag_id": dag_id, "run_id": run_id, "conn_id": conn_id}
+__all__ = [
+    "PUSH_PASSES",
+    "SITE_CONN_ID_TEMPLATE",
+    "SITE_DAG_ID",
+    "PushFailed",
+    "describe_dispatch",
+    "push_step",
+    "push_to_site",
+    "site_run_id",
+]

@@ -17,7 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from jipfed.operators.central._common import DEFAULT_STORE_CONN_ID, open_experiment
-from jipfed.operators.compat import AirflowNotFoundException, BaseHook, BaseOperator, Context
+from jipfed.operators.compat import (
+    AirflowNotFoundException,
+    AirflowSkipException,
+    BaseHook,
+    BaseOperator,
+    Context,
+)
 
 from jipfed.reporting import plot_rounds, write_json, write_rounds_csv
 from jipfed.storage.state import ExperimentStore
@@ -120,10 +126,12 @@ def write_report(exp_store: ExperimentStore) -> dict[str, Any]:
 
 
 class RecordMetricsOperator(BaseOperator):
-    """Rebuild the experiment's progress report after a step and print the per-round table.
+    """Rebuild the experiment's progress report from the steps aggregated so far; print the per-round table.
 
     Writes ``metrics.json``, ``metrics.csv`` and a plot under ``experiments/<exp>/report/``
-    (overwritten each step) and returns the report's store keys.
+    (overwritten each step) and returns the report's store keys. In the central DAG it runs while
+    the sites train (so a run reports the steps before its own, off the rounds' critical path); a
+    run without a step (``step`` None: finished, or finalizing, which writes the report itself) skips it.
 
     Also collects complete final-model evaluations and rewrites their HTML reports
     (:func:`refresh_html_reports`) and, when the Connection ``opensearch_conn_id`` exists, indexes
@@ -131,26 +139,33 @@ class RecordMetricsOperator(BaseOperator):
 
     Args:
         experiment: Experiment name (templated).
+        step: The step the run handles (templated); None: skipped.
         model_store_conn_id: Connection of the model store (templated).
         opensearch_conn_id: OpenSearch Connection (optional; absent → no indexing).
     """
 
-    template_fields: Sequence[str] = ("experiment", "model_store_conn_id", "opensearch_conn_id")
+    template_fields: Sequence[str] = ("experiment", "step", "model_store_conn_id", "opensearch_conn_id")
 
     def __init__(
         self,
         *,
         experiment: str,
+        step: Any = 0,
         model_store_conn_id: str = DEFAULT_STORE_CONN_ID,
         opensearch_conn_id: str = DEFAULT_OPENSEARCH_CONN_ID,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.experiment = experiment
+        self.step = step
         self.model_store_conn_id = model_store_conn_id
         self.opensearch_conn_id = opensearch_conn_id
 
     def execute(self, context: Context) -> dict[str, str]:
+        if self.step is None:
+            raise AirflowSkipException(
+                f"experiment {self.experiment}: no step in this run, nothing new to report"
+            )
         exp_store = open_experiment(self.model_store_conn_id, self.experiment)
         report = write_report(exp_store)
         self.log.info("experiment %s, rounds so far:\n%s", self.experiment, report["table"])

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 import torch
-from jipfed.operators.central import next_run_id, route_after_start, route_after_step
+from jipfed.operators.central import next_run_id
 from jipfed.operators.triggers.site_update import ERROR, SiteUpdateTrigger
 
 from jipfed.federation.dispatch import (
@@ -337,18 +337,7 @@ def test_trigger_reports_a_store_it_cannot_open(monkeypatch: pytest.MonkeyPatch)
 # -- routing -----------------------------------------------------------------------------------------
 
 
-def test_routes_after_start_and_after_step() -> None:
-    def start(status: str, step: int | None, n_steps: int = 3) -> dict[str, Any]:
-        return {"status": status, "step": step, "n_steps": n_steps}
-
-    ids = {"run_step": "dispatch_step", "after_step": "route_next"}
-    assert route_after_start(start("running", 1), **ids) == ["dispatch_step", "route_next"]
-    assert route_after_start(start("running", None), **ids) == ["route_next"]
-    assert route_after_start(start("finished", None), **ids) == []
-    ids = {"next_step": "next_step", "finalize": "finalize"}
-    assert route_after_step(start("running", 1), **ids) == "next_step"
-    assert route_after_step(start("running", 2), **ids) == "finalize"
-    assert route_after_step(start("running", None), **ids) == "finalize"
+def test_next_run_id_names_the_experiment_and_step() -> None:
     assert next_run_id("exp-1", 12) == "jipfed__exp-1__step0012"
 
 
@@ -380,34 +369,12 @@ print({marker!r} + json.dumps({{
 }}))
 """
 
-ALL_TASKS = (
-    "start",
-    "route",
-    "dispatch_step",
-    "dispatch_to_site",
-    "collect_update",
-    "aggregate",
-    "record_metrics",
-    "route_next",
-    "next_step",
-    "finalize",
-)
 EXPECTED_TASKS = {
-    # every task takes the experiment (and step) from start's XComs, so all are downstream of it
-    "start": ("StartExperimentOperator", "all_success", sorted(set(ALL_TASKS) - {"start"})),
-    "route": ("_BranchPythonDecoratedOperator", "all_success", ["dispatch_step", "route_next"]),
-    "dispatch_step": ("DispatchStepOperator", "all_success", ["collect_update", "dispatch_to_site"]),
-    "dispatch_to_site": ("DispatchToSiteOperator", "all_success", ["collect_update"]),
-    "collect_update": ("CollectUpdateSensor", "none_failed", ["aggregate"]),
-    "aggregate": ("AggregateStepOperator", "all_done", ["record_metrics", "route_next"]),
-    "record_metrics": ("RecordMetricsOperator", "all_success", []),
-    "route_next": (
-        "_BranchPythonDecoratedOperator",
-        "none_failed_min_one_success",
-        ["finalize", "next_step"],
-    ),
-    "next_step": ("NextStepOperator", "all_success", []),
-    "finalize": ("FinalizeOperator", "all_success", []),
+    # the critical path is open_step -> collect_update (mapped) -> close_step; the report runs beside it
+    "open_step": ("OpenStepOperator", "all_success", ["close_step", "collect_update", "record_metrics"]),
+    "collect_update": ("CollectUpdateSensor", "all_success", ["close_step"]),
+    "record_metrics": ("RecordMetricsOperator", "all_success", ["close_step"]),
+    "close_step": ("CloseStepOperator", "all_done", []),
 }
 
 
@@ -434,7 +401,7 @@ def test_dag_imports_and_has_the_same_shape_on_airflow_3_and_2(
     tasks = {tid: (t["operator"], t["trigger_rule"], t["downstream"]) for tid, t in shape["tasks"].items()}
     assert tasks == EXPECTED_TASKS
     mapped = {tid for tid, t in shape["tasks"].items() if "Mapped" in t["type"]}
-    assert mapped == {"dispatch_to_site", "collect_update"}
+    assert mapped == {"collect_update"}
 
 
 def test_invalid_conf_is_refused_before_any_task_runs(dags: Path, af3_home: Path, tmp_path: Path) -> None:
@@ -486,19 +453,16 @@ def test_steps_run_one_per_run_with_quorum_and_reruns_repeat_nothing(
         step0 = only(run_central(dags, af3_home, [form], env=env))
         assert step0["state"] == "success"
         assert step0["tasks"]["collect_update[2]"] == "skipped"  # site-c
-        assert step0["tasks"]["next_step[-1]"] == "success"
-        assert step0["tasks"]["finalize[-1]"] == "skipped"
+        assert step0["tasks"]["close_step[-1]"] == "success"
         record = exp_store.load_aggregate(0)
         assert record["included"] == ["site-a", "site-b"]
         assert record["missing_reasons"] == {"site-c": reason}
         assert exp_store.has_global(1) and exp_store.load_state().next_step == 1
+        # close_step opened step 1 at once, before the next run: the sites already have it
+        assert exp_store.load_dispatch(1, 1)["attempt"] == 0
+        # the report runs beside the collect tasks: step 0's run reported the steps before it (none)
         report = json.loads(store.get_bytes("experiments/exp-chain/report/metrics.json"))
-        assert [(r["round"], r["included"], r["missing"]) for r in report["rounds"]] == [
-            (0, ["site-a", "site-b"], {"site-c": reason})
-        ]
-        assert 0 <= report["rounds"][0]["global"]["val_dice_mean"] <= 1
-        assert store.exists("experiments/exp-chain/report/dice.png")
-        assert store.exists("experiments/exp-chain/report/metrics.csv")
+        assert report["rounds"] == []
 
         # step 1: the run the chain triggered (dag.test only creates it; the test runs its conf)
         out = run_central(dags, af3_home, [{"experiment": "exp-chain", "step": 1}], env=env)
@@ -512,7 +476,8 @@ def test_steps_run_one_per_run_with_quorum_and_reruns_repeat_nothing(
         ]
         step1 = only(out)
         assert step1["state"] == "success"
-        assert step1["tasks"]["finalize[-1]"] == "success" and step1["tasks"]["next_step[-1]"] == "skipped"
+        assert step1["tasks"]["close_step[-1]"] == "success"
+        assert [r for r in out["runs"] if r["run_id"] == next_run_id("exp-chain", 2)] == []  # the last step
         state = exp_store.load_state()
         assert (
             state.status is Status.FINISHED
@@ -525,7 +490,13 @@ def test_steps_run_one_per_run_with_quorum_and_reruns_repeat_nothing(
         stored_report = store.get_bytes("experiments/exp-chain/final/report.html")
         assert b"Still scoring at: " in stored_report and b"scored on every site" not in stored_report
         report = json.loads(store.get_bytes("experiments/exp-chain/report/metrics.json"))
-        assert [r["round"] for r in report["rounds"]] == [0, 1]
+        assert [(r["round"], r["included"], r["missing"]) for r in report["rounds"]] == [
+            (0, ["site-a", "site-b"], {"site-c": reason}),
+            (1, ["site-a", "site-b"], {"site-c": reason}),
+        ]
+        assert 0 <= report["rounds"][0]["global"]["val_dice_mean"] <= 1
+        assert store.exists("experiments/exp-chain/report/dice.png")
+        assert store.exists("experiments/exp-chain/report/metrics.csv")
         answered = list(sites.answered)
 
         # re-running step 0's conf and the form (same settings) finds the experiment finished
@@ -533,10 +504,11 @@ def test_steps_run_one_per_run_with_quorum_and_reruns_repeat_nothing(
         again = run_central(dags, af3_home, [{"experiment": "exp-chain", "step": 0}, form], env=env)
         for result in again["results"]:
             assert result["state"] == "success"
-            assert skipped_except(result["tasks"], "start[-1]", "route[-1]"), result["tasks"]
+            assert skipped_except(result["tasks"], "open_step[-1]"), result["tasks"]
         # other settings under the same name: the run fails at start, nothing is overwritten
         conflict = only(run_central(dags, af3_home, [{**form, "rounds": 3}], env=env))
-        assert conflict["state"] == "failed" and conflict["tasks"]["start[-1]"] == "failed"
+        assert conflict["state"] == "failed" and conflict["tasks"]["open_step[-1]"] == "failed"
+        assert conflict["tasks"]["close_step[-1]"] == "failed"  # the run's leaf: the run shows failed
         sites.wait_for_polls(2)  # two full polls of every site after the runs: new work would be answered
     assert listing(store, "exp-chain") == before
     assert sites.answered == answered == [("exp-chain", s, step) for step in (0, 1) for s in SITES]
@@ -561,10 +533,10 @@ def test_quorum_not_met_fails_the_run_and_leaves_model_and_state_alone(
     )
     assert result["state"] == "failed"
     tasks = result["tasks"]
-    assert [tasks[f"dispatch_to_site[{i}]"] for i in range(3)] == ["skipped"] * 3
+    # open_step recorded each site's failure and went on; every collect task skipped
+    assert tasks["open_step[-1]"] == "success"
     assert [tasks[f"collect_update[{i}]"] for i in range(3)] == ["skipped"] * 3
-    assert tasks["aggregate[-1]"] == "failed"
-    assert tasks["next_step[-1]"] == tasks["finalize[-1]"] == "upstream_failed"
+    assert tasks["close_step[-1]"] == "failed"
     assert not exp_store.has_global(1)
     assert not store.exists(exp_store.layout.aggregate(0))
     state = exp_store.load_state()
