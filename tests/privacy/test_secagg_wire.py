@@ -12,11 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from safetensors.numpy import load as load_numpy
 from safetensors.torch import load as load_torch
 
 from jipfed.central.app import create_app
 from jipfed.central.client import CentralClient, CentralError, CentralRefused
+from jipfed.central.credentials import issue_credential
 from jipfed.central.serve import serve_in_thread
 from jipfed.central.tokens import site_token
 from jipfed.federation.closing import aggregate_step
@@ -24,6 +26,7 @@ from jipfed.federation.codec import encode_update
 from jipfed.federation.dispatch import DELIVERED, FAILED, current_dispatch, dispatch_step, site_status
 from jipfed.federation.experiment import ExperimentConfig
 from jipfed.federation.rounds import start_experiment
+from jipfed.federation.signing import generate_private_key
 from jipfed.federation.update import ModelUpdate
 from jipfed.privacy import secagg, secagg_site, secagg_wire
 from jipfed.privacy.settings import SecureAggregation
@@ -36,13 +39,16 @@ TRAIN = TrainConfig(size="tiny", steps=1, batch_size=2, lr=0.01, amp=False, augm
 WEIGHTS = {"site-a": 3, "site-b": 5, "site-c": 4}
 #: Seconds a site that posted its key has to upload before it counts as dropped out (short: a test).
 UPLOAD_TIMEOUT_S = 1.0
+SETTINGS = SecureAggregation(upload_timeout_s=UPLOAD_TIMEOUT_S)
 
 
 @pytest.fixture
 def central(tmp_path: Path) -> Iterator[tuple[str, LocalFolderStore, Callable[[str], CentralClient]]]:
+    """(endpoint URL, its store, site -> client); the token secret is ``central.secret`` on the store."""
     secret = secrets.token_hex(32)
     store = LocalFolderStore(tmp_path / "store")
     url, stop = serve_in_thread(create_app(lambda: store, secret))
+    store.secret = secret  # type: ignore[attr-defined]
 
     def client(site: str) -> CentralClient:
         return CentralClient(url, site_token(secret, site), timeout_s=30, backoff_s=0.01)
@@ -208,3 +214,33 @@ def test_secagg_routes_refuse_a_plain_experiment(central) -> None:
     with pytest.raises(CentralRefused) as refused:
         client("site-a").secagg_status("plain1", 0, 0)
     assert refused.value.code == "not_secure"
+
+
+def new_key() -> str:
+    return base64.b64encode(secagg.public_bytes(secagg.new_private_key())).decode()
+
+
+def test_a_site_with_a_registered_key_must_sign_its_masked_update(central) -> None:
+    url, store, client = central
+    exp_store = start(store)
+    _, updates = site_updates(client("site-a"), exp_store)
+    key_a, key_b = generate_private_key(), generate_private_key()
+    raw = key_a.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    token, _ = issue_credential(store, store.secret, "site-a", public_key=raw)
+    unsigned = CentralClient(url, token, timeout_s=30)
+    for site_client in (unsigned, client("site-b"), client("site-c")):
+        site_client.post_secagg_key("sec1", 0, 0, 0, new_key())
+    status = unsigned.secagg_status("sec1", 0, 0)
+    update = secagg_site.site_update(updates["site-a"].payload, updates["site-a"].manifest.to_json(), 1000)
+    config_hash = current_dispatch(exp_store).ticket.config_hash
+    body = secagg_site.masked_upload(
+        update, status, "site-a", 0, config_hash, secagg.new_private_key(), SETTINGS
+    )
+    codes = {}
+    for name, signing_key in (("unsigned", None), ("other key", key_b)):
+        with pytest.raises(CentralRefused) as refused:
+            CentralClient(url, token, signing_key=signing_key).put_masked_update("sec1", 0, 0, 0, *body)
+        codes[name] = refused.value.code
+    assert codes == {"unsigned": "unsigned", "other key": "bad_signature"}
+    signed = CentralClient(url, token, signing_key=key_a)
+    assert signed.put_masked_update("sec1", 0, 0, 0, *body)["sha256"] == json.loads(body[1])["sha256"]
