@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from jipfed.federation.dispatch import Dispatch, current_dispatch, utcnow
+from jipfed.federation.dispatch import Dispatch, current_dispatch, load_dispatch, utcnow
 from jipfed.federation.tickets import UpdateRefused
 from jipfed.federation.update import UpdateManifest
 from jipfed.privacy.secagg import PUBLIC_KEY_BYTES, unmask_mean
@@ -252,9 +252,10 @@ def _refuse(exp_store: ExperimentStore, site: str, round_: int, code: str, reaso
 
 
 def open_for_site(
-    exp_store: ExperimentStore, site: str, round_: int, step: int
+    exp_store: ExperimentStore, site: str, round_: int, step: int, *, closed_too: bool = False
 ) -> tuple[Dispatch, SecureAggregation]:
-    """The open dispatch of ``step`` if it selects ``site`` in a secure-aggregation experiment.
+    """The open dispatch of ``step`` if it selects ``site`` in a secure-aggregation experiment
+    (``closed_too``: also the step's last dispatch once it closed, for reading its status).
 
     Raises:
         UpdateRefused: ``not_secure`` (the experiment does not use secure aggregation), ``not_open``,
@@ -265,7 +266,7 @@ def open_for_site(
         raise _refuse(
             exp_store, site, round_, "not_secure", "this experiment does not use secure aggregation"
         )
-    dispatch = current_dispatch(exp_store)
+    dispatch = load_dispatch(exp_store, round_, step) if closed_too else current_dispatch(exp_store)
     if dispatch is None or (dispatch.ticket.round, dispatch.ticket.step) != (round_, step):
         raise _refuse(exp_store, site, round_, "not_open", f"round {round_} step {step} is not open")
     if len(dispatch.ticket.sites) < 2:  # one masked update would be the update
@@ -278,8 +279,9 @@ def open_for_site(
 
 
 def attempt_status(exp_store: ExperimentStore, site: str, round_: int, step: int) -> dict[str, Any]:
-    """The current attempt as a site sees it (every site's public key once all are posted)."""
-    dispatch, settings = open_for_site(exp_store, site, round_, step)
+    """The current attempt as a site sees it (every site's public key once all are posted); still
+    readable after the central closed the step (a site may ask once more after the last upload)."""
+    dispatch, settings = open_for_site(exp_store, site, round_, step, closed_too=True)
     view = advance(exp_store, dispatch, settings)
     return {**view.to_dict(exp_store.experiment), "upload_timeout_s": settings.upload_timeout_s,
             "deadline": dispatch.deadline.isoformat()}  # fmt: skip

@@ -131,6 +131,7 @@ def test_round_completes_without_a_site_that_dropped_after_key_agreement(central
 
     record = aggregate_step(exp_store, 0)
     assert record.included == ("site-a", "site-b")
+    assert client("site-b").secagg_status("sec1", 0, 0)["complete"]  # still readable after the step closed
     stored = store.get_json(exp_store.layout.aggregate(0))
     retry = stored["secure_aggregation"]["retries"][0]
     assert retry["attempt"] == 0 and list(retry["dropped"]) == ["site-c"]
