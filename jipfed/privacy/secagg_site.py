@@ -34,7 +34,7 @@ from jipfed.privacy.settings import SecureAggregation
 log = logging.getLogger(__name__)
 
 #: Seconds between polls of the central while waiting for keys or the other sites' uploads.
-POLL_INTERVAL_S = 0.5
+POLL_INTERVAL_S = 0.2
 
 
 class SecAggSiteError(Exception):
