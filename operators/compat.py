@@ -3,7 +3,8 @@
 Operators, hooks, sensors, triggers and DAG files import Airflow names from here only, so the same
 files run on Airflow 2.11 and 3.x. Names come from ``airflow.providers.common.compat.sdk`` (which
 tries ``airflow.sdk`` first, then the Airflow 2 locations); without that provider, from the
-version's own modules. Triggers come from ``airflow.triggers.base`` on both versions.
+version's own modules. Triggers (and ``TaskSuccessEvent``, which ends a deferred task in the triggerer, 2.10+) come from
+``airflow.triggers.base`` on both versions.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import importlib
 from typing import Any
 
 from airflow import __version__ as AIRFLOW_VERSION
-from airflow.triggers.base import BaseTrigger, TriggerEvent
+from airflow.triggers.base import BaseTrigger, TaskSuccessEvent, TriggerEvent
 from packaging.version import Version
 
 #: True on Airflow 3.x (task SDK, REST API v2), False on 2.x.
@@ -132,6 +133,7 @@ __all__ = [
     "Param",
     "ParamValidationError",
     "PokeReturnValue",
+    "TaskSuccessEvent",
     "TriggerDagRunOperator",
     "TriggerEvent",
     "TriggerRule",

@@ -14,7 +14,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-from jipfed.operators.compat import BaseTrigger, TriggerEvent
+from jipfed.operators.compat import BaseTrigger, TaskSuccessEvent, TriggerEvent
 from jipfed.operators.hooks import ModelStoreHook
 
 from jipfed.storage.base import ModelStore
@@ -44,8 +44,10 @@ def site_outcome(store: ModelStore, experiment: str, site: str, round_: int, ste
 class SiteUpdateTrigger(BaseTrigger):
     """Poll the store until ``site`` is no longer waiting in the step; yield one event.
 
-    The event payload is ``{"status": "delivered" | "failed" | "timed_out" | "error", "detail",
-    "experiment", "site", "round", "step"}``.
+    Delivered: a ``TaskSuccessEvent`` with that payload as the task's XCom, so the task ends here in
+    the triggerer (no worker start on the round's critical path). Otherwise a ``TriggerEvent``
+    with payload ``{"status": "failed" | "timed_out" | "error", "detail", "experiment", "site",
+    "round", "step"}``, which the sensor handles in a worker (skip, record the timeout, fail).
 
     Args:
         experiment, site, round, step: which site in which step.
@@ -94,16 +96,19 @@ class SiteUpdateTrigger(BaseTrigger):
         return site_outcome(self._store, self.experiment, self.site, self.round, self.step)
 
     def _event(self, status: str, detail: str) -> TriggerEvent:
-        return TriggerEvent(
-            {
-                "status": status,
-                "detail": detail,
-                "experiment": self.experiment,
-                "site": self.site,
-                "round": self.round,
-                "step": self.step,
-            }
-        )
+        from jipfed.federation.dispatch import DELIVERED
+
+        payload = {
+            "status": status,
+            "detail": detail,
+            "experiment": self.experiment,
+            "site": self.site,
+            "round": self.round,
+            "step": self.step,
+        }
+        if status == DELIVERED:
+            return TaskSuccessEvent(xcoms={"return_value": payload})
+        return TriggerEvent(payload)
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         from jipfed.federation.dispatch import WAITING

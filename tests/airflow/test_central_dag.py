@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import torch
 from jipfed.operators.central import next_run_id
+from jipfed.operators.compat import TaskSuccessEvent
 from jipfed.operators.triggers.site_update import ERROR, SiteUpdateTrigger
 
 from jipfed.federation.dispatch import (
@@ -269,12 +270,16 @@ def test_trigger_serializes_to_its_installed_classpath() -> None:
 
 
 def first_event(trigger: SiteUpdateTrigger, timeout_s: float = 20.0) -> dict[str, Any]:
+    """The payload of the trigger's first event; a delivery's ends the task in the triggerer."""
+
     async def run() -> dict[str, Any]:
         events = trigger.run()
         try:
             event = await asyncio.wait_for(events.__anext__(), timeout_s)
         finally:
             await events.aclose()
+        if isinstance(event, TaskSuccessEvent):
+            return {"ends_task": True, **event.xcoms["return_value"]}
         return event.payload
 
     return asyncio.run(run())
@@ -303,6 +308,7 @@ def test_trigger_waits_then_reports_each_outcome(
         delivered = first_event(trigger("site-a"))  # polls while the site trains
     assert sites.errors == [] and sites.answered == [("exp-trigger", "site-a", 0)]
     assert delivered == {
+        "ends_task": True,  # the task succeeds in the triggerer, no worker resumes it
         "status": DELIVERED,
         "detail": "update of site-a for round 0 received",
         "experiment": "exp-trigger",
@@ -486,7 +492,9 @@ def test_steps_run_one_per_run_with_quorum_and_reruns_repeat_nothing(
         assert store.exists("experiments/exp-chain/final/model.safetensors")
         # finalize asked every site to score the final model and stored the HTML report beside it
         asked = json.loads(store.get_bytes("experiments/exp-chain/evaluation/final/request.json"))
-        assert asked["kind"] == "evaluate" and sorted(asked["sites"]) == sorted(exp_store.load_config()["sites"])
+        assert asked["kind"] == "evaluate" and sorted(asked["sites"]) == sorted(
+            exp_store.load_config()["sites"]
+        )
         stored_report = store.get_bytes("experiments/exp-chain/final/report.html")
         assert b"Still scoring at: " in stored_report and b"scored on every site" not in stored_report
         report = json.loads(store.get_bytes("experiments/exp-chain/report/metrics.json"))
