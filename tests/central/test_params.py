@@ -173,7 +173,11 @@ def test_client_dp_from_the_form_is_stored_with_the_experiment() -> None:
     [
         ({"secure_aggregation": True, "strategy": "median"}, "needs the individual updates"),
         ({"secure_aggregation": True, "plan": "cyclic"}, "secure aggregation needs the parallel plan"),
-        ({"secure_aggregation": True, "norm_bound_factor": None}, "secure_aggregation is not available"),
+        (
+            {"secure_aggregation": True, "norm_bound_factor": None, "differential_privacy": True},
+            "client-level DP with secure aggregation needs",
+        ),
+        ({"secure_aggregation": True}, "hides each update's norm"),
         ({"differential_privacy": True, "dp_level": "sample", "model": "segresnet"}, "supports the models"),
         ({"differential_privacy": True, "dp_noise_multiplier": 0.5}, "beyond the budget 8"),
     ],
@@ -181,6 +185,11 @@ def test_client_dp_from_the_form_is_stored_with_the_experiment() -> None:
 def test_privacy_switches_that_cannot_work_are_refused_with_the_reason(params: dict, reason: str) -> None:
     with pytest.raises(ValueError, match=reason):
         experiment_config(params)
+
+
+def test_secure_aggregation_from_the_form_is_stored_with_the_experiment() -> None:
+    config = experiment_config({"secure_aggregation": True, "norm_bound_factor": None})
+    assert config.privacy["secure_aggregation"]["upload_timeout_s"] == 300.0
 
 
 def test_validate_fills_in_defaults() -> None:
