@@ -81,8 +81,16 @@ class DPFedAvg(Strategy):
         return self.inner.configure_fit(round)
 
     def aggregate(
-        self, global_weights: Mapping[str, torch.Tensor], updates: Iterable[UpdateSource], round: int
+        self,
+        global_weights: Mapping[str, torch.Tensor],
+        updates: Iterable[UpdateSource],
+        round: int,
+        *,
+        noised_at_sites: int = 0,
     ) -> dict[str, torch.Tensor]:
+        """``noised_at_sites`` > 0 (secure aggregation, :mod:`jipfed.privacy.secure_dp`): ``updates`` is
+        one update, the mean of that many sites' deltas each clipped to C and noised at its site so that
+        their sum carries noise of std ``noise_multiplier * C``; it is accounted, no noise is added."""
         validate_round(round)
         spent = self.epsilon_after(self.releases + 1)
         if self.dp.epsilon is not None and spent > self.dp.epsilon:
@@ -90,6 +98,8 @@ class DPFedAvg(Strategy):
                 f"round {round}: release {self.releases + 1} would spend epsilon {spent:.3f} > budget "
                 f"{self.dp.epsilon} (delta {self.dp.delta}); the experiment must stop"
             )
+        if noised_at_sites:
+            return self._release_site_noised(global_weights, updates, round, spent, noised_at_sites)
         if not self._key:
             self._key = secrets.token_bytes(32)
         total: dict[str, torch.Tensor] | None = None
@@ -126,6 +136,19 @@ class DPFedAvg(Strategy):
                 count_stddev=self.count_stddev,
                 generator=generator,
             )
+        self._record_release(spent, clip_used, noised_fraction, n)
+        noised = ModelUpdate.build(
+            mean,
+            experiment=last.experiment,
+            round=round,
+            site=NOISED_SITE,
+            kind="delta",
+            n_samples=1,
+            config_hash=last.config_hash,
+        )
+        return self.inner.aggregate(global_weights, [noised], round)
+
+    def _record_release(self, spent: float, clip_used: float, noised_fraction: float | None, n: int) -> None:
         self.releases += 1
         self._report = {
             "level": "client",
@@ -142,16 +165,24 @@ class DPFedAvg(Strategy):
             "noised_unclipped_fraction": noised_fraction,
             "sites": n,
         }
-        noised = ModelUpdate.build(
-            mean,
-            experiment=last.experiment,
-            round=round,
-            site=NOISED_SITE,
-            kind="delta",
-            n_samples=1,
-            config_hash=last.config_hash,
-        )
-        return self.inner.aggregate(global_weights, [noised], round)
+
+    def _release_site_noised(
+        self,
+        global_weights: Mapping[str, torch.Tensor],
+        updates: Iterable[UpdateSource],
+        round: int,
+        spent: float,
+        n_sites: int,
+    ) -> dict[str, torch.Tensor]:
+        if self.dp.adaptive_clip:
+            raise ValueError(
+                "adaptive clipping needs each site's clip bit at the central; noise at the sites cannot"
+            )
+        noised = list(checked_updates(updates, round))
+        if len(noised) != 1:
+            raise ValueError(f"round {round}: expected one site-noised mean update, got {len(noised)}")
+        self._record_release(spent, self.clip_norm, None, n_sites)
+        return self.inner.aggregate(global_weights, noised, round)
 
     def report(self) -> dict[str, Any]:
         """What the last aggregation spent (``{}`` before the first); the round record's ``privacy``
