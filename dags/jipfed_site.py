@@ -36,9 +36,15 @@ from jipfed.operators.site.requests import AnswerRequestsOperator, SiteRequestsS
 
 START_DATE = dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc)
 TAGS = ["jipfed", "federated-learning", "site"]
-#: Pull mode: seconds between polls of the central, and idle seconds after which a run ends (skipped).
-POLL_INTERVAL_S = float(os.environ.get("JIPFED_POLL_INTERVAL_S", "30"))
+#: Pull mode: seconds between polls of the central for work (a step waits at most this long for the
+#: site to notice it; a poll is one small GET) and for the central's requests (census, evaluation:
+#: nothing waits on them), and idle seconds after which a run ends (skipped).
+#: ``JIPFED_POLL_INTERVAL_S`` sets both.
+POLL_INTERVAL_S = float(os.environ.get("JIPFED_POLL_INTERVAL_S", "5"))
+REQUESTS_POLL_INTERVAL_S = float(os.environ.get("JIPFED_POLL_INTERVAL_S", "30"))
 IDLE_TIMEOUT_S = 3600
+#: The tasks the work task does itself on a cached round (cohort with its cached stages, model).
+PREPARE = ("select_cohort", "get_global_model")
 #: Every task is safe to re-run (caches, write-once upload): one retry rides out a worker crash.
 DEFAULT_ARGS = {"retries": 1, "retry_delay": dt.timedelta(seconds=5)}
 
@@ -56,10 +62,14 @@ Same file at every site; the site's identity comes from configuration:
 * **Connection `jipfed_pacs_default`** (jipfed_pacs): the PACS' DICOMweb URL, user, password,
   extra `dimse_port` for C-GET.
 
-Tasks: work → select_cohort → fetch_dicom → convert → preprocess → get_global_model →
-train_local → upload_update → cleanup (teardown: deletes the run folder, never the caches in
-`data_root`). When every series of the cohort is in the DICOM cache, `select_cohort` also runs the
-cached fetch, convert and preprocess steps and skips those tasks (one task instead of four). A failing task after the work is known reports the failure to the central.
+Tasks: work → select_cohort → fetch_dicom → convert → preprocess → train_local → upload_update →
+cleanup (teardown: deletes the run folder, never the caches in `data_root`), with get_global_model
+beside the data preparation. Cached rounds (every series of the cohort in the DICOM cache): the
+work task itself queries the cohort, runs the cached fetch, convert and preprocess steps and
+downloads the model, and skips those tasks, so training starts right after it (grid: work →
+train_local → upload_update). When only `select_cohort` finds the cohort cached, it runs the cached
+steps itself and skips fetch → preprocess. A failing task after the work is known reports the
+failure to the central.
 New DAGs start paused: unpause `jipfed_site` to accept steps the central pushes, or
 `jipfed_site_pull` to poll for them (use one of the two). Model lines' census and federated
 evaluation (the final model's score on every site) need `jipfed_site_requests` unpaused at push and
@@ -73,11 +83,11 @@ def site_chain(work: BaseOperator, *, site_variable: str, hosted_site: str | Non
     site = {"site_variable": site_variable, "hosted_site": hosted_site}
     after_work = {**site, "work_task_id": work.task_id, "on_failure_callback": report_failure_to_central}
     cached = ("fetch_dicom", "convert", "preprocess")
-    cohort = SelectCohortOperator(task_id="select_cohort", cached_stages=cached, **after_work)
+    cohort = SelectCohortOperator(task_id=PREPARE[0], cached_stages=cached, **after_work)
     fetch = FetchDicomOperator(task_id=cached[0], input_operator=cohort, **after_work)
     convert = ConvertOperator(task_id=cached[1], input_operator=fetch, **after_work)
     preprocess = PreprocessOperator(task_id=cached[2], input_operator=convert, **after_work)
-    model = GetGlobalModelOperator(task_id="get_global_model", **after_work)
+    model = GetGlobalModelOperator(task_id=PREPARE[1], **after_work)
     train = TrainLocalOperator(
         task_id="train_local",
         input_operator=preprocess,
@@ -89,10 +99,12 @@ def site_chain(work: BaseOperator, *, site_variable: str, hosted_site: str | Non
     upload = UploadUpdateOperator(task_id="upload_update", input_operator=train, **after_work)
     cleanup = CleanupRunFolderOperator(task_id="cleanup", **site)
     # The model download runs beside the (cached) data preparation; both feed the training. When
-    # the cohort is cached, select_cohort prepares the data itself and skips fetch → preprocess.
+    # the cohort is cached, the work task (or else select_cohort) prepares the data itself and
+    # skips the tasks it did: train_local follows whichever ran.
     chain(work, cohort, fetch, convert, preprocess, train, upload, cleanup)
     chain(work, model, train)
     cohort >> train
+    work >> train
 
 
 def site_dags(hosted_site: str | None) -> list[DAG]:
@@ -118,7 +130,9 @@ def site_dags(hosted_site: str | None) -> list[DAG]:
             "step": Param(type="integer", minimum=0, title="Plan step"),
         },
     ) as push:
-        work = GetWorkOperator(task_id="get_work", site_variable=variable, hosted_site=hosted_site)
+        work = GetWorkOperator(
+            task_id="get_work", site_variable=variable, hosted_site=hosted_site, prepare=PREPARE
+        )
         site_chain(work, site_variable=variable, hosted_site=hosted_site)
     # the polling DAGs: always one run that waits for the central, started by the scheduler
     polling = {
@@ -143,6 +157,7 @@ def site_dags(hosted_site: str | None) -> list[DAG]:
             poke_interval=POLL_INTERVAL_S,
             timeout=IDLE_TIMEOUT_S,
             soft_fail=True,
+            prepare=PREPARE,
         )
         site_chain(wait, site_variable=variable, hosted_site=hosted_site)
     with DAG(
@@ -156,7 +171,7 @@ def site_dags(hosted_site: str | None) -> list[DAG]:
                 task_id="wait_for_requests",
                 site_variable=variable,
                 hosted_site=hosted_site,
-                poke_interval=POLL_INTERVAL_S,
+                poke_interval=REQUESTS_POLL_INTERVAL_S,
                 timeout=IDLE_TIMEOUT_S,
             ),
             AnswerRequestsOperator(

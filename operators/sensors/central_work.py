@@ -9,10 +9,12 @@ A refusal by the central (bad token, wrong URL) fails the task even with ``soft_
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from jipfed.operators.compat import (
+    AIRFLOW_V3,
     AirflowFailException,
     AirflowSkipException,
     BaseSensorOperator,
@@ -22,10 +24,18 @@ from jipfed.operators.compat import (
 from jipfed.operators.hooks.central_hook import CentralHook
 from jipfed.operators.site.base import make_site_run
 from jipfed.operators.site.identity import IDENTITY_VARIABLE, load_identity
-from jipfed.operators.site.work import accept_work
+from jipfed.operators.site.work import take_work
 from jipfed.operators.triggers.central_work import ERROR, IDLE, WORK, CentralWorkTrigger, is_permanent
 
 from jipfed.central.client import CentralError
+
+if AIRFLOW_V3:
+    from airflow.sdk.bases.branch import BranchMixIn
+    from airflow.sdk.exceptions import DownstreamTasksSkipped
+else:  # Airflow 2 skips the downstream tasks in the database, without an exception
+    from airflow.operators.branch import BranchMixIn
+
+    DownstreamTasksSkipped = None
 
 #: Extra seconds the deferral may last beyond ``timeout`` (the trigger ends itself at ``timeout``).
 DEFERRAL_MARGIN_S = 120
@@ -35,7 +45,7 @@ class CentralWorkError(RuntimeError):
     """The central refused this site's poll. Not an AirflowException, so ``soft_fail`` does not skip it."""
 
 
-class CentralWorkSensor(BaseSensorOperator):
+class CentralWorkSensor(BaseSensorOperator, BranchMixIn):
     """Wait for a step the central dispatched to this site; return its work item.
 
     Args:
@@ -45,11 +55,14 @@ class CentralWorkSensor(BaseSensorOperator):
         deferrable: wait in the triggerer (True) or poke from the worker (False).
         poke_interval, timeout, soft_fail: as for every sensor (seconds); ``poke_interval`` is
             also the trigger's poll interval.
+        prepare: (cohort task id, model task id): on a cached round do their work here and skip
+            them (``take_work``); empty: never.
 
     Returns (XCom): the oldest pending work item's dict, also written to ``work.json``.
     """
 
     ui_color = "#d9ecf2"
+    inherits_from_skipmixin = True  # Airflow 3: the scheduler lets this task skip its downstream
 
     def __init__(
         self,
@@ -57,6 +70,7 @@ class CentralWorkSensor(BaseSensorOperator):
         site_variable: str = IDENTITY_VARIABLE,
         hosted_site: str | None = None,
         operator_out_dir: str | None = None,
+        prepare: Sequence[str] = (),
         deferrable: bool = True,
         poke_interval: float = 30.0,
         timeout: float = 3600.0,
@@ -68,6 +82,7 @@ class CentralWorkSensor(BaseSensorOperator):
         self.hosted_site = hosted_site
         self.operator_out_dir = operator_out_dir or self.task_id
         self.deferrable = deferrable
+        self.prepare = tuple(prepare)
 
     def execute(self, context: Context) -> Any:
         if not self.deferrable:
@@ -120,6 +135,16 @@ class CentralWorkSensor(BaseSensorOperator):
             raise CentralWorkError(f"polling the central failed: {message}")
         raise CentralWorkError(message)
 
+    def resume_execution(self, next_method: str, next_kwargs: dict[str, Any] | None, context: Context) -> Any:
+        """As every sensor's, except that skipping the tasks this one did (a cached round, Airflow 3
+        signals it with an exception) stays that, not a skip of this task by ``soft_fail``."""
+        try:
+            return super().resume_execution(next_method, next_kwargs, context)
+        except AirflowSkipException as exc:
+            if DownstreamTasksSkipped is not None and isinstance(exc.__cause__, DownstreamTasksSkipped):
+                raise exc.__cause__ from None
+            raise
+
     def _accept(self, context: Context, data: dict[str, Any]) -> dict[str, Any]:
         run = make_site_run(
             context,
@@ -140,4 +165,4 @@ class CentralWorkSensor(BaseSensorOperator):
             item.ticket.step,
             item.dispatch.deadline.isoformat(),
         )
-        return accept_work(run, item)
+        return take_work(self, context, run, item, self.prepare)

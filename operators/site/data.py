@@ -13,6 +13,7 @@ separate tasks only in runs where they fetch and convert.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from logging import Logger
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -20,7 +21,7 @@ from jipfed.operators.compat import AIRFLOW_V3, Context
 from jipfed.operators.hooks.pacs_hook import PacsHook
 from jipfed.operators.site.base import SiteOperator, SiteRun, task_errors
 
-from jipfed.tasks import site_data
+from jipfed.tasks import site_data, site_model
 from jipfed.tasks.run import make_run, read_json
 from jipfed.tasks.site_data import (
     COHORT_FILE,
@@ -51,6 +52,8 @@ __all__ = [
     "SelectCohortOperator",
     "cases_from_json",
     "cases_to_json",
+    "prepare_cached_round",
+    "run_cached_stages",
 ]
 
 
@@ -100,31 +103,78 @@ class SelectCohortOperator(DataStageOperator, BranchMixIn):
 
     def _prepare_from_cache(self, context: Context, cohort_file: str) -> bool:
         """Run the cached stages here when the cohort is cached; False (nothing done) otherwise."""
-        from jipfed.imaging.dicom_cache import DicomCache
-
         run = self.site_run(context)
         stages = [self.dag.get_task(task_id) for task_id in self.cached_stages]
         if any(run.identity.execution.runs_in_pod(str(stage.step)) for stage in stages):
             return False
-        cases = cases_from_json(read_json(Path(cohort_file), f"{run.where}: {COHORT_FILE}")["cases"])
-        cache = DicomCache(run.identity.data_root)
-        missing = sum(not cache.is_cached(ref) for case in cases for ref in case.series)
-        if missing:
-            self.log.info("%s: %d series not in the DICOM cache: fetch, convert, preprocess run", run.where, missing)
+        return run_cached_stages(run, Path(cohort_file), stages, self._pacs(run), self.log)
+
+
+def stage_run(run: SiteRun, stage: SiteOperator) -> SiteRun:
+    """``run`` (identity, folder, work item) as the task ``stage`` sees it (its in and out dirs)."""
+    return make_run(
+        run.identity,
+        run.run_dir,
+        operator_in_dir=stage.operator_in_dir,
+        operator_out_dir=stage.operator_out_dir,
+        work_data=run.work_data,
+    )
+
+
+def run_cached_stages(
+    run: SiteRun, cohort_file: Path, stages: Sequence[DataStageOperator], pacs: PacsConfig, log: Logger
+) -> bool:
+    """Run ``stages`` (fetch, convert, preprocess) in-process, each into its own task's out dir,
+    when every series of the cohort in ``cohort_file`` is in the site's DICOM cache.
+
+    Returns False (nothing run) when a series is missing.
+    """
+    from jipfed.imaging.dicom_cache import DicomCache
+
+    cases = cases_from_json(read_json(cohort_file, f"{run.where}: {COHORT_FILE}")["cases"])
+    cache = DicomCache(run.identity.data_root)
+    missing = sum(not cache.is_cached(ref) for case in cases for ref in case.series)
+    if missing:
+        log.info("%s: %d series not in the DICOM cache: fetch, convert, preprocess run", run.where, missing)
+        return False
+    for stage in stages:
+        with task_errors():
+            written = getattr(site_data, stage.function)(stage_run(run, stage), pacs)
+        log.info("%s: %s (cached) wrote %s", run.where, stage.task_id, written)
+    return True
+
+
+def prepare_cached_round(
+    dag: Any, run: SiteRun, *, cohort_task_id: str, model_task_id: str, log: Logger
+) -> bool:
+    """Do the work of ``cohort_task_id`` (with its cached stages) and ``model_task_id`` in this task
+    when they only hit caches: the cohort query finds every series in the DICOM cache, nothing runs
+    as a pod. Each writes into its own task's out dir, so the training reads what it always reads.
+
+    ``run`` is the work task's run with the work item. Returns False when the round needs the
+    separate tasks (a series to fetch, a pod, or any error here: the tasks then run and report it).
+    """
+    from jipfed.operators.site.model import central
+
+    cohort = dag.get_task(cohort_task_id)
+    stages = [dag.get_task(task_id) for task_id in cohort.cached_stages]
+    model = dag.get_task(model_task_id)
+    if not stages or any(run.identity.execution.runs_in_pod(str(op.step)) for op in [cohort, *stages, model]):
+        return False
+    try:
+        pacs = PacsHook(run.identity.pacs_conn_id).get_conn()
+        with task_errors():
+            cohort_file = site_data.select_cohort(stage_run(run, cohort), pacs)
+        if not run_cached_stages(run, Path(cohort_file), stages, pacs, log):
             return False
-        pacs = self._pacs(run)
-        for stage in stages:
-            stage_run = make_run(
-                run.identity,
-                run.run_dir,
-                operator_in_dir=stage.operator_in_dir,
-                operator_out_dir=stage.operator_out_dir,
-                work_data=run.work_data,
-            )
-            with task_errors():
-                written = getattr(site_data, stage.function)(stage_run, pacs)
-            self.log.info("%s: %s (cached) wrote %s", run.where, stage.task_id, written)
-        return True
+        model_run = stage_run(run, model)
+        with task_errors():
+            site_model.get_global_model(model_run, central(model_run))
+    except Exception as exc:  # the separate tasks run, fail there and report it to the central
+        log.warning("%s: preparing the round here failed, the separate tasks run: %s", run.where, exc)
+        return False
+    log.info("%s: cohort cached: %s, its stages and %s ran here", run.where, cohort_task_id, model_task_id)
+    return True
 
 
 class FetchDicomOperator(DataStageOperator):

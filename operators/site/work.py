@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from jipfed.operators.compat import AirflowFailException, Context
+from jipfed.operators.compat import AIRFLOW_V3, AirflowFailException, BaseOperator, Context
 from jipfed.operators.hooks.central_hook import CentralHook
 from jipfed.operators.site.base import SiteOperator, SiteRun, write_json
+from jipfed.operators.site.data import prepare_cached_round
+
+if AIRFLOW_V3:
+    from airflow.sdk.bases.branch import BranchMixIn
+else:
+    from airflow.operators.branch import BranchMixIn
 
 if TYPE_CHECKING:
     from jipfed.federation.dispatch import WorkItem
@@ -39,6 +46,26 @@ def accept_work(run: SiteRun, item: WorkItem) -> dict[str, Any]:
     return data
 
 
+def take_work(
+    operator: BaseOperator, context: Context, run: SiteRun, item: WorkItem, prepare: Sequence[str]
+) -> dict[str, Any]:
+    """:func:`accept_work`, then, with ``prepare`` = (cohort task, model task), do their work here
+    when it only hits caches (:func:`prepare_cached_round`) and skip them (their downstream data
+    stages follow). ``operator`` must mix in ``BranchMixIn``. Returns the work item's dict.
+    """
+    data = accept_work(run, item)
+    if prepare:
+        cohort, model = prepare
+        with_work = dataclasses.replace(run, work_data=data)
+        if prepare_cached_round(
+            operator.dag, with_work, cohort_task_id=cohort, model_task_id=model, log=operator.log
+        ):
+            ti = context["ti"]
+            ti.xcom_push(key="return_value", value=data)  # Airflow 3 ends the task when it skips
+            operator.skip_all_except(ti, set(operator.downstream_task_ids) - set(prepare))  # type: ignore[attr-defined]
+    return data
+
+
 def find_work(items: Sequence[WorkItem], experiment: str, round: int, step: int, *, site: str) -> WorkItem:
     """The item for (experiment, round, step) among the central's pending ``items`` for ``site``.
 
@@ -55,7 +82,7 @@ def find_work(items: Sequence[WorkItem], experiment: str, round: int, step: int,
     )
 
 
-class GetWorkOperator(SiteOperator):
+class GetWorkOperator(SiteOperator, BranchMixIn):
     """Push mode: find the step the run's conf names among the central's pending work for this site.
 
     The conf only says *which* step (experiment, round, step); everything else (ticket, deadline,
@@ -63,12 +90,15 @@ class GetWorkOperator(SiteOperator):
 
     Args:
         experiment, round, step: the step to answer (templated; default the run's params).
+        prepare: (cohort task id, model task id): on a cached round do their work here and skip
+            them (:func:`take_work`); empty: never.
         **kwargs: see :class:`SiteOperator` (``work_task_id`` is None: this task makes the work item).
 
     Returns (XCom): the work item's dict (``WorkItem.to_dict()``), also written to ``work.json``.
     """
 
     template_fields = ("experiment", "round", "step")
+    inherits_from_skipmixin = True  # Airflow 3: the scheduler lets this task skip its downstream
 
     def __init__(
         self,
@@ -76,13 +106,17 @@ class GetWorkOperator(SiteOperator):
         experiment: str = "{{ params.experiment }}",
         round: str | int = "{{ params.round }}",
         step: str | int = "{{ params.step }}",
+        prepare: Sequence[str] = (),
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("work_task_id", None)
         super().__init__(**kwargs)
+        if prepare and len(prepare) != 2:
+            raise ValueError(f"prepare must name the cohort and the model task, got {prepare!r}")
         self.experiment = experiment
         self.round = round
         self.step = step
+        self.prepare = tuple(prepare)
 
     def execute(self, context: Context) -> dict[str, Any]:
         run = self.site_run(context)
@@ -103,4 +137,4 @@ class GetWorkOperator(SiteOperator):
             item.ticket.step,
             item.dispatch.deadline.isoformat(),
         )
-        return accept_work(run, item)
+        return take_work(self, context, run, item, self.prepare)

@@ -76,20 +76,21 @@ def dags_of(module: ModuleType) -> dict[str, Any]:
     return {value.dag_id: value for value in vars(module).values() if isinstance(value, DAG)}
 
 
-#: The edge select_cohort → train_local, taken when select_cohort prepared the cached data itself.
-SHORTCUT = ("select_cohort", "train_local")
+#: The edges to train_local taken on cached rounds: from the work task (it prepared the round
+#: itself) and from select_cohort (it ran the cached data stages itself).
+SHORTCUT_FROM = {"get_work", "wait_for_work", "select_cohort"}
 
 
 def linear_order(dag: Any, skip: str = "get_global_model") -> list[str]:
     """The task ids from the single root along the downstream edges, ``skip`` (a side branch) and
-    the cached-data shortcut left out."""
+    the cached-data shortcuts left out."""
     [root] = [t for t in dag.tasks if not t.upstream_task_ids]
     order = [root.task_id]
     while True:
         downstream = dag.get_task(order[-1]).downstream_task_ids - {skip}
-        if order[-1] == SHORTCUT[0]:
-            assert SHORTCUT[1] in downstream, downstream
-            downstream -= {SHORTCUT[1]}
+        if order[-1] in SHORTCUT_FROM:
+            assert "train_local" in downstream, downstream
+            downstream -= {"train_local"}
         if not downstream:
             return order
         assert len(downstream) == 1, f"{order[-1]} has several downstream tasks: {downstream}"
@@ -125,12 +126,14 @@ def test_site_dags_structure(monkeypatch: pytest.MonkeyPatch) -> None:
         for task_id in CHAIN:
             task = dag.get_task(task_id)
             assert task.on_failure_callback in (report_failure_to_central, [report_failure_to_central])
-            # train_local also runs when fetch → preprocess were skipped (cached data prepared by select_cohort)
+            # train_local also runs when the tasks before it were skipped (cached data prepared earlier)
             rule = "none_failed_min_one_success" if task_id == "train_local" else "all_success"
             assert (task.work_task_id, task.site_variable, task.trigger_rule) == (work_task, "jipfed_site", rule)
         cleanup = dag.get_task("cleanup")
         assert cleanup.trigger_rule == "all_done" and cleanup.is_teardown and not cleanup.on_failure_callback
         assert not dag.get_task(work_task).on_failure_callback
+        # on cached rounds the work task does the cohort (with its cached stages) and the model download
+        assert dag.get_task(work_task).prepare == ("select_cohort", "get_global_model")
         # Kaapana folder chaining: each task reads the out dir of the one before it
         assert [dag.get_task(t).operator_in_dir for t in CHAIN[1:4]] == CHAIN[:3]
         assert dag.get_task("select_cohort").cached_stages == tuple(DATA_CHAIN[1:])
@@ -138,7 +141,7 @@ def test_site_dags_structure(monkeypatch: pytest.MonkeyPatch) -> None:
         assert (train.operator_in_dir, train.model_in_dir) == ("preprocess", "get_global_model")
         assert dag.get_task("upload_update").operator_in_dir == "train_local"
     sensor = pull.get_task("wait_for_work")
-    assert sensor.deferrable and sensor.soft_fail and sensor.timeout == 3600 and sensor.poke_interval == 30
+    assert sensor.deferrable and sensor.soft_fail and sensor.timeout == 3600 and sensor.poke_interval == 5
 
 
 def test_hosted_sites_make_one_dag_set_each(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -349,9 +352,9 @@ def test_push_run_uploads_an_update_and_a_pull_run_reuses_the_caches(
     result = run_dag_test(python, dags_folder, "jipfed_site_pull", home=home, env=env)
     assert result["state"] == "success", result
     assert result["tasks"]["wait_for_work[-1]"] == "success"
-    # select_cohort prepared the cached data itself: fetch → preprocess did not start
+    # the work task prepared the cached round itself: cohort, fetch → preprocess, model did not start
     skipped = {t for t, state in result["tasks"].items() if state == "skipped"}
-    assert skipped == {f"{t}[-1]" for t in DATA_CHAIN[1:]}, result["tasks"]
+    assert skipped == {f"{t}[-1]" for t in [*DATA_CHAIN, "get_global_model"]}, result["tasks"]
     assert exp_store.list_updates(1) == [SITE]
     second = latest_report(data_root)
     assert second != first and counts(second) == dict(
