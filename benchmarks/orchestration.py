@@ -8,7 +8,9 @@ endpoint, hosted site DAGs), warms the sites' data caches with a 1-round experim
   central stored in the dispatch records; the last round: to the end of its aggregation), so
   everything between two rounds counts: collect, aggregate, report, the next central run;
 * slowest site's training time: the longest ``train_local`` task that started in the round;
-* overhead = wall - slowest training.
+* overhead = wall - slowest training;
+* one round's task instances (central and sites) with their start, relative to the round's
+  dispatch, and duration, so the time between dispatches can be read task by task.
 
 Usage: ``.venv/bin/python benchmarks/orchestration.py [--rounds 4] [--transports pull push]``
 """
@@ -26,6 +28,8 @@ from typing import Any
 from jipfed.localfed import CENTRAL_DAG, LocalFederation
 
 TRAIN_TASK = "train_local"
+#: The central task that ends a step (aggregation, next dispatch, trigger of the next run).
+CLOSE_TASK = "close_step"
 PARAMS = {
     "model_size": "tiny",
     "local_epochs": 1,
@@ -56,7 +60,7 @@ def measure(fed: LocalFederation, experiment: str, transport: str) -> list[dict[
     history = exp_store.load_state().history
     dispatched = [_time(exp_store.load_dispatch(r.round, r.step)["dispatched_at"]) for r in history]
     central = [
-        ti for ti in task_instances(fed, CENTRAL_DAG) if ti["task_id"] == "aggregate" and ti["end_date"]
+        ti for ti in task_instances(fed, CENTRAL_DAG) if ti["task_id"] == CLOSE_TASK and ti["end_date"]
     ]
     site_dags = [site.site_dag if transport == "push" else site.pull_dag for site in fed.sites]
     trains = [ti for dag in site_dags for ti in task_instances(fed, dag) if ti["task_id"] == TRAIN_TASK]
@@ -76,9 +80,30 @@ def measure(fed: LocalFederation, experiment: str, transport: str) -> list[dict[
                 "wall_s": wall,
                 "slowest_train_s": slowest,
                 "overhead_s": wall - slowest,
+                "begin": begin,
+                "end": end,
             }
         )
     return rows
+
+
+def print_timeline(fed: LocalFederation, transport: str, row: dict[str, Any]) -> None:
+    """Every task instance (central and sites) that started in the round of ``row``, in start order."""
+    begin, end = row["begin"], row["end"]
+    dags = [CENTRAL_DAG, *(site.site_dag if transport == "push" else site.pull_dag for site in fed.sites)]
+    tis = [
+        (dag, ti)
+        for dag in dags
+        for ti in task_instances(fed, dag)
+        if ti["start_date"] and begin <= _time(ti["start_date"]) < end
+    ]
+    print(f"round {row['round']}: task instances that started between its dispatch and the next one")
+    print(f"{'dag':<28} {'task':<20} {'map':>4} {'start_s':>8} {'dur_s':>7}  state")
+    for dag, ti in sorted(tis, key=lambda pair: _time(pair[1]["start_date"])):
+        offset = (_time(ti["start_date"]) - begin).total_seconds()
+        print(
+            f"{dag:<28} {ti['task_id']:<20} {ti['map_index']:>4} {offset:>8.2f} {duration(ti):>7.2f}  {ti['state']}"
+        )
 
 
 def main() -> None:
@@ -101,7 +126,7 @@ def main() -> None:
             fed.wait(name, 900 * args.rounds)
             rows = measure(fed, name, transport)
             print(f"\n== {transport}: {args.rounds} rounds, 3 sites ==")
-            keys = list(rows[0])
+            keys = [k for k in rows[0] if k not in ("begin", "end")]
             print("  ".join(f"{k:>18}" for k in keys))
             for row in rows:
                 print(
@@ -115,7 +140,10 @@ def main() -> None:
                 f"max {max(overheads):.2f} s (goal <= 5 s: {'PASS' if statistics.median(overheads) <= 5 else 'MISS'})"
             )
             # the machine's load changes every figure above: say what it was
-            print("load average (1, 5, 15 min) after the rounds: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
+            print(
+                "load average (1, 5, 15 min) after the rounds: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
+            )
+            print_timeline(fed, transport, rows[min(1, len(rows) - 1)])
             for site in fed.sites:
                 fed.client.set_paused(site.site_dag if transport == "push" else site.pull_dag, True)
 
