@@ -174,8 +174,13 @@ def test_client_dp_from_the_form_is_stored_with_the_experiment() -> None:
         ({"secure_aggregation": True, "strategy": "median"}, "needs the individual updates"),
         ({"secure_aggregation": True, "plan": "cyclic"}, "secure aggregation needs the parallel plan"),
         (
-            {"secure_aggregation": True, "norm_bound_factor": None, "differential_privacy": True},
-            "client-level DP with secure aggregation needs",
+            {
+                "secure_aggregation": True,
+                "norm_bound_factor": None,
+                "differential_privacy": True,
+                "dp_adaptive_clip": True,
+            },
+            "use a fixed clip_norm",
         ),
         ({"secure_aggregation": True}, "hides each update's norm"),
         ({"differential_privacy": True, "dp_level": "sample", "model": "segresnet"}, "supports the models"),
@@ -190,6 +195,18 @@ def test_privacy_switches_that_cannot_work_are_refused_with_the_reason(params: d
 def test_secure_aggregation_from_the_form_is_stored_with_the_experiment() -> None:
     config = experiment_config({"secure_aggregation": True, "norm_bound_factor": None})
     assert config.privacy["secure_aggregation"]["upload_timeout_s"] == 300.0
+
+
+def test_client_dp_with_secure_aggregation_from_the_form_is_stored() -> None:
+    config = experiment_config(
+        {
+            "secure_aggregation": True,
+            "norm_bound_factor": None,
+            "differential_privacy": True,
+            "dp_epsilon": 6.0,
+        }
+    )
+    assert config.privacy["client_dp"]["epsilon"] == 6.0 and "secure_aggregation" in config.privacy
 
 
 def test_validate_fills_in_defaults() -> None:
