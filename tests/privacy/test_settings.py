@@ -51,11 +51,6 @@ def test_client_dp_is_stored_with_its_defaults_and_round_trips() -> None:
             {"norm_bound_factor": None},
             "use a fixed clip_norm",
         ),
-        (
-            {"secure_aggregation": True, "client_dp": {}},
-            {"norm_bound_factor": None},
-            "client-level DP with secure aggregation needs the noise split",
-        ),
         ({"sample_dp": True}, {"train": TrainConfig(model="segresnet")}, "supports the models"),
         ({"sample_dp": True}, {"strategy": "scaffold"}, "per-case gradients of the task loss only"),
     ],
@@ -64,6 +59,12 @@ def test_refused_with_the_reason(privacy: dict[str, Any], overrides: dict[str, A
     with pytest.raises(ValueError, match=match) as info:
         make(privacy, **overrides)
     assert "exp1" in str(info.value)
+
+
+def test_client_dp_with_secure_aggregation_is_accepted_with_a_fixed_clip_norm() -> None:
+    config = make({"secure_aggregation": True, "client_dp": {"epsilon": 8.0}}, norm_bound_factor=None)
+    assert set(config.privacy) == {"client_dp", "secure_aggregation"}
+    assert config.make_strategy().name == "dp_fedavg"
 
 
 def test_secure_aggregation_capacity_is_checked_against_sites_and_weights() -> None:
