@@ -221,20 +221,23 @@ def secure_upload(run: SiteRun, client: CentralClient, payload: bytes, manifest_
     """Secure aggregation (:mod:`jipfed.privacy.secagg_site`): post a key, wait for the peers' keys
     (until the step's deadline), upload the masked update, re-mask when a peer drops out.
 
-    No cohort report: the sample count stays hidden in the masked sum. Returns the central's status
+    No cohort report: the sample count stays hidden in the masked sum. With client-level DP the
+    update is clipped and noised here (:mod:`jipfed.privacy.secure_dp`). Returns the central's status
     of the complete attempt.
     """
     from jipfed.federation.experiment import ExperimentConfig
     from jipfed.privacy.secagg_site import SecAggSiteError, site_update
     from jipfed.privacy.secagg_site import secure_upload as run_secure_upload
     from jipfed.privacy.secagg_wire import settings_of
+    from jipfed.privacy.secure_dp import noise_share
 
     work = run.require_work()
     ticket = work.ticket
     settings = settings_of(work.config["privacy"])
     assert settings is not None  # the caller checked
     try:
-        update = site_update(payload, manifest_json, ExperimentConfig.from_dict(work.config).max_site_samples)
+        config = ExperimentConfig.from_dict(work.config)
+        update = site_update(payload, manifest_json, config.max_site_samples, noise_share(config))
         return run_secure_upload(
             client,
             experiment=ticket.experiment,
