@@ -8,6 +8,10 @@ and the site masks the same update again under fresh keys. Nothing unmasked leav
 central receives the public key, the masked vector and a manifest of identity fields and the
 site's aggregate metrics (no sample count: the weight is hidden in the sum). The private key of an
 attempt is kept in ``key_dir`` (the run folder), so a retried task posts the same key again.
+
+With client-level DP (:mod:`jipfed.privacy.secure_dp`) the site clips its delta to C, masks it with
+weight 1 and adds, per attempt, fresh noise of its share ``z C / sqrt(sites of the attempt)``; the
+manifest's ``noise`` field declares the share (null without client-level DP).
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ import numpy as np
 
 from jipfed.federation.dispatch import utcnow
 from jipfed.federation.update import UpdateManifest
-from jipfed.privacy import secagg, secagg_wire
+from jipfed.privacy import secagg, secagg_wire, secure_dp
+from jipfed.privacy.secure_dp import NoiseShare
 from jipfed.privacy.settings import SecureAggregation
 
 log = logging.getLogger(__name__)
@@ -43,15 +48,20 @@ class SecAggSiteError(Exception):
 
 @dataclass(frozen=True)
 class SiteUpdate:
-    """What the site masks: the float values of its update (name order), its weight and its metrics."""
+    """What the site masks: the float values of its update (name order), its weight and its metrics;
+    ``noise``: the client-DP share rule (the values are clipped then, the weight 1)."""
 
     values: np.ndarray
     weight: float
     metrics: dict[str, float]
+    noise: NoiseShare | None = None
 
 
-def site_update(payload: bytes, manifest_json: str, max_weight: int) -> SiteUpdate:
-    """The flattened float tensors of an encoded (fp32) update, its weight capped at ``max_weight``.
+def site_update(
+    payload: bytes, manifest_json: str, max_weight: int, noise: NoiseShare | None = None
+) -> SiteUpdate:
+    """The flattened float tensors of an encoded (fp32) update, its weight capped at ``max_weight``;
+    with ``noise`` (client-level DP) clipped to its C, weight 1.
 
     The cap keeps the masked sum inside the ring that ``check_capacity`` sized for ``max_site_samples``.
     """
@@ -62,6 +72,8 @@ def site_update(payload: bytes, manifest_json: str, max_weight: int) -> SiteUpda
         raise SecAggSiteError(f"round {manifest.round}: the update file does not match its manifest's sha256")
     values = secagg.flatten(load(payload))
     metrics = {k: float(v) for k, v in manifest.metrics.items() if math.isfinite(v)}
+    if noise is not None:
+        return SiteUpdate(secure_dp.clip_values(values, noise.clip_norm), 1.0, metrics, noise)
     return SiteUpdate(values, float(min(manifest.n_samples, max_weight)), metrics)
 
 
@@ -92,7 +104,8 @@ def masked_upload(
     key: secagg.X25519PrivateKey,
     settings: SecureAggregation,
 ) -> tuple[bytes, str]:
-    """(safetensors payload, manifest JSON) of this site's masked vector for the attempt in ``status``."""
+    """(safetensors payload, manifest JSON) of this site's masked vector for the attempt in ``status``
+    (with client-level DP: fresh noise of this site's share of the attempt)."""
     from safetensors.numpy import save
 
     peers = {
@@ -101,7 +114,12 @@ def masked_upload(
     context = secagg_wire.seed_context(
         status["experiment"], status["round"], status["dispatch_attempt"], status["attempt"]
     )
-    vector = secagg.masked_vector(site, update.values, update.weight, key, peers, context, settings)
+    values, noise = update.values, None
+    if update.noise is not None:
+        n_sites = len(status["sites"])
+        values = secure_dp.add_share(values, update.noise, n_sites)
+        noise = secure_dp.noise_record(update.noise, n_sites)
+    vector = secagg.masked_vector(site, values, update.weight, key, peers, context, settings)
     payload = save({secagg_wire.MASKED_TENSOR: vector})
     manifest = {
         "format": secagg_wire.MASKED_FORMAT,
@@ -116,6 +134,7 @@ def masked_upload(
         "length": int(vector.size),
         "fraction_bits": settings.fraction_bits,
         "metrics": update.metrics,
+        "noise": noise,
     }
     return payload, json.dumps(manifest, sort_keys=True)
 

@@ -14,7 +14,8 @@ vector. An attempt is *complete* when every site of it uploaded. It *fails* when
 reported a failure, or when, ``upload_timeout_s`` after the last key arrived, a site that posted its
 key has not uploaded (it dropped out after key agreement); :func:`advance` then records who dropped
 and why and opens attempt ``a + 1`` without them (fresh keys; the masked vectors of a failed attempt
-are never combined with another's). No seed recovery (SecAgg+): a drop-out costs a retry.
+are never combined with another's) if they still make the quorum (``min_sites``, at least 2): an
+attempt that could not be aggregated would only reveal a sum. No seed recovery (SecAgg+): a drop-out costs a retry.
 
 Nothing here reads an unmasked update: the central stores masked vectors only and learns the sum
 (:func:`unmask_attempt`).
@@ -36,9 +37,10 @@ from typing import Any
 import numpy as np
 
 from jipfed.federation.dispatch import Dispatch, current_dispatch, load_dispatch, utcnow
-from jipfed.federation.tickets import UpdateRefused
+from jipfed.federation.tickets import UpdateRefused, load_config
 from jipfed.federation.update import UpdateManifest
 from jipfed.privacy.secagg import PUBLIC_KEY_BYTES, unmask_mean
+from jipfed.privacy.secure_dp import check_share, noise_share
 from jipfed.privacy.settings import SecureAggregation
 from jipfed.storage.base import ObjectExistsError
 from jipfed.storage.layout import validate_slug
@@ -55,7 +57,7 @@ FLOAT_DTYPES = ("float64", "float32", "float16", "bfloat16")
 #: Fields of a masked upload's manifest (all required; nothing else is accepted).
 MANIFEST_FIELDS = (
     "format", "experiment", "round", "step", "dispatch_attempt", "attempt", "site", "config_hash",
-    "sha256", "length", "fraction_bits", "metrics",
+    "sha256", "length", "fraction_bits", "metrics", "noise",
 )  # fmt: skip
 
 
@@ -227,7 +229,8 @@ def advance(
     _put_once_json(
         exp_store, f"{prefix}failed.json", {"dropped": dropped, "reason": reason, "at": now.isoformat()}
     )
-    if len(remaining) >= 2 and not dispatch.expired(now):
+    # an attempt below the quorum would reveal a sum (a noised release with client DP) never aggregated
+    if len(remaining) >= max(2, load_config(exp_store)[0].min_quorum) and not dispatch.expired(now):
         nxt = attempt_prefix(exp_store, view.round, view.dispatch_attempt, view.attempt + 1)
         _put_once_json(
             exp_store,
@@ -402,8 +405,9 @@ def commit_masked(
 
     Checks: the attempt is open and holds the site, every key is in, the manifest names this
     experiment / round / step / attempt / site / config, the payload's sha256 and its safetensors
-    header (one uint64 tensor of the model's float size + 1), the site's Ed25519 signature when it
-    has a registered key. No NaN or norm check: the values are masked ring elements.
+    header (one uint64 tensor of the model's float size + 1), its declared noise share (client-level
+    DP: :func:`jipfed.privacy.secure_dp.check_share`), the site's Ed25519 signature when it has a
+    registered key. No NaN or norm check: the values are masked ring elements.
 
     Raises:
         UpdateRefused: not open, late, wrong_attempt, dropped, keys_missing, duplicate, rejected,
@@ -446,6 +450,7 @@ def commit_masked(
         if digest != manifest["sha256"]:
             raise ValueError(f"payload sha256 {digest} differs from the manifest's {manifest['sha256']}")
         check_masked_payload(payload, length, where)
+        check_share(manifest["noise"], noise_share(load_config(exp_store)[0]), len(view.sites))
     except ValueError as exc:
         raise _refuse(exp_store, site, round_, "rejected", f"{where}: {exc}") from None
     if signing_key is not None:

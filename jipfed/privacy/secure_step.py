@@ -7,6 +7,12 @@ the configured (mean-based) strategy as one update of site :data:`SUM_SITE`. The
 (``aggregate.json``) lists the sites of the complete attempt as included, the dropped ones as missing
 with the reason, and every failed attempt under ``secure_aggregation.retries``. The central never
 holds an individual site's update.
+
+With client-level DP the sites clipped and noised their deltas (:mod:`jipfed.privacy.secure_dp`,
+weight 1 each): the unmasked mean is DP-FedAvg's noised mean; the DP strategy checks the budget and
+accounts it as one release without adding noise (``aggregate(noised_at_sites=n)``), and the record
+gets the same ``privacy`` fields as the central-noise path plus ``secure_aggregation.noise`` (the
+declared shares). The budget is checked before the sum is unmasked.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from jipfed.federation.plans import PlanStep
 from jipfed.federation.round_io import decision_record_key, input_keys, load_weights, open_model, put_once
 from jipfed.federation.tickets import QuorumNotMet
 from jipfed.federation.update import ModelUpdate, UpdateManifest
-from jipfed.privacy import secagg, secagg_wire
+from jipfed.privacy import secagg, secagg_wire, secure_dp
 from jipfed.storage.base import canonical_json
 from jipfed.storage.state import ExperimentState, ExperimentStore, StepRecord
 
@@ -53,8 +59,10 @@ def secure_record(
     manifests: dict[str, dict[str, Any]],
     weight: float,
     shas: tuple[str, str],
+    noise: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The round record: the ordinary keys plus ``secure_aggregation`` (attempt, retries, total weight)."""
+    """The round record: the ordinary keys plus ``secure_aggregation`` (attempt, retries, total weight,
+    with client-level DP the sites' ``noise`` shares)."""
     from jipfed.federation.closing import record_dict
 
     dropped: dict[str, str] = {}
@@ -77,6 +85,7 @@ def secure_record(
             "sites": list(view.sites),
             "total_weight": weight,
             "retries": view.history,
+            **({"noise": noise} if noise is not None else {}),
         },
     }
 
@@ -109,7 +118,17 @@ def aggregate_secure_step(
             global_weights = load_weights(start)
             start_manifest: UpdateManifest = start.manifest
         length = secagg_wire.vector_length(start_manifest)
+        strategy = strategy_for(exp_store, config, ps.round)
+        share = secure_dp.noise_share(config)
+        if share is not None:
+            secure_dp.check_budget(strategy, ps.round)  # before the noised sum is unmasked
         mean, weight, manifests = secagg_wire.unmask_attempt(exp_store, view, settings, length)
+        noise = None
+        if share is not None:
+            where = f"experiment {config.name!r}, round {ps.round}, attempt {view.attempt}"
+            noise = secure_dp.total_noise(manifests, share, where)
+            if round(weight) != len(view.sites):
+                raise ValueError(f"{where}: total weight {weight} != {len(view.sites)} sites of weight 1")
         delta = secagg.unflatten(mean, global_weights)
         summed = ModelUpdate.build(
             delta,
@@ -120,8 +139,11 @@ def aggregate_secure_step(
             n_samples=max(1, round(weight)),
             config_hash=config_hash,
         )
-        strategy = strategy_for(exp_store, config, ps.round)
-        weights = strategy.aggregate(global_weights, [summed], ps.round)
+        if share is None:
+            weights = strategy.aggregate(global_weights, [summed], ps.round)
+        else:
+            weights = strategy.aggregate(global_weights, [summed], ps.round, noised_at_sites=len(view.sites))
+        strategy_state = strategy.state_dict()
         encoded = write_global_file(
             {name: weights[name] for name in global_weights},
             Path(tmp) / "output.safetensors",
@@ -138,9 +160,12 @@ def aggregate_secure_step(
             manifests,
             weight,
             (start_manifest.sha256 or "", encoded.manifest.sha256 or ""),
+            noise,
         )
+        if strategy_state.meta.get("privacy"):
+            record["privacy"] = dict(strategy_state.meta["privacy"])  # as jipfed.federation.closing does
         put_once(exp_store, decision_record_key(exp_store, ps), canonical_json(record))
-        write_outputs(exp_store, ps, encoded, strategy.state_dict())
+        write_outputs(exp_store, ps, encoded, strategy_state)
     step_record = to_step_record(record)
     exp_store.save_state(state.complete_step(step_record, next_round=ps.round + 1))
     logger.info(

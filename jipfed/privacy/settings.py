@@ -240,10 +240,4 @@ class PrivacySettings:
                 "adaptive clipping needs each site's clipped / not clipped bit at the central; with secure "
                 "aggregation use a fixed clip_norm"
             )
-        if self.client_dp is not None:
-            raise ValueError(
-                "client-level DP with secure aggregation needs the noise split across the sites over the wire "
-                "(jipfed.privacy.secure_round does it in-process only); the central would add noise again: "
-                "use one of the two"
-            )
         agg.check_capacity(len(e.sites), e.max_site_samples)
