@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-import secrets
-from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -16,93 +14,14 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from safetensors.numpy import load as load_numpy
 from safetensors.torch import load as load_torch
 
-from jipfed.central.app import create_app
 from jipfed.central.client import CentralClient, CentralError, CentralRefused
 from jipfed.central.credentials import issue_credential
-from jipfed.central.serve import serve_in_thread
-from jipfed.central.tokens import site_token
 from jipfed.federation.closing import aggregate_step
-from jipfed.federation.codec import encode_update
-from jipfed.federation.dispatch import DELIVERED, FAILED, current_dispatch, dispatch_step, site_status
-from jipfed.federation.experiment import ExperimentConfig
-from jipfed.federation.rounds import start_experiment
+from jipfed.federation.dispatch import DELIVERED, FAILED, current_dispatch, site_status
 from jipfed.federation.signing import generate_private_key
-from jipfed.federation.update import ModelUpdate
 from jipfed.privacy import secagg, secagg_site, secagg_wire
 from jipfed.privacy.settings import SecureAggregation
-from jipfed.storage.local import LocalFolderStore
-from jipfed.storage.state import ExperimentStore
-from jipfed.training.config import TrainConfig
-
-SITES = ("site-a", "site-b", "site-c")
-TRAIN = TrainConfig(size="tiny", steps=1, batch_size=2, lr=0.01, amp=False, augment=False)
-WEIGHTS = {"site-a": 3, "site-b": 5, "site-c": 4}
-#: Seconds a site that posted its key has to upload before it counts as dropped out (short: a test).
-UPLOAD_TIMEOUT_S = 1.0
-SETTINGS = SecureAggregation(upload_timeout_s=UPLOAD_TIMEOUT_S)
-
-
-@pytest.fixture
-def central(tmp_path: Path) -> Iterator[tuple[str, LocalFolderStore, Callable[[str], CentralClient]]]:
-    """(endpoint URL, its store, site -> client); the token secret is ``central.secret`` on the store."""
-    secret = secrets.token_hex(32)
-    store = LocalFolderStore(tmp_path / "store")
-    url, stop = serve_in_thread(create_app(lambda: store, secret))
-    store.secret = secret  # type: ignore[attr-defined]
-
-    def client(site: str) -> CentralClient:
-        return CentralClient(url, site_token(secret, site), timeout_s=30, backoff_s=0.01)
-
-    yield url, store, client
-    stop()
-
-
-def start(store: LocalFolderStore, name: str = "sec1", secure: bool = True) -> ExperimentStore:
-    privacy = {"secure_aggregation": {"upload_timeout_s": UPLOAD_TIMEOUT_S}} if secure else {}
-    config = ExperimentConfig(
-        name=name, sites=SITES, rounds=1, train=TRAIN, round_timeout_s=120.0, min_sites=2,
-        norm_bound_factor=None, privacy=privacy,
-    )  # fmt: skip
-    exp_store = ExperimentStore(store, name)
-    start_experiment(exp_store, config)
-    dispatch_step(exp_store, 0)
-    return exp_store
-
-
-def site_updates(client: CentralClient, exp_store: ExperimentStore) -> tuple[dict, dict]:
-    """(global weights of round 0, site -> encoded random delta with weight WEIGHTS[site])."""
-    ticket = current_dispatch(exp_store).ticket
-    payload, _ = client.get_model(ticket.experiment, ticket.round, ticket.step)
-    start_weights = load_torch(payload)
-    generator = torch.Generator().manual_seed(7)
-    updates = {}
-    for site in SITES:
-        delta = {
-            n: 0.01 * torch.randn(t.shape, generator=generator).to(t.dtype) for n, t in start_weights.items()
-        }
-        update = ModelUpdate.build(
-            delta, experiment=ticket.experiment, round=0, site=site, kind="delta", n_samples=WEIGHTS[site],
-            config_hash=ticket.config_hash, metrics={"train_loss": 0.5},
-        )  # fmt: skip
-        updates[site] = encode_update(update, "fp32")
-    return start_weights, updates
-
-
-def run_site(client: CentralClient, exp_store: ExperimentStore, site: str, encoded, key_dir: Path) -> dict:
-    ticket = current_dispatch(exp_store).ticket
-    return secagg_site.secure_upload(
-        client,
-        experiment=ticket.experiment,
-        round=0,
-        step=0,
-        site=site,
-        config_hash=ticket.config_hash,
-        update=secagg_site.site_update(encoded.payload, encoded.manifest.to_json(), 1000),
-        settings=SecureAggregation(upload_timeout_s=UPLOAD_TIMEOUT_S),
-        deadline=current_dispatch(exp_store).deadline,
-        key_dir=key_dir,
-        poll_interval_s=0.05,
-    )
+from privacy.wire import SETTINGS, new_key, run_site, site_updates, start
 
 
 def test_round_completes_without_a_site_that_dropped_after_key_agreement(central, tmp_path: Path) -> None:
@@ -215,10 +134,6 @@ def test_secagg_routes_refuse_a_plain_experiment(central) -> None:
     with pytest.raises(CentralRefused) as refused:
         client("site-a").secagg_status("plain1", 0, 0)
     assert refused.value.code == "not_secure"
-
-
-def new_key() -> str:
-    return base64.b64encode(secagg.public_bytes(secagg.new_private_key())).decode()
 
 
 def test_a_site_with_a_registered_key_must_sign_its_masked_update(central) -> None:
