@@ -69,6 +69,13 @@ class LineConfig:
     def __post_init__(self) -> None:
         validate_slug(self.name, "line name")
         where = f"line {self.name!r}"
+        privacy = self.experiment.get("privacy")
+        if isinstance(privacy, Mapping) and privacy.get("secure_aggregation"):
+            raise ValueError(
+                f"{where}: secure aggregation is refused for a line: a line's census and model card report "
+                "each site's case counts and a run's record the cases each site trained on, which secure "
+                "aggregation hides in the masked sum (a line would reveal what it protects)"
+            )
         unknown = sorted(set(self.experiment) - set(EXPERIMENT_KEYS))
         if unknown:
             raise ValueError(

@@ -28,6 +28,10 @@ def test_round_trip_and_schema() -> None:
         ({"experiment": {"transport": "push"}}, "pull transport"),
         ({"rule": {"missing_site": "maybe"}}, "missing_site must be one of"),
         ({"colour": "red"}, "unknown key(s) ['colour']"),
+        (
+            {"experiment": {"privacy": {"secure_aggregation": True}}},
+            "secure aggregation is refused for a line",
+        ),
     ],
 )
 def test_bad_definitions_name_the_line_and_field(change: dict, message: str) -> None:
