@@ -24,6 +24,9 @@ from jipfed.federation.strategies.dp_fedavg import PrivacyBudgetExceeded
 from jipfed.privacy import secagg, secagg_site, secagg_wire, secure_dp
 from jipfed.privacy.accountant import epsilon_after
 from jipfed.privacy.secure_dp import NoiseShare
+from jipfed.tasks import site_model
+from jipfed.tasks.identity import SiteIdentity
+from jipfed.tasks.run import SiteRun
 from privacy.wire import SETTINGS, SITES, new_key, run_site, site_updates, start
 
 CLIP = 0.5
@@ -100,6 +103,35 @@ def test_the_released_mean_carries_the_split_noise_and_its_epsilon(
     assert plain[-1] == n  # weight 1 per site: no sample count in the sum
     ok, text = noise_std_ok(plain[:-1] - clipped, Z * CLIP)
     assert ok, text
+
+
+def test_the_site_upload_task_clips_and_adds_its_share(central, tmp_path: Path) -> None:
+    """The site DAG's upload task (``site_model.upload``) reads the share rule from the work's config."""
+    _, store, client = central
+    exp_store = start(store, "dp4", client_dp=CLIENT_DP)
+    _, updates = site_updates(client("site-a"), exp_store)
+
+    def upload(site: str) -> dict:
+        (item,) = client(site).pending_work_dicts()
+        run_dir = tmp_path / site
+        run = SiteRun(
+            SiteIdentity(site_id=site, data_root=run_dir), run_dir, run_dir / "in", run_dir / "out", item
+        )
+        run.in_dir.mkdir(parents=True)
+        run.out_dir.mkdir(parents=True)
+        (run.in_dir / site_model.UPDATE_PAYLOAD).write_bytes(updates[site].payload)
+        (run.in_dir / site_model.UPDATE_MANIFEST).write_text(updates[site].manifest.to_json())
+        return site_model.upload(run, client(site))
+
+    with ThreadPoolExecutor(len(SITES)) as pool:
+        done = list(pool.map(upload, SITES))
+    assert all(d["complete"] for d in done)
+    prefix = secagg_wire.attempt_prefix(exp_store, 0, 0, 0)
+    for site in SITES:
+        noise = store.get_json(secagg_wire.masked_manifest_key(prefix, site))["noise"]
+        assert noise == {"clip_norm": CLIP, "shares": 3, "std": pytest.approx(Z * CLIP / math.sqrt(3))}
+    assert aggregate_step(exp_store, 0).included == SITES
+    assert store.get_json(exp_store.layout.aggregate(0))["privacy"]["sites"] == 3
 
 
 def test_an_upload_with_the_wrong_noise_share_is_refused(central) -> None:
