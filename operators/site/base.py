@@ -14,11 +14,12 @@ says so (``jipfed.tasks.execution``); both call the same function of ``jipfed.ta
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from jipfed.operators.compat import (
+    AIRFLOW_V3,
     AirflowException,
     AirflowFailException,
     AirflowSkipException,
@@ -56,7 +57,7 @@ def task_errors() -> Iterator[None]:
     except ModuleNotFoundError as exc:
         raise AirflowFailException(
             f"this Airflow worker cannot run the step in-process: {exc}. Install jip-federated[worker] "
-            "here, or run the step as a pod (\"execution\": {\"mode\": \"pod\", ...}, docs/pod-contract.md)"
+            'here, or run the step as a pod ("execution": {"mode": "pod", ...}, docs/pod-contract.md)'
         ) from exc
     except TaskSkipped as exc:
         raise AirflowSkipException(str(exc)) from exc
@@ -64,6 +65,21 @@ def task_errors() -> Iterator[None]:
         raise AirflowFailException(str(exc)) from exc
     except TaskError as exc:
         raise AirflowException(str(exc)) from exc
+
+
+def skip_tasks(operator: BaseOperator, context: Context, task_ids: Sequence[str]) -> None:
+    """Skip ``task_ids`` of this run at once, downstream or not (``operator`` mixes in ``SkipMixin``).
+
+    Trigger rules would skip a chain one scheduler loop per task; this sets them all in one go, so
+    the task after them starts at the next loop. On Airflow 3 it ends ``operator``'s task (the task
+    SDK signals the skip with an exception, after which the return value is not pushed: push it first).
+    """
+    tasks = [operator.dag.get_task(task_id) for task_id in task_ids]
+    if AIRFLOW_V3:
+        operator.skip(context["ti"], tasks)  # type: ignore[attr-defined]
+    else:
+        dag_run = context["dag_run"]
+        operator.skip(dag_run, dag_run.execution_date, tasks, map_index=context["ti"].map_index)  # type: ignore[attr-defined]
 
 
 def work_data_from_xcom(context: Context, work_task_id: str) -> dict[str, Any] | None:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from jipfed.operators.compat import AIRFLOW_V3, Context
 from jipfed.operators.hooks.pacs_hook import PacsHook
-from jipfed.operators.site.base import SiteOperator, SiteRun, task_errors
+from jipfed.operators.site.base import SiteOperator, SiteRun, skip_tasks, task_errors
 
 from jipfed.tasks import site_data, site_model
 from jipfed.tasks.run import make_run, read_json
@@ -78,7 +78,7 @@ class SelectCohortOperator(DataStageOperator, BranchMixIn):
     With ``cached_stages`` (the task ids of fetch, convert and preprocess, in order): when every
     series of the cohort is in the site's DICOM cache and none of those steps runs as a pod, also
     run them here (in-process, each writing into its own task's out dir, so the tasks after
-    preprocess read what they always read) and skip the first of them (the others follow it).
+    preprocess read what they always read) and skip those tasks, all at once.
 
     Fails when the PACS cannot be queried (naming it) or the dataset has no case.
     Returns (XCom): the path of ``cohort.json``.
@@ -97,8 +97,8 @@ class SelectCohortOperator(DataStageOperator, BranchMixIn):
     def execute(self, context: Context) -> str:
         cohort = super().execute(context)
         if self.cached_stages and self._prepare_from_cache(context, cohort):
-            skipped = self.cached_stages[0]
-            self.skip_all_except(context["ti"], set(self.downstream_task_ids) - {skipped})
+            context["ti"].xcom_push(key="return_value", value=cohort)  # Airflow 3 ends the task when it skips
+            skip_tasks(self, context, self.cached_stages)
         return cohort
 
     def _prepare_from_cache(self, context: Context, cohort_file: str) -> bool:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from jipfed.operators.compat import AIRFLOW_V3, AirflowFailException, BaseOperator, Context
 from jipfed.operators.hooks.central_hook import CentralHook
-from jipfed.operators.site.base import SiteOperator, SiteRun, write_json
+from jipfed.operators.site.base import SiteOperator, SiteRun, skip_tasks, write_json
 from jipfed.operators.site.data import prepare_cached_round
 
 if AIRFLOW_V3:
@@ -50,8 +50,8 @@ def take_work(
     operator: BaseOperator, context: Context, run: SiteRun, item: WorkItem, prepare: Sequence[str]
 ) -> dict[str, Any]:
     """:func:`accept_work`, then, with ``prepare`` = (cohort task, model task), do their work here
-    when it only hits caches (:func:`prepare_cached_round`) and skip them (their downstream data
-    stages follow). ``operator`` must mix in ``BranchMixIn``. Returns the work item's dict.
+    when it only hits caches (:func:`prepare_cached_round`) and skip them and the cohort's cached
+    stages at once. ``operator`` must mix in ``BranchMixIn``. Returns the work item's dict.
     """
     data = accept_work(run, item)
     if prepare:
@@ -60,9 +60,8 @@ def take_work(
         if prepare_cached_round(
             operator.dag, with_work, cohort_task_id=cohort, model_task_id=model, log=operator.log
         ):
-            ti = context["ti"]
-            ti.xcom_push(key="return_value", value=data)  # Airflow 3 ends the task when it skips
-            operator.skip_all_except(ti, set(operator.downstream_task_ids) - set(prepare))  # type: ignore[attr-defined]
+            context["ti"].xcom_push(key="return_value", value=data)  # Airflow 3 ends the task when it skips
+            skip_tasks(operator, context, [cohort, *operator.dag.get_task(cohort).cached_stages, model])
     return data
 
 
