@@ -21,6 +21,7 @@ import argparse
 import os
 import statistics
 import tempfile
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -54,22 +55,33 @@ def duration(ti: dict[str, Any]) -> float:
     return (end - start).total_seconds() if start and end else 0.0
 
 
+def last_close_end(fed: LocalFederation, begin: datetime, timeout_s: float = 300.0) -> datetime:
+    """When the close task that started after ``begin`` ended (it may still be finalizing: waits)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        ends = [
+            _time(ti["end_date"])
+            for ti in task_instances(fed, CENTRAL_DAG)
+            if ti["task_id"] == CLOSE_TASK and ti["start_date"] and _time(ti["start_date"]) > begin
+        ]
+        if ends and all(ends):
+            return max(ends)
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no {CLOSE_TASK} started after {begin} ended within {timeout_s:.0f} s")
+        time.sleep(1.0)
+
+
 def measure(fed: LocalFederation, experiment: str, transport: str) -> list[dict[str, Any]]:
     """Per round: wall time between consecutive dispatches, slowest training, overhead."""
     exp_store = fed.experiment_store(experiment)
     history = exp_store.load_state().history
     dispatched = [_time(exp_store.load_dispatch(r.round, r.step)["dispatched_at"]) for r in history]
-    central = [
-        ti for ti in task_instances(fed, CENTRAL_DAG) if ti["task_id"] == CLOSE_TASK and ti["end_date"]
-    ]
     site_dags = [site.site_dag if transport == "push" else site.pull_dag for site in fed.sites]
     trains = [ti for dag in site_dags for ti in task_instances(fed, dag) if ti["task_id"] == TRAIN_TASK]
     rows = []
     for index, begin in enumerate(dispatched):
-        if index + 1 < len(dispatched):
-            end = dispatched[index + 1]
-        else:  # the last round ends when its aggregation does
-            end = max(_time(ti["end_date"]) for ti in central if _time(ti["start_date"]) > begin)
+        # the last round ends when its close task does (aggregated, final model published)
+        end = dispatched[index + 1] if index + 1 < len(dispatched) else last_close_end(fed, begin)
         in_round = [ti for ti in trains if ti["start_date"] and begin <= _time(ti["start_date"]) < end]
         slowest = max((duration(ti) for ti in in_round), default=0.0)
         wall = (end - begin).total_seconds()
