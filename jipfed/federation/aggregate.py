@@ -88,6 +88,8 @@ NETWORK_MAX_SITES = 128
 LAZY_PASS_MODEL_FRACTION = 0.25
 #: Chunk per thread of the robust reducers: (sites + 1) rows of it stay in cache while sorted.
 SORT_CHUNK_ELEMENTS = 1 << 16
+#: Called with each result tensor (name, tensor) as soon as it is final, e.g. to write it out.
+TensorSink = Callable[[str, torch.Tensor], None]
 
 
 def accumulation_dtype(dtype: torch.dtype, accumulate_dtype: torch.dtype | None = None) -> torch.dtype:
@@ -185,13 +187,20 @@ class WeightedMean:
             raise ValueError("add_group() needs at least one contribution")
         self._pass(contributions, finish=False)
 
-    def result(self, last: Sequence[Contribution] = ()) -> dict[str, torch.Tensor]:
-        """The weighted mean by name, in the input dtypes, after adding ``last`` in the same pass."""
-        return self._pass(last, finish=True)
+    def result(
+        self, last: Sequence[Contribution] = (), on_tensor: TensorSink | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The weighted mean by name, in the input dtypes, after adding ``last`` in the same pass.
+
+        ``on_tensor(name, tensor)`` is called for each result tensor as soon as it is final.
+        """
+        return self._pass(last, finish=True, on_tensor=on_tensor)
 
     # ---- one pass ---------------------------------------------------------------------------------
 
-    def _pass(self, group: Sequence[Contribution], *, finish: bool) -> dict[str, torch.Tensor]:
+    def _pass(
+        self, group: Sequence[Contribution], *, finish: bool, on_tensor: TensorSink | None = None
+    ) -> dict[str, torch.Tensor]:
         """Accumulate ``group``; with ``finish``, also divide and return the result (else ``{}``)."""
         if self._done:
             raise RuntimeError("result() was already called; start a new WeightedMean")
@@ -227,6 +236,8 @@ class WeightedMean:
                     dest = self._integer_tensor(name, tensors, [c.base for c in group])
                 if finish:
                     out[name] = dest
+                    if on_tensor is not None:
+                        on_tensor(name, dest)
         except BaseException:
             self._broken = touched  # a failure before the first tensor leaves nothing half-added
             raise
@@ -479,6 +490,7 @@ def mean_weights(
     accumulate_dtype: torch.dtype | None = None,
     integer_mode: str = "max",
     sites_per_pass: int | None = None,
+    on_tensor: TensorSink | None = None,
 ) -> dict[str, torch.Tensor]:
     """Sample-weighted mean of the sites' models (weight = ``manifest.n_samples``).
 
@@ -487,7 +499,8 @@ def mean_weights(
     (``sites_per_pass=None``) or in passes of ``sites_per_pass`` sites; any other iterable is
     consumed once, in passes of ``sites_per_pass`` updates, keeping no more than that (default: 1
     update held in memory, or :func:`sites_per_lazy_pass` updates read per tensor).
-    The result has the global model's tensor order.
+    The result has the global model's tensor order. ``on_tensor(name, tensor)`` is called for each
+    result tensor as soon as it is final (in the order the updates' tensors are read).
     """
     if sites_per_pass is not None and (
         isinstance(sites_per_pass, bool) or not isinstance(sites_per_pass, int) or sites_per_pass < 1
@@ -506,7 +519,7 @@ def mean_weights(
         groups = [[contribution(u) for u in updates[i : i + k]] for i in range(0, len(updates), k)] or [[]]
         for group in groups[:-1]:
             acc.add_group(group)
-        result = acc.result(groups[-1])
+        result = acc.result(groups[-1], on_tensor)
     else:
         pending: list[Contribution] = []
         for update in updates:
@@ -514,7 +527,7 @@ def mean_weights(
             if len(pending) >= (sites_per_pass or sites_per_lazy_pass(update)):
                 acc.add_group(pending)
                 pending = []
-        result = acc.result(pending)
+        result = acc.result(pending, on_tensor)
     if result.keys() != global_weights.keys():
         missing = sorted(set(global_weights) - set(result))[:5]
         extra = sorted(set(result) - set(global_weights))[:5]

@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import struct
 import tempfile
@@ -46,7 +47,6 @@ from jipfed.federation.update import (
     ModelUpdate,
     TensorSpec,
     UpdateManifest,
-    dtype_name,
 )
 from jipfed.federation.validation import (
     ExpectedUpdate,
@@ -192,6 +192,115 @@ class EncodedFile:
     size: int
 
 
+class SafetensorsWriter:
+    """A safetensors file whose tensor specs are known up front, filled tensor by tensor in any order.
+
+    The header is written at once and the file sized; :meth:`put` writes a tensor's bytes at its
+    offset as soon as it is final, and hashes it once every tensor before it in the file is hashed
+    (so a caller that finishes tensors in file order overlaps writing and hashing with its own
+    work). :meth:`finish` returns ``(sha256, size)``. The bytes are those ``safetensors.torch.save``
+    produces for the same tensors (same order, header and padding). ``check_finite``: :meth:`put`
+    refuses a float tensor holding NaN/Inf (ValueError). ``hashing`` (a
+    :class:`~jipfed.federation.payload_stream.HashPipeline`) hashes on background threads. A
+    tensor handed to :meth:`put` must not change afterwards.
+    """
+
+    def __init__(
+        self, path: Path, specs: Mapping[str, TensorSpec], hashing: Any = None, *, check_finite: bool = False
+    ) -> None:
+        codes = {name: _ST_CODES[spec.dtype] for name, spec in specs.items()}
+        self.order = sorted(specs, key=lambda n: (-_ST_ORDER.index(codes[n]), n))
+        self.specs = dict(specs)
+        self._position = {name: i for i, name in enumerate(self.order)}
+        header: dict[str, Any] = {}
+        self._offsets: dict[str, int] = {}
+        offset = 0
+        for name in self.order:
+            spec = specs[name]
+            nbytes = math.prod(spec.shape) * spec.torch_dtype.itemsize
+            header[name] = {
+                "dtype": codes[name],
+                "shape": list(spec.shape),
+                "data_offsets": [offset, offset + nbytes],
+            }
+            self._offsets[name] = offset
+            offset += nbytes
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        text += b" " * (-len(text) % 8)
+        head = struct.pack("<Q", len(text)) + text
+        self.size = len(head) + offset
+        self._data_start = len(head)
+        self._hashing = hashing
+        self._check_finite = check_finite
+        self._digest = hashlib.sha256(head)
+        self._ready: dict[str, torch.Tensor] = {}  # put, not hashed yet
+        self._next = 0  # index in ``order`` of the next tensor to hash
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.ftruncate(self._fd, self.size)
+            _pwrite_all(self._fd, memoryview(head), 0)
+        except BaseException:
+            self.close()
+            raise
+
+    def put(self, name: str, tensor: torch.Tensor) -> None:
+        """Write (and, in file order, hash) tensor ``name``; ValueError if unknown, put twice or of another spec."""
+        spec = self.specs.get(name)
+        if spec is None or name in self._ready or self._position[name] < self._next:
+            raise ValueError(f"tensor {name!r} is not in the file's header or was already written")
+        if TensorSpec.of(tensor) != spec:
+            raise ValueError(f"tensor {name!r} is {TensorSpec.of(tensor)}, the header says {spec}")
+        if self._check_finite and count_non_finite(tensor):
+            raise ValueError(f"tensor {name!r} holds NaN/Inf; refusing to encode it")
+        tensor = tensor.contiguous()
+        if tensor.numel():
+            _pwrite_all(self._fd, _bytes_of(tensor), self._data_start + self._offsets[name])
+        self._ready[name] = tensor
+        while self._next < len(self.order) and self.order[self._next] in self._ready:
+            ready = self._ready.pop(self.order[self._next])
+            self._next += 1
+            if ready.numel():
+                if self._hashing is None:
+                    self._digest.update(_bytes_of(ready))
+                else:
+                    self._hashing.update(self._digest, _bytes_of(ready))
+
+    @property
+    def missing(self) -> list[str]:
+        """Names not put yet, in file order."""
+        return [n for n in self.order[self._next :] if n not in self._ready]
+
+    def finish(self) -> tuple[str, int]:
+        """``(sha256, size)`` once every tensor was put; ValueError naming the first missing one."""
+        if self.missing:
+            raise ValueError(f"tensor {self.missing[0]!r} was never written")
+        if self._hashing is not None:
+            self._hashing.wait(self._digest)
+        self.close()
+        return self._digest.hexdigest(), self.size
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> SafetensorsWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _bytes_of(tensor: torch.Tensor) -> memoryview:
+    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while data:
+        n = os.pwrite(fd, data, offset)
+        data, offset = data[n:], offset + n
+
+
 def write_safetensors(
     path: Path, tensors: Mapping[str, torch.Tensor], hashing: Any = None
 ) -> tuple[str, int]:
@@ -200,38 +309,10 @@ def write_safetensors(
     The bytes are those ``safetensors.torch.save`` produces (same tensor order, header and padding).
     ``hashing`` (a :class:`~jipfed.federation.payload_stream.HashPipeline`) hashes beside the writing.
     """
-    codes = {name: _ST_CODES[dtype_name(t.dtype)] for name, t in tensors.items()}
-    order = sorted(tensors, key=lambda n: (-_ST_ORDER.index(codes[n]), n))
-    header: dict[str, Any] = {}
-    offset = 0
-    for name in order:
-        t = tensors[name]
-        nbytes = t.numel() * t.element_size()
-        header[name] = {
-            "dtype": codes[name],
-            "shape": list(t.shape),
-            "data_offsets": [offset, offset + nbytes],
-        }
-        offset += nbytes
-    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
-    text += b" " * (-len(text) % 8)
-    digest = hashlib.sha256()
-    with open(path, "wb") as fh:
-        for part in (struct.pack("<Q", len(text)), text):
-            digest.update(part)
-            fh.write(part)
-        for name in order:
-            t = tensors[name].contiguous()
-            if t.numel():
-                data = memoryview(t.reshape(-1).view(torch.uint8).numpy())
-                if hashing is None:
-                    digest.update(data)
-                else:
-                    hashing.update(digest, data)
-                fh.write(data)
-    if hashing is not None:
-        hashing.wait(digest)
-    return digest.hexdigest(), 8 + len(text) + offset
+    with SafetensorsWriter(path, {n: TensorSpec.of(t) for n, t in tensors.items()}, hashing) as writer:
+        for name in writer.order:
+            writer.put(name, tensors[name])
+        return writer.finish()
 
 
 def write_global_file(
@@ -243,16 +324,28 @@ def write_global_file(
     config_hash: str,
     n_samples: int = 0,
     hashing: Any = None,
+    writer: SafetensorsWriter | None = None,
 ) -> EncodedFile:
     """:func:`encode_global` written to ``path`` instead of memory (same bytes, same manifest).
 
-    Raises ValueError for NaN/Inf values, as :func:`encode_update` does.
+    ``writer``: a :class:`SafetensorsWriter` on ``path`` (``check_finite=True``) that may already
+    hold some of ``weights``; it is completed when its specs are those of ``weights``, else
+    closed and the file written anew. Raises ValueError for NaN/Inf values, as
+    :func:`encode_update` does.
     """
+    specs = {name: TensorSpec.of(t) for name, t in weights.items()}
+    identity = {"experiment": experiment, "round": round, "config_hash": config_hash, "n_samples": n_samples}
+    manifest = _global_update(weights, identity).manifest
+    if writer is not None and writer.specs == specs:
+        for name in writer.missing:
+            writer.put(name, weights[name])
+        digest, size = writer.finish()
+        return EncodedFile(path, manifest.replace(sha256=digest), size)
+    if writer is not None:
+        writer.close()
     for name, tensor in weights.items():
         if count_non_finite(tensor):
             raise ValueError(f"tensor {name!r} holds NaN/Inf; refusing to encode it")
-    identity = {"experiment": experiment, "round": round, "config_hash": config_hash, "n_samples": n_samples}
-    manifest = _global_update(weights, identity).manifest
     digest, size = write_safetensors(path, weights, hashing)
     return EncodedFile(path, manifest.replace(sha256=digest), size)
 

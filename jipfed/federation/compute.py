@@ -14,9 +14,11 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 
+import torch
+
 from jipfed.federation.arrival import unchanged_check, unchanged_identity
 from jipfed.federation.bounds import Clip, scaled
-from jipfed.federation.codec import EncodedFile, write_global_file
+from jipfed.federation.codec import EncodedFile, SafetensorsWriter, write_global_file
 from jipfed.federation.decision import Decision
 from jipfed.federation.experiment import ExperimentConfig
 from jipfed.federation.payload_stream import HashPipeline, StoredUpdate
@@ -78,15 +80,38 @@ def compute_output(
     with its arrival digest. One that changed since its arrival check is moved from
     ``decision.included`` to ``decision.rejected`` with the reason, ``on_exclusion(decision)`` is
     called (it raises when the step cannot go on without it, e.g. QuorumNotMet) and the others are
-    aggregated again.
+    aggregated again. A strategy that finishes tensors one by one (FedAvg) hands each to the output
+    file as it is final, so writing and hashing the output overlap the sum of the next tensors.
 
     Raises:
         IntegrityError: the start model's bytes differ from its manifest.
     """
 
     def attempt() -> tuple[EncodedFile, StrategyState | None]:
+        path = output or workdir / "output.safetensors"
+        # the output has the start model's specs: its tensors are written (and hashed) as they are final
+        with SafetensorsWriter(path, start.manifest.tensors, hashing, check_finite=True) as writer:
+            weights, used, state = aggregated(writer)
+            order = [n for n in start.manifest.tensors if n in weights] + [
+                n for n in weights if n not in start.manifest.tensors
+            ]
+            encoded = write_global_file(
+                {name: weights[name] for name in order},
+                path,
+                experiment=config.name,
+                round=output_keys(exp_store, ps)[2],
+                config_hash=config_hash,
+                n_samples=sum(s.n_samples for s in used),
+                hashing=hashing,
+                writer=writer,
+            )
+        return encoded, state
+
+    def aggregated(
+        writer: SafetensorsWriter,
+    ) -> tuple[dict[str, torch.Tensor], list[StoredUpdate], StrategyState | None]:
+        """The output weights (some already handed to ``writer``), the updates used, the new state."""
         lay = exp_store.layout
-        _, _, out_round = output_keys(exp_store, ps)
         state: StrategyState | None = None
         with ExitStack() as stack:
             sources: list[StoredUpdate] = []
@@ -107,7 +132,7 @@ def compute_output(
                     for s in sources
                 ]
                 strategy = strategy_for(exp_store, config, ps.round)
-                weights = strategy.aggregate(start.tensors, views, ps.round)
+                weights = strategy.aggregate_streamed(start.tensors, views, ps.round, writer.put)
                 state = strategy.state_dict()
             elif sources:  # a cyclic hop passes its (only) site's model on
                 used = sources[:1]
@@ -117,19 +142,7 @@ def compute_output(
                 weights = dict(start.tensors.items())
             for source in [*used, start]:
                 source.verify()  # hashed, or still the checked object after the reads
-        order = [n for n in start.manifest.tensors if n in weights] + [
-            n for n in weights if n not in start.manifest.tensors
-        ]
-        encoded = write_global_file(
-            {name: weights[name] for name in order},
-            output or workdir / "output.safetensors",
-            experiment=config.name,
-            round=out_round,
-            config_hash=config_hash,
-            n_samples=sum(s.n_samples for s in used),
-            hashing=hashing,
-        )
-        return encoded, state
+        return weights, used, state
 
     while True:
         try:

@@ -112,6 +112,25 @@ def test_mean_weights_streams_without_keeping_updates() -> None:
     assert alive_max <= 2
 
 
+def test_mean_weights_hands_each_result_tensor_on_once_final() -> None:
+    """``on_tensor`` gets every tensor of the result once, already final, in the order they are read."""
+    g = {"w": t(1, 2), "b": torch.zeros(3), "n": torch.tensor(1)}
+    ups = [
+        update({"w": t(i, i), "b": torch.full((3,), float(i)), "n": torch.tensor(i)}, site=f"s{i}")
+        for i in range(4)
+    ]
+    seen: list[tuple[str, torch.Tensor]] = []
+    for per_pass in (None, 1, 3):
+        seen.clear()
+        out = mean_weights(
+            g, ups, sites_per_pass=per_pass, on_tensor=lambda n, x: seen.append((n, x.clone()))
+        )
+        assert [n for n, _ in seen] == list(ups[0].tensors)
+        for name, value in seen:
+            assert torch.equal(value, out[name]), name
+    assert torch.equal(out["n"], torch.tensor(4))
+
+
 def test_median_and_trimmed_mean_by_hand() -> None:
     g = {"w": t(10, 0), "n": torch.tensor(2)}
     deltas = [t(1, -1), t(5, 0), t(2, 7), t(4, 3), t(100, -50)]

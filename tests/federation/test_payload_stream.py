@@ -12,7 +12,13 @@ import safetensors.torch
 import torch
 
 from jipfed.federation.bounds import delta_norm
-from jipfed.federation.codec import decode_update, encode_update, write_global_file, write_safetensors
+from jipfed.federation.codec import (
+    SafetensorsWriter,
+    decode_update,
+    encode_update,
+    write_global_file,
+    write_safetensors,
+)
 from jipfed.federation.payload_stream import (
     CheckingReader,
     HashPipeline,
@@ -20,7 +26,7 @@ from jipfed.federation.payload_stream import (
     StoredUpdate,
     check_payload,
 )
-from jipfed.federation.update import ModelUpdate
+from jipfed.federation.update import ModelUpdate, TensorSpec
 from jipfed.federation.validation import ExpectedUpdate, UpdateRejected
 
 from .helpers import CONFIG_HASH, EXPERIMENT, update
@@ -179,3 +185,45 @@ def test_streamed_writer_writes_the_bytes_safetensors_writes(tmp_path: Path) -> 
             round=1,
             config_hash=CONFIG_HASH,
         )
+
+
+@pytest.mark.parametrize("threads", [0, 2])
+def test_tensors_put_in_any_order_give_the_bytes_safetensors_writes(tmp_path: Path, threads: int) -> None:
+    """Each tensor is written at its offset when put; hashed once all before it in the file are."""
+    tensors = {
+        "z.weight": torch.randn(40, 30),
+        "a.weight": torch.randn(70),
+        "m.count": torch.tensor(3),
+        "half": torch.ones(5, dtype=torch.float16),
+        "empty": torch.ones(0),
+        "b.bias": torch.randn(9),
+    }
+    expected = safetensors.torch.save(tensors)
+    specs = {n: TensorSpec.of(x) for n, x in tensors.items()}
+    with ExitStack() as stack:
+        hashing = stack.enter_context(HashPipeline(threads, 64)) if threads else None
+        for order in (list(tensors), list(reversed(tensors)), ["b.bias", "m.count", "empty", "z.weight"]):
+            writer = stack.enter_context(SafetensorsWriter(tmp_path / "out", specs, hashing))
+            for name in order:
+                writer.put(name, tensors[name])
+            assert writer.missing == [n for n in writer.order if n not in order]
+            for name in writer.missing:
+                writer.put(name, tensors[name])
+            assert writer.finish() == (hashlib.sha256(expected).hexdigest(), len(expected))
+            assert (tmp_path / "out").read_bytes() == expected
+
+
+def test_tensor_writer_refuses_what_its_header_does_not_say(tmp_path: Path) -> None:
+    specs = {"w": TensorSpec((3,), "float32"), "n": TensorSpec((), "int64")}
+    with SafetensorsWriter(tmp_path / "out", specs, check_finite=True) as writer:
+        with pytest.raises(ValueError, match="'x' is not in the file's header"):
+            writer.put("x", torch.zeros(3))
+        with pytest.raises(ValueError, match="'w' is .*float64.*the header says"):
+            writer.put("w", torch.zeros(3, dtype=torch.float64))
+        with pytest.raises(ValueError, match="'w' holds NaN/Inf"):
+            writer.put("w", torch.tensor([0.0, math.nan, 1.0]))
+        writer.put("n", torch.tensor(4))
+        with pytest.raises(ValueError, match="'n' .*already written"):
+            writer.put("n", torch.tensor(4))
+        with pytest.raises(ValueError, match="tensor 'w' was never written"):
+            writer.finish()

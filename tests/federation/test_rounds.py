@@ -450,6 +450,8 @@ def test_aggregate_step_equals_the_strategy_on_the_decoded_updates(
     assert list(new_global) == list(start)  # the model's order, not the files'
     for name, tensor in in_memory.items():
         assert torch.equal(new_global[name], tensor), name
+    # written tensor by tensor while aggregating (fedavg) or after (robust reducers): safetensors' bytes
+    assert payload == safetensors.torch.save(in_memory)
 
 
 def test_rerunning_a_completed_step_changes_nothing(

@@ -15,7 +15,7 @@ import hashlib
 import json
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, ClassVar
@@ -146,6 +146,21 @@ class Strategy(ABC):
         self, global_weights: Mapping[str, torch.Tensor], updates: Iterable[UpdateSource], round: int
     ) -> dict[str, torch.Tensor]:
         """New global weights from ``global_weights`` (of ``round``) and the sites' updates of ``round``."""
+
+    def aggregate_streamed(
+        self,
+        global_weights: Mapping[str, torch.Tensor],
+        updates: Iterable[UpdateSource],
+        round: int,
+        on_tensor: Callable[[str, torch.Tensor], None],
+    ) -> dict[str, torch.Tensor]:
+        """:meth:`aggregate`, calling ``on_tensor(name, tensor)`` for result tensors that are final early.
+
+        The caller handles the tensors not passed to ``on_tensor`` from the returned result. By
+        default none is (the result is only final once :meth:`aggregate` returns); a strategy
+        whose tensors are final one by one overrides this (the output is written meanwhile).
+        """
+        return self.aggregate(global_weights, updates, round)
 
     @abstractmethod
     def config(self) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from jipfed.federation.aggregate import INTEGER_MODES, mean_weights
+from jipfed.federation.aggregate import INTEGER_MODES, TensorSink, mean_weights
 from jipfed.federation.strategies.base import Strategy, accumulate_dtype_of, checked_updates
 from jipfed.federation.strategies.site_options import SiteOptions
 from jipfed.federation.update import UpdateSource
@@ -47,12 +47,34 @@ class FedAvg(Strategy):
     def aggregate(
         self, global_weights: Mapping[str, torch.Tensor], updates: Iterable[UpdateSource], round: int
     ) -> dict[str, torch.Tensor]:
+        return self._mean(global_weights, updates, round, None)
+
+    def aggregate_streamed(
+        self,
+        global_weights: Mapping[str, torch.Tensor],
+        updates: Iterable[UpdateSource],
+        round: int,
+        on_tensor: TensorSink,
+    ) -> dict[str, torch.Tensor]:
+        """Each mean tensor goes to ``on_tensor`` once final (unless a subclass changes :meth:`aggregate`)."""
+        if type(self).aggregate is not FedAvg.aggregate:
+            return super().aggregate_streamed(global_weights, updates, round, on_tensor)
+        return self._mean(global_weights, updates, round, on_tensor)
+
+    def _mean(
+        self,
+        global_weights: Mapping[str, torch.Tensor],
+        updates: Iterable[UpdateSource],
+        round: int,
+        on_tensor: TensorSink | None,
+    ) -> dict[str, torch.Tensor]:
         validate_round(round)
         return mean_weights(
             global_weights,
             checked_updates(updates, round),
             accumulate_dtype=self._dtype,
             integer_mode=self.integer_mode,
+            on_tensor=on_tensor,
         )
 
     def configure_fit(self, round: int) -> dict[str, Any]:
