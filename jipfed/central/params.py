@@ -255,7 +255,8 @@ PARAMS: dict[str, dict[str, Any]] = {
         "default": "client",
         "title": "DP level",
         "description": "client: each site's update is clipped and the central adds Gaussian noise to their "
-        "sum (DP-FedAvg; protects a whole site; needs a mean-based strategy and the parallel plan). "
+        "sum (DP-FedAvg; protects a whole site; needs a mean-based strategy and the parallel plan; with "
+        "secure aggregation each site adds its share of the noise instead). "
         "sample: DP-SGD at each site (protects one case; opacus; unet only; each site's epsilon is "
         "recorded with its update and a site refuses a round beyond the budget).",
         "section": _PRIVACY,
@@ -300,16 +301,17 @@ PARAMS: dict[str, dict[str, Any]] = {
         "default": False,
         "title": "DP adaptive clipping",
         "description": "client: adapt the clip norm towards the median update norm each round (Andrew et "
-        "al. 2021; the count is noised and accounted).",
+        "al. 2021; the count is noised and accounted). Not with secure aggregation.",
         "section": _PRIVACY,
     },
     "secure_aggregation": {
         "type": "boolean",
         "default": False,
         "title": "Secure aggregation",
-        "description": "Pairwise-masked updates so the central learns only their sum. The masking library "
-        "exists (jipfed.privacy.secagg); the round protocol does not carry masked updates yet: true is "
-        "refused when the experiment starts.",
+        "description": "Pairwise-masked updates so the central learns only their sum (X25519 + ChaCha20 "
+        "masks; a site that drops out after key agreement makes the round retry without it). Needs a "
+        "mean-based strategy, the parallel plan, fp32 and an empty norm bound. With client DP the sites add "
+        "the noise themselves (fixed clip norm only).",
         "section": _PRIVACY,
     },
 }
