@@ -8,7 +8,10 @@ its own identity Variable, PACS Connection and site token. Only the hosting is s
 reaches the central over HTTP exactly as a remote hospital would.
 
 Connections and Variables are given to Airflow as ``AIRFLOW_CONN_*`` / ``AIRFLOW_VAR_*``
-environment variables, so nothing is written to Airflow's database by hand.
+environment variables, so nothing is written to Airflow's database by hand — except, on request
+(``store_connection_in_database``), the model store Connection, written through the REST API as
+an admin would in the UI (then Airflow 3's triggerer and workers can only get it through the API
+server).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from jipfed.storage.state import ExperimentStore, Status
 logger = logging.getLogger(__name__)
 
 CENTRAL_DAG = "jipfed_central"
+STORE_CONN_ID = "jipfed_model_store_default"
 #: Airflow's local settings: tasks start with torch & co. already imported (jipfed.airflow_preload).
 LOCAL_SETTINGS = "from jipfed.airflow_preload import preload_for_component\n\npreload_for_component()\n"
 #: Central runs end in one of these states.
@@ -96,6 +100,8 @@ class LocalFederation:
         store_url: the model store; None = ``<workdir>/store`` (local folder).
         airflow_env: extra Airflow settings (``AIRFLOW__...``) for the standalone.
         progress: progress bars while writing the data set.
+        store_connection_in_database: put the model store Connection in Airflow's database (REST
+            API) instead of the environment.
     """
 
     workdir: Path
@@ -106,6 +112,7 @@ class LocalFederation:
     dags_folder: Path = field(default_factory=dag_folder)
     airflow_env: Mapping[str, str] = field(default_factory=dict)
     progress: bool = True
+    store_connection_in_database: bool = False
     sites: list[LocalSite] = field(default_factory=list, init=False)
     airflow: AirflowStandalone | None = field(default=None, init=False)
     _stack: ExitStack = field(default_factory=ExitStack, init=False)
@@ -177,8 +184,20 @@ class LocalFederation:
         settings.parent.mkdir(parents=True, exist_ok=True)
         settings.write_text(LOCAL_SETTINGS)
         self.airflow.start()
+        if self.store_connection_in_database:
+            self._write_store_connection()
         for dag_id in self.dag_ids:
-            self.airflow.wait_for_dag(dag_id, timeout_s=180.0)
+            self.airflow.wait_for_dag(dag_id, timeout_s=600.0)
+
+    def store_connection(self) -> dict[str, Any]:
+        """The model store Connection (a local folder, conn_type ``fs``)."""
+        return {"conn_type": "fs", "extra": {"path": str(self.store_root)}}
+
+    def _write_store_connection(self) -> None:
+        """Create the model store Connection in Airflow's database (kept there across a restart)."""
+        connection = self.store_connection()
+        body = {"connection_id": STORE_CONN_ID, **connection, "extra": json.dumps(connection["extra"])}
+        self.client.request("POST", "/api/v2/connections", json=body, expect=(200, 201, 409))
 
     @property
     def dag_ids(self) -> list[str]:
@@ -187,6 +206,18 @@ class LocalFederation:
     def stop_airflow(self) -> None:
         if self.airflow is not None:
             self.airflow.stop()
+
+    def ensure_airflow_running(self) -> bool:
+        """Start Airflow again (same home, database and port) if it is not running, e.g. after a
+        failed restart; returns whether it had to."""
+        assert self.airflow is not None, "start() first"
+        if self.airflow.running:
+            return False
+        port = self.airflow.port
+        self.airflow.stop()
+        self.airflow = self._new_airflow(port)
+        self._start_airflow()
+        return True
 
     def crash_and_restart_airflow(self) -> None:
         """Kill every Airflow process at once (SIGKILL, as a crash would) and start it again."""
@@ -203,9 +234,6 @@ class LocalFederation:
         env = {
             "JIPFED_HOSTED_SITES": ",".join(site.site_id for site in self.sites),
             "AIRFLOW__JIPFED__SITE_TOKEN_SECRET": self.token_secret,
-            conn_env_name("jipfed_model_store_default"): json.dumps(
-                {"conn_type": "fs", "extra": {"path": str(self.store_root)}}
-            ),
             # Sites poll the central and the central checks for updates twice a second (default 30 s):
             # one machine, cheap checks, and each wait sits on a round's critical path.
             "JIPFED_POLL_INTERVAL_S": "0.5",
@@ -214,6 +242,8 @@ class LocalFederation:
             # After a crash, tasks that were running are noticed (and retried) after 60 s, not 300 s.
             "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "60",
         }
+        if not self.store_connection_in_database:
+            env[conn_env_name(STORE_CONN_ID)] = json.dumps(self.store_connection())
         for site in self.sites:
             pacs = site.pacs.pacs_config
             env[conn_env_name(site.pacs_conn_id)] = json.dumps(
@@ -327,10 +357,13 @@ class LocalFederation:
 
     def central_runs(self, experiment: str | None = None) -> list[dict[str, Any]]:
         """The central DAG's runs (of ``experiment`` only, if given), oldest first."""
-        runs = self._runs(CENTRAL_DAG)
-        return [r for r in runs if experiment is None or (r.get("conf") or {}).get("experiment") == experiment]
+        runs = self.dag_runs(CENTRAL_DAG)
+        return [
+            r for r in runs if experiment is None or (r.get("conf") or {}).get("experiment") == experiment
+        ]
 
-    def _runs(self, dag_id: str) -> Iterator[dict[str, Any]]:
+    def dag_runs(self, dag_id: str) -> Iterator[dict[str, Any]]:
+        """The DAG's runs, oldest first (REST API)."""
         data = self.client.request(
             "GET", f"/api/v2/dags/{dag_id}/dagRuns", params={"order_by": "run_after", "limit": 1000}
         )

@@ -70,7 +70,8 @@ class AirflowStandalone:
         airflow_bin: The ``airflow`` executable; its folder goes first on PATH because the
             components spawn ``airflow`` by name.
         parallelism: ``[core] parallelism``; the default 32 spawns ~40 processes (~5.6 GB).
-        startup_timeout_s: How long :meth:`start` waits for all components to be healthy.
+        startup_timeout_s: How long :meth:`start` waits for all components to be healthy (a
+            liveness limit: an exited process fails at once; a loaded 2-core machine can need minutes).
     """
 
     def __init__(
@@ -84,7 +85,7 @@ class AirflowStandalone:
         env: Mapping[str, str] | None = None,
         airflow_bin: Path | str | None = None,
         parallelism: int = 4,
-        startup_timeout_s: float = 120.0,
+        startup_timeout_s: float = 600.0,
     ) -> None:
         if ":" in username or "," in username or not username:
             raise ValueError(f"username must be non-empty without ':' or ',', got {username!r}")
@@ -110,7 +111,9 @@ class AirflowStandalone:
     def _use_port(self, port: int) -> None:
         self.port = port
         self.base_url = f"http://127.0.0.1:{port}"
-        self.client = AirflowRestClient(self.base_url, self.username, self.password, name=f"standalone:{port}")
+        self.client = AirflowRestClient(
+            self.base_url, self.username, self.password, name=f"standalone:{port}"
+        )
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -286,6 +289,11 @@ class AirflowStandalone:
             return "(no standalone.log)"
         lines = self.log_path.read_text(errors="replace").splitlines()[-n_lines:]
         return f"--- last {len(lines)} lines of {self.log_path} ---\n" + "\n".join(lines)
+
+    @property
+    def running(self) -> bool:
+        """Whether the ``airflow standalone`` process is started and has not exited."""
+        return self.process is not None and self.process.poll() is None
 
     def _check_running(self) -> None:
         if self.process is None:

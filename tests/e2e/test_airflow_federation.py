@@ -5,15 +5,19 @@ central DAG, the plugin endpoint and the three sites' DAGs (``JIPFED_HOSTED_SITE
 fetches from its own Orthanc and talks to the central only over HTTP with its own token, as a
 remote hospital would (:mod:`jipfed.localfed`). Nothing is mocked.
 
+The model store Connection is in Airflow's database (written through the REST API), not in the
+environment: the collect trigger in Airflow 3's triggerer can only read it through the API server.
+
 One federation serves the module; each test runs its own experiment and needs nothing from
-another test (any order, any subset). Waits end on the store's state or the sites' folders, never
-on a fixed sleep.
+another test (any order, any subset). Waits end on the store's state, the runs' states or the
+sites' folders, never on a fixed sleep; no test needs a step to finish within a time limit.
 """
 
 from __future__ import annotations
 
 import hashlib
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,10 +29,11 @@ from jipfed.central.tokens import site_token
 from jipfed.federation.experiment import ExperimentConfig
 from jipfed.federation.rounds import StepTicket
 from jipfed.federation.site_round import run_site_step
-from jipfed.localfed import LocalFederation, LocalSite
+from jipfed.localfed import CENTRAL_DAG, LocalFederation, LocalSite
 from jipfed.storage.state import ExperimentStore, Status
 from jipfed.training.data import SiteData
 from jipfed.training.local import LocalTrainer
+from tests.training.synth import write_site
 
 pytestmark = pytest.mark.slow
 
@@ -43,12 +48,25 @@ BASE = {
 
 
 @pytest.fixture(scope="module")
-def fed(tmp_path_factory: pytest.TempPathFactory):
+def federation(tmp_path_factory: pytest.TempPathFactory):
     federation = LocalFederation(
-        tmp_path_factory.mktemp("fed"), n_sites=3, cases_per_site=4, shape=(48, 48, 32), progress=False
+        tmp_path_factory.mktemp("fed"),
+        n_sites=3,
+        cases_per_site=4,
+        shape=(48, 48, 32),
+        progress=False,
+        store_connection_in_database=True,
     )
     with federation:
         yield federation
+
+
+@pytest.fixture
+def fed(federation: LocalFederation) -> LocalFederation:
+    """The module's federation, with Airflow running (started again if an earlier test's crash and
+    restart failed), so no test depends on how another one ended."""
+    federation.ensure_airflow_running()
+    return federation
 
 
 def run_experiment(fed: LocalFederation, name: str, timeout_s: float = 900, **params: Any) -> ExperimentStore:
@@ -105,27 +123,54 @@ def check_rounds(exp_store: ExperimentStore, rounds: int, sites: list[str]) -> N
     assert [rec.step for rec in state.history] == list(range(rounds))
 
 
+def central_runs_by_state(fed: LocalFederation, experiment: str) -> dict[str, list[str]]:
+    """``state -> run ids`` of the experiment's central DAG runs."""
+    runs: dict[str, list[str]] = {}
+    for run in fed.central_runs(experiment):
+        runs.setdefault(run["state"], []).append(run["dag_run_id"])
+    return runs
+
+
+def deferred_task_logs(fed: LocalFederation, dag_id: str, run_id: str) -> list[str]:
+    """The logs of a run's task instances that waited in the triggerer (task ids do not matter)."""
+    logs = []
+    for ti in fed.client.list_task_instances(dag_id, run_id):
+        log = fed.client.get_task_log(
+            dag_id, run_id, ti["task_id"], ti["try_number"], map_index=ti["map_index"]
+        )
+        if "DEFERRED" in log:
+            logs.append(log)
+    return logs
+
+
 def test_push_experiment_completes(fed: LocalFederation) -> None:
+    """Push: the central creates each site's run over REST (Connection ``jipfed_site_<site>``), one
+    central run per step, and waits for the updates in the triggerer with the store Connection it
+    reads from Airflow's database; the model learns."""
     torch.set_num_threads(1)
+    name, rounds = "e2e-push", 4
     fed.enable_sites("push")
-    exp_store = run_experiment(
-        fed, "e2e-push", rounds=4, transport="push", local_epochs=3, learning_rate=0.01
-    )
-    check_rounds(exp_store, 4, [s.site_id for s in fed.sites])
-    before, after = site_dice(fed, exp_store, 0), site_dice(fed, exp_store, 4)
+    exp_store = run_experiment(fed, name, rounds=rounds, transport="push", local_epochs=3, learning_rate=0.01)
+    check_rounds(exp_store, rounds, [s.site_id for s in fed.sites])
+    before, after = site_dice(fed, exp_store, 0), site_dice(fed, exp_store, rounds)
     assert after > max(0.03, 3 * before), (before, after)
-    assert_run_folders_removed(fed)
-
-
-def test_pull_experiment_completes(fed: LocalFederation) -> None:
-    fed.enable_sites("pull")
-    exp_store = run_experiment(fed, "e2e-pull", rounds=2, transport="pull")
-    check_rounds(exp_store, 2, [s.site_id for s in fed.sites])
+    runs = central_runs_by_state(fed, name)
+    assert list(runs) == ["success"] and len(runs["success"]) == rounds, runs
+    for site in fed.sites:  # one site run per step, created by the central's push with the step's conf
+        confs = [(r.get("conf") or {}) for r in fed.dag_runs(site.site_dag)]
+        steps = sorted(c["step"] for c in confs if c.get("experiment") == name)
+        assert steps == list(range(rounds)), (site.site_id, confs)
+    # the waits that deferred saw the deliveries in the triggerer (a store error there fails the run)
+    waits = [log for run_id in runs["success"] for log in deferred_task_logs(fed, CENTRAL_DAG, run_id)]
+    assert waits, "no central task waited in the triggerer"
+    delivered = [log for log in waits if ": delivered" in log]
+    assert delivered, waits[0][-3000:]
     assert_run_folders_removed(fed)
 
 
 def test_a_site_whose_pacs_is_down_is_left_out_with_the_reason(fed: LocalFederation) -> None:
     down = fed.sites[-1]
+    fed.enable_sites("pull")
     down.pacs.stop()
     try:
         exp_store = run_experiment(fed, "e2e-pacs-down", rounds=1, transport="pull", min_sites=2)
@@ -138,32 +183,45 @@ def test_a_site_whose_pacs_is_down_is_left_out_with_the_reason(fed: LocalFederat
     assert "PACS" in reason or "pacs" in reason, reason
 
 
-def test_an_update_after_the_round_timeout_is_refused(fed: LocalFederation) -> None:
-    """A second site, ``site-late``, joins the experiment but answers only after the timeout.
+def wait_for_failed_run(fed: LocalFederation, experiment: str, timeout_s: float) -> list[str]:
+    """Wait until one of the experiment's central runs failed; returns the failed run ids."""
+    deadline = time.monotonic() + timeout_s
+    while not (failed := central_runs_by_state(fed, experiment).get("failed")):
+        assert time.monotonic() < deadline, f"no failed run of {experiment} after {timeout_s:.0f} s"
+        time.sleep(1.0)
+    return failed
 
-    Only site-a answers in time: one site's (mostly cached) data preparation and one local epoch,
-    well inside the 120 s round timeout even on a loaded machine.
-    """
+
+def test_an_update_after_the_round_timeout_is_refused(fed: LocalFederation, tmp_path: Path) -> None:
+    """``site-late`` (no DAG answers for it) is the only site: its round times out, the step fails
+    for lack of a quorum with the state untouched, and its update, sent after that over HTTP, is
+    refused as late. Nothing has to happen before the deadline, so a short timeout is safe."""
     name, late = "e2e-late", "site-late"
     fed.enable_sites("pull")
-    hosted = [fed.sites[0].site_id]
-    exp_store = run_experiment(
-        fed,
-        name,
-        rounds=1,
-        transport="pull",
-        sites=[*hosted, late],
-        min_sites=1,
-        local_epochs=1,
-        round_timeout_s=120,
+    fed.trigger(
+        {
+            **BASE,
+            "experiment": name,
+            "rounds": 1,
+            "transport": "pull",
+            "sites": [late],
+            "min_sites": 1,
+            "local_epochs": 1,
+            "round_timeout_s": 15,
+        }
     )
-    record = exp_store.load_aggregate(0)
-    assert record["included"] == hosted and record["missing"] == [late]
-    assert "timed out" in record["missing_reasons"][late]
-    # site-late trains on round 0's model (with site-a's data; it has none) and uploads: refused as late.
+    wait_for_failed_run(fed, name, timeout_s=600)
+    exp_store = fed.experiment_store(name)
+    failure = exp_store.site_failures(0)[late]
+    assert failure["source"] == "central" and "timed out" in failure["reason"], failure
+    state = exp_store.load_state()
+    assert state.status is Status.RUNNING and state.next_step == 0 and state.history == (), state
+    assert not exp_store.has_global(1)
+    # site-late trains on round 0's model (synthetic cases of its own) and uploads: refused as late.
     ticket = StepTicket.from_dict(exp_store.load_dispatch(0, 0)["ticket"])
     config = ExperimentConfig.from_dict(exp_store.load_config())
-    trainer = LocalTrainer(config.train, prepared_data(fed.sites[0]), device="cpu")
+    data = SiteData.from_dir(write_site(tmp_path / late, 2, size=16), group=late)
+    trainer = LocalTrainer(config.train, data, device="cpu")
     payload, manifest = exp_store.load_global(0)
     encoded = run_site_step(
         ticket, payload, manifest, trainer, late, name, exp_store.config_hash(), evaluate=False
@@ -172,16 +230,19 @@ def test_an_update_after_the_round_timeout_is_refused(fed: LocalFederation) -> N
     with pytest.raises(CentralRefused) as refused:
         client.put_update(name, 0, encoded.payload, encoded.manifest.to_json())
     assert refused.value.code == "late", refused.value
-    assert exp_store.list_updates(0) == hosted
+    assert exp_store.list_updates(0) == []
     assert client.pending_work() == []
 
 
-def test_crash_and_restart_resumes_without_losing_or_repeating_a_round(fed: LocalFederation) -> None:
+def test_pull_experiment_survives_a_crash_and_restart_without_losing_or_repeating_a_round(
+    fed: LocalFederation,
+) -> None:
+    """Pull, with every Airflow process killed (SIGKILL) while round 1 is dispatched or under way."""
     name = "e2e-crash"
     fed.enable_sites("pull")
     fed.trigger({**BASE, "experiment": name, "rounds": 2, "transport": "pull"})
     exp_store = fed.experiment_store(name)
-    fed.wait_for_step(name, 0, timeout_s=600)  # round 1 is dispatched or under way when Airflow dies
+    fed.wait_for_step(name, 0, timeout_s=600)
     fed.crash_and_restart_airflow()
     assert fed.wait(name, 900) is Status.FINISHED
     check_rounds(exp_store, 2, [s.site_id for s in fed.sites])
