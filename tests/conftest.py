@@ -1,10 +1,12 @@
 """Suite-wide: the longest test files first, so parallel workers (pytest-xdist, ``--dist loadfile``)
-start them at once instead of finishing with one of them alone; a port where nothing listens."""
+start them at once instead of finishing with one of them alone; files sharing a session fixture on
+one worker; a port where nothing listens."""
 
 from __future__ import annotations
 
 import socket
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -13,9 +15,9 @@ LONGEST_FIRST = (
     "tests/e2e/",
     "tests/airflow/test_central_dag.py",
     "tests/airflow/test_site_dag.py",
+    "tests/ui/",
     "tests/deploy/",
     "tests/airflow/test_standalone.py",
-    "tests/airflow/test_plugin.py",
     "tests/imaging/test_transfer_syntaxes.py",
     "tests/operators/test_central_work.py",
     "tests/airflow/test_airflow2.py",
@@ -26,6 +28,25 @@ LONGEST_FIRST = (
 def _rank(item: pytest.Item) -> int:
     path = item.nodeid.split("::", 1)[0]
     return next((i for i, prefix in enumerate(LONGEST_FIRST) if path.startswith(prefix)), len(LONGEST_FIRST))
+
+
+#: Folders whose files share session fixtures (tests/ui: one ``airflow standalone`` and one store of
+#: trained experiments): one xdist work unit, so one worker starts them once instead of each worker.
+SHARED_SESSION_SCOPES = ("tests/ui/",)
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """``--dist loadfile``, except that each folder of :data:`SHARED_SESSION_SCOPES` is one unit."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class SharedSessionScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = super()._split_scope(nodeid)
+            return next((scope for scope in SHARED_SESSION_SCOPES if path.startswith(scope)), path)
+
+    return SharedSessionScheduling(config, log)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -72,10 +72,10 @@ class Chromium:
             stderr=subprocess.DEVNULL,
         )
         port_file = profile / "DevToolsActivePort"
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 120  # a liveness limit: a loaded machine starts it slowly
         while not port_file.exists() or not port_file.read_text().strip():
             if time.monotonic() > deadline or self._process.poll() is not None:
-                raise BrowserError("chromium did not open its DevTools port within 30 s")
+                raise BrowserError("chromium did not open its DevTools port within 120 s")
             time.sleep(0.1)
         port = int(port_file.read_text().split()[0])
         pages = [
@@ -118,7 +118,7 @@ class Chromium:
             raise BrowserError(f"{expression[:80]}: {result['exceptionDetails'].get('text')}")
         return result["result"].get("value")
 
-    def wait_for(self, expression: str, timeout_s: float = 20.0) -> Any:
+    def wait_for(self, expression: str, timeout_s: float = 120.0) -> Any:
         """Poll ``expression`` until it is truthy; returns its value."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -132,10 +132,11 @@ class Chromium:
         raise BrowserError(f"not true within {timeout_s} s: {expression}\npage: {self.js('location.href')}")
 
     def open(self, url: str) -> None:
-        """Navigate and wait until the document has loaded."""
+        """Navigate and wait until the new document has loaded (the old one is marked, so its own
+        ``readyState`` cannot pass for the new one's)."""
+        self.js("window.__jipfedLeft = true")
         self.call("Page.navigate", url=url)
-        time.sleep(0.2)
-        self.wait_for("document.readyState === 'complete'")
+        self.wait_for("!window.__jipfedLeft && document.readyState === 'complete'")
 
     def type_into(self, selector: str, text: str) -> None:
         """Focus the element and type ``text`` as keyboard input (works with React's inputs)."""
