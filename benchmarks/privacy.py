@@ -374,6 +374,13 @@ def main(argv: list[str] | None = None) -> int:
             )
             if level == "client":
                 print(client_noise_report(args, rows[-1], mean_update, n_params))
+            else:
+                step_noise = z * grad_clip / args.batch_size
+                print(
+                    f"         noise on each step's mean gradient: std {step_noise:.3g} per coordinate, norm "
+                    f"{step_noise * math.sqrt(n_params):.3g} vs that gradient's norm <= C = {grad_clip:.3g} "
+                    f"({step_noise * math.sqrt(n_params) / grad_clip:.0f}x or more)"
+                )
     cost = secagg_cost(args, base_weights(args), base["seconds"] / args.rounds)
     print(
         f"secure aggregation, {args.sites} sites, {cost['parameters']} parameters: site masking "
