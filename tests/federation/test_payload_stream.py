@@ -192,7 +192,7 @@ def test_tensors_put_in_any_order_give_the_bytes_safetensors_writes(tmp_path: Pa
     """Each tensor is written at its offset when put; hashed once all before it in the file are."""
     tensors = {
         "z.weight": torch.randn(40, 30),
-        "a.weight": torch.randn(70),
+        "a.weight": torch.randn(300_000),  # over WRITEBACK_BYTES: sent to the disk early
         "m.count": torch.tensor(3),
         "half": torch.ones(5, dtype=torch.float16),
         "empty": torch.ones(0),
