@@ -195,9 +195,12 @@ class LocalFederation:
 
     def _write_store_connection(self) -> None:
         """Create the model store Connection in Airflow's database (kept there across a restart)."""
+        existing = self.client.request("GET", f"/api/v2/connections/{STORE_CONN_ID}", expect=(200, 404))
+        if existing and existing.get("connection_id") == STORE_CONN_ID:
+            return  # a restart: the database kept it (a second POST fails there, not always with 409)
         connection = self.store_connection()
         body = {"connection_id": STORE_CONN_ID, **connection, "extra": json.dumps(connection["extra"])}
-        self.client.request("POST", "/api/v2/connections", json=body, expect=(200, 201, 409))
+        self.client.request("POST", "/api/v2/connections", json=body, expect=(200, 201))
 
     @property
     def dag_ids(self) -> list[str]:
