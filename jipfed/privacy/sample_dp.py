@@ -20,17 +20,14 @@ GroupNorm would change the shared weights): those are refused with this reason.
 
 from __future__ import annotations
 
-import math
-import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
-from opacus.optimizers import DPOptimizer
 from torch import nn
 
 from jipfed.privacy.accountant import epsilon_after
+from jipfed.privacy.secure_noise import ChaChaNormal
 from jipfed.privacy.settings import DP_SGD_MODELS, SampleDP
 
 
@@ -93,6 +90,8 @@ class DPSGD:
         from opacus import GradSampleModule
         from opacus.validators import ModuleValidator
 
+        from jipfed.privacy.dp_optimizer import SecureDPOptimizer
+
         ModuleValidator.validate(model, strict=True)
         module = GradSampleModule(model, batch_first=True, loss_reduction="mean")
         dp_optimizer = SecureDPOptimizer(
@@ -122,56 +121,3 @@ class DPSGD:
         if tensor.ndim != 2 or tensor.shape[1] != 3:
             raise ValueError(f"DP-SGD history must be (phases, 3), got {tuple(tensor.shape)}")
         self.history = [(float(z), float(q), int(t)) for z, q, t in tensor.tolist()]
-
-
-class ChaChaNormal:
-    """Standard normal float64 samples from a ChaCha20 keystream (Box-Muller on 53-bit uniforms).
-
-    ``key`` None = 32 bytes of OS randomness: a cryptographically secure source, unlike torch's
-    Mersenne Twister. A fixed key gives a reproducible stream (tests only).
-    """
-
-    def __init__(self, key: bytes | None = None) -> None:
-        key = os.urandom(32) if key is None else key
-        if len(key) != 32:
-            raise ValueError(f"the ChaCha20 noise key must be 32 bytes, got {len(key)}")
-        self._stream = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor()
-
-    def __call__(self, n: int) -> torch.Tensor:
-        pairs = (n + 1) // 2
-        words = torch.frombuffer(bytearray(self._stream.update(bytes(16 * pairs))), dtype=torch.int64)
-        uniform = ((words >> 11) & ((1 << 53) - 1)).double().add_(0.5).mul_(2.0**-53)  # in (0, 1)
-        u1, u2 = uniform[:pairs], uniform[pairs:]
-        radius = torch.sqrt(-2.0 * torch.log(u1))
-        angle = (2.0 * math.pi) * u2
-        return torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)])[:n]
-
-
-def secure_normal(std: float, reference: torch.Tensor, draw: Callable[[int], torch.Tensor]) -> torch.Tensor:
-    """N(0, std^2) noise shaped like ``reference``: the sum of 4 draws / 2, opacus' defence against
-    floating-point attacks on Gaussian noise (Holohan et al., https://arxiv.org/abs/2107.10138)."""
-    n = reference.numel()
-    total = draw(n) + draw(n) + draw(n) + draw(n)
-    return (total * (std / 2.0)).to(reference.dtype).view(reference.shape).to(reference.device)
-
-
-class SecureDPOptimizer(DPOptimizer):
-    """opacus' DP optimiser with ChaCha20 noise, averaging each step over that step's batch size."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer, *, noise: ChaChaNormal, **kwargs: object) -> None:
-        super().__init__(optimizer, **kwargs)
-        self._noise = noise
-
-    def add_noise(self) -> None:
-        std = self.noise_multiplier * self.max_grad_norm
-        for p in self.params:
-            noise = secure_normal(std, p.summed_grad, self._noise) if std > 0 else 0.0
-            p.grad = (p.summed_grad + noise).view_as(p)
-
-    def pre_step(self, closure: Callable[[], float] | None = None) -> float | None:
-        samples = self.grad_samples
-        if samples and samples[0] is not None:
-            self.expected_batch_size = int(
-                samples[0].shape[0]
-            )  # fixed-size shuffled batches, last one smaller
-        return super().pre_step(closure)

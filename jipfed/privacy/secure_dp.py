@@ -2,7 +2,7 @@
 
 Each site of a secure-aggregation attempt with ``n`` sites clips its delta to L2 norm C (the whole
 float vector), adds its share N(0, (z C)^2 / n) drawn from ChaCha20 keyed with OS randomness
-(:class:`jipfed.privacy.sample_dp.ChaChaNormal`, never the experiment seed the central knows), and
+(:class:`jipfed.privacy.secure_noise.ChaChaNormal`, never the experiment seed the central knows), and
 masks it with weight 1 (uniform: a sample count would change the sensitivity). The masked sum the
 central unmasks is ``sum of clipped deltas + N(0, (z C)^2)``: the noise DP-FedAvg adds at a trusted
 central, so the same accountant and ledger (:class:`~jipfed.federation.strategies.dp_fedavg.DPFedAvg`)
@@ -83,7 +83,7 @@ def add_share(values: np.ndarray, share: NoiseShare, n_sites: int, key: bytes | 
     """
     import torch
 
-    from jipfed.privacy.sample_dp import ChaChaNormal, secure_normal
+    from jipfed.privacy.secure_noise import ChaChaNormal, secure_normal
 
     reference = torch.from_numpy(np.asarray(values, dtype=np.float64))
     noise = secure_normal(share.share_std(n_sites), reference, ChaChaNormal(key))

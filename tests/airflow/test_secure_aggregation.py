@@ -133,7 +133,7 @@ def test_a_site_dropping_after_key_agreement_is_retried_without_it(tmp_path: Pat
         min_sites=2,
         transport="pull",
         norm_bound_factor=None,
-        privacy={"secure_aggregation": {"upload_timeout_s": 4.0}},
+        privacy={"secure_aggregation": {"upload_timeout_s": 20.0}},
     )
     start_experiment(exp_store, config)
     start_global = load_torch(store.get_bytes(exp_store.layout.global_model(0)))

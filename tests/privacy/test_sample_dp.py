@@ -10,7 +10,7 @@ import torch
 from opacus.accountants import RDPAccountant
 from training.synth import write_site
 
-from jipfed.privacy.sample_dp import ChaChaNormal, secure_normal
+from jipfed.privacy.secure_noise import ChaChaNormal, secure_normal
 from jipfed.privacy.settings import SampleDP
 from jipfed.training.config import TrainConfig
 from jipfed.training.data import SiteData
