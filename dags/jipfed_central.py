@@ -8,9 +8,13 @@ Leave **Step** empty. Triggering again with the same name and settings resumes t
 other settings under a used name fail the run and change nothing. **Privacy**: differential
 privacy at client level (each site's update clipped, Gaussian noise on their sum at the central,
 ε per round and in total in every round's `aggregate.json`; a plan beyond the ε budget is refused
-at start); sample level (DP-SGD) and secure aggregation are refused at start with the reason
-(not wired into the round yet), as is any combination that cannot work (e.g. median + secure
-aggregation).
+at start) or at sample level (DP-SGD at each site, each site's ε recorded); secure aggregation
+(pairwise masks: sites exchange X25519 keys through the central endpoint, the central stores only
+masked vectors and unmasks their sum; a site that drops out after key agreement makes the round
+retry without it, recorded in `aggregate.json`). With client DP and secure aggregation each site
+clips its update and adds its share of the noise before masking, so the central never holds an
+un-noised sum. Combinations that cannot work are refused at start with the reason (e.g. median +
+secure aggregation, adaptive clipping + secure aggregation).
 
 ### What a run does
 Three steps on the critical path, each a task in the grid:
