@@ -299,13 +299,16 @@ class SafetensorsWriter:
 #: A tensor at least this large is sent to the disk as soon as it is written (the final fsync waits less).
 WRITEBACK_BYTES = 1 << 20
 _SYNC_FILE_RANGE_WRITE = 2
-_LIBC = ctypes.CDLL(None, use_errno=True)
-_LIBC.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+#: Linux's sync_file_range, or None where the C library has none (macOS, Windows): then a no-op.
+_SYNC_FILE_RANGE = getattr(ctypes.CDLL(None, use_errno=True), "sync_file_range", None)
+if _SYNC_FILE_RANGE is not None:
+    _SYNC_FILE_RANGE.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
 
 
 def start_writeback(fd: int, offset: int, nbytes: int) -> None:
     """Start writing a range of ``fd``'s dirty pages to the disk, not waiting for it (Linux; else nothing)."""
-    _LIBC.sync_file_range(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)
+    if _SYNC_FILE_RANGE is not None:
+        _SYNC_FILE_RANGE(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)
 
 
 def _bytes_of(tensor: torch.Tensor) -> memoryview:
