@@ -6,7 +6,8 @@
                    "adaptive_clip": false, "target_quantile": 0.5, "clip_lr": 0.2,
                    "clip_count_stddev": null, "accountant": "rdp"},
      "sample_dp": {"noise_multiplier": 1.0, "max_grad_norm": 1.0, "delta": 1e-5, "epsilon": null},
-     "secure_aggregation": {"fraction_bits": 24, "value_bound": 1000.0, "upload_timeout_s": 300.0}}
+     "secure_aggregation": {"fraction_bits": 24, "value_bound": 1000.0, "upload_timeout_s": 300.0,
+                            "key_timeout_s": 900.0}}
 
 Client-level DP (DP-FedAvg, McMahan et al. 2018): every site's update is clipped to L2 norm
 ``clip_norm`` (C) and Gaussian noise of std ``noise_multiplier * C`` is added to their sum.
@@ -131,6 +132,11 @@ class SecureAggregation:
     #: Seconds after the last key of an attempt arrived within which every site of it must upload its
     #: masked update; a site still missing then dropped out, the attempt is retried without it.
     upload_timeout_s: float = 300.0
+    #: Seconds after the first key of an attempt within which every site of it must post its key (a
+    #: slower site trains longer, so this is generous); a site still without a key then dropped out
+    #: before key agreement: the attempt is retried with the sites that posted one if they make the
+    #: quorum, else the step fails with the reason.
+    key_timeout_s: float = 900.0
 
     def __post_init__(self) -> None:
         bits = self.fraction_bits
@@ -138,6 +144,7 @@ class SecureAggregation:
             raise ValueError(f"fraction_bits must be an integer in [8, 40], got {bits!r}")
         _number(self.value_bound, "value_bound", low=0.0)
         _number(self.upload_timeout_s, "upload_timeout_s", low=0.0)
+        _number(self.key_timeout_s, "key_timeout_s", low=0.0)
 
     def check_capacity(self, n_sites: int, max_weight: int) -> None:
         """ValueError unless ``n_sites`` sums of ``max_weight * value_bound`` fit the signed ring."""
