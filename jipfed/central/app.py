@@ -7,7 +7,8 @@ model their ticket names, upload their update or report a failure. Every ``/v1``
 (relative to where the app is mounted, ``/jipfed`` in the Airflow plugin)::
 
     GET  /healthz                                                     no auth
-    GET  /v1/work                                                     the site's pending work (its own view)
+    GET  /v1/work                                                     the site's pending work (its own view;
+                                                                      ?wait_s=: long poll)
     GET  /v1/experiments/{exp}/rounds/{r}/steps/{s}/model             payload (X-Jipfed-Sha256, X-Jipfed-Signature)
     GET  /v1/experiments/{exp}/rounds/{r}/steps/{s}/model/manifest    its manifest
     POST /v1/experiments/{exp}/rounds/{r}/steps/{s}/cohort            {"n_cases": N}
@@ -42,7 +43,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Path, Request
+from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -67,9 +68,9 @@ from jipfed.federation.dispatch import (
     Dispatch,
     current_dispatch,
     model_for_site,
-    pending_work,
     report_cohort,
     report_site_failure,
+    wait_for_work,
 )
 from jipfed.federation.rounds import ProtocolError, UpdateRefused
 from jipfed.storage.base import ModelStore, StoreError
@@ -344,11 +345,14 @@ def create_app(
         return {"status": "ok"}
 
     @app.get("/v1/work")
-    def work(site: Site) -> dict[str, Any]:
-        """Every dispatched step, across running experiments, the site still has to answer."""
+    async def work(site: Site, wait_s: Annotated[float, Query(ge=0)] = 0.0) -> dict[str, Any]:
+        """Every dispatched step, across running experiments, the site still has to answer.
+        ``wait_s`` (long poll, at most ``dispatch.MAX_WORK_WAIT_S``): while there is none, answer
+        once a step is dispatched or ``wait_s`` passed; 0 (old clients) answers at once."""
         call = _Call(site)
         with _protocol_errors(call):
-            items = pending_work(open_store(call), site)
+            store = await run_in_threadpool(open_store, call)
+            items = await wait_for_work(store, site, wait_s, run_in_threadpool)
         return {"site": site, "work": [item.to_dict() for item in items]}
 
     @app.get("/v1/experiments/{experiment}/rounds/{round_}/steps/{step}/model")
