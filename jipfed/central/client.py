@@ -195,6 +195,7 @@ class CentralClient:
         *,
         experiment: str | None = None,
         round: int | None = None,
+        timeout_s: float | None = None,
         **kwargs: Any,
     ) -> requests.Response:
         where = {"method": method, "path": path, "experiment": experiment, "round": round}
@@ -205,7 +206,7 @@ class CentralClient:
             last = attempt >= attempts
             try:
                 response = self._session.request(
-                    method, self.base_url + path, timeout=self.timeout_s, **kwargs
+                    method, self.base_url + path, timeout=timeout_s or self.timeout_s, **kwargs
                 )
             except requests.ConnectionError as exc:
                 if last:
@@ -244,9 +245,18 @@ class CentralClient:
         """``GET /healthz``: ``{"status": "ok"}`` when the endpoint is up."""
         return self._request("GET", "/healthz").json()
 
-    def pending_work_dicts(self) -> list[dict[str, Any]]:
-        """The site's pending work as JSON objects (``WorkItem.to_dict()``; no torch import)."""
-        return list(self._request("GET", "/v1/work").json()["work"])
+    def pending_work_dicts(self, wait_s: float = 0.0) -> list[dict[str, Any]]:
+        """The site's pending work as JSON objects (``WorkItem.to_dict()``; no torch import).
+
+        ``wait_s`` > 0: while there is none, the central answers once a step is dispatched or after
+        ``wait_s`` (long poll, at most 25 s there; a central without it answers at once). The
+        request's timeout is this client's ``timeout_s`` plus ``wait_s``.
+        """
+        params = {"wait_s": wait_s} if wait_s > 0 else None
+        response = self._request(
+            "GET", "/v1/work", params=params, timeout_s=self.timeout_s + max(wait_s, 0.0)
+        )
+        return list(response.json()["work"])
 
     def pending_work(self) -> list[WorkItem]:
         """Every dispatched step this site still has to answer, oldest first."""
