@@ -32,6 +32,15 @@ moves on) and triggers the run of that step (run id `jipfed__<exp>__step<nnnn>`,
 `record_metrics` rewrites the report under `experiments/<exp>/report/` from the steps aggregated
 so far (a run reports the steps before its own) and logs the per-round table.
 
+**A failed report fails the run, not the step.** `record_metrics` is a leaf of the run, like
+`close_step`, so its failure marks the run failed in the grid, while `close_step` still closes
+the step (aggregates it, opens and triggers the next one): a report must not stop the training,
+and the next run rebuilds the report from the store anyway. It is not retried, for the same
+reason. (The alternative, `close_step` failing after its work when the report failed, cannot be
+done on Airflow 3, where triggering the next run ends that task.) The report `close_step` writes
+when it finalizes stays the last one: `record_metrics` writes its report again when a step was
+aggregated while it wrote.
+
 ### Resuming
 All state lives in the model store, not in this Airflow: clearing a failed run re-runs its step
 (idempotently; after the round timeout the step is dispatched again as a new attempt), a cleared
@@ -59,7 +68,8 @@ DAG_ID = "jipfed_central"
 
 #: Kaapana's workflow form (the same params); Kaapana reads it from here and from default_args.
 ui_forms = kaapana_ui_forms()
-#: Seconds between checks for a site's update; None = 1 s (up to 5 s for round timeouts over 10 minutes).
+#: Seconds between full checks for a site's update; None = 1 s (up to 5 s for round timeouts over 10
+#: minutes). A delivery is seen sooner: the trigger looks for the update itself every 0.1 s (1 s on S3).
 POLL_INTERVAL_S = (
     float(os.environ["JIPFED_POLL_INTERVAL_S"]) if os.environ.get("JIPFED_POLL_INTERVAL_S") else None
 )
@@ -91,18 +101,20 @@ def jipfed_central() -> None:
         task_id="collect_update", experiment=experiment, step=step, poll_interval_s=POLL_INTERVAL_S
     ).expand(site=opened.output)  # no step in the run: mapped over nothing, skipped
     # the step as a template: None (no step in the run) renders as None, where an XComArg fails
+    # a leaf beside the collect tasks: its failure fails the run (see "A failed report" above)
     metrics = RecordMetricsOperator(
         task_id="record_metrics",
         experiment=experiment,
         step="{{ ti.xcom_pull(task_ids='open_step', key='step') }}",
+        retries=0,
     )
     # all_done: it also runs when a site's collect failed; it reads open_step's XComs itself and
-    # skips when there are none. After record_metrics, so the report it writes at the end is the last.
+    # skips when there are none.
     close = CloseStepOperator(
         task_id="close_step", open_task_id="open_step", trigger_rule=TriggerRule.ALL_DONE
     )
-    opened >> [collect, metrics] >> close
-    opened >> close
+    opened >> collect >> close
+    opened >> [close, metrics]
 
 
 jipfed_central()

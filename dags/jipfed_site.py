@@ -5,8 +5,9 @@ the site's data from its PACS (cached: later rounds do no DICOM work), trains lo
 global model and uploads the update. Two DAGs run the same chain:
 
 * ``jipfed_site`` (push): the central triggers it with conf ``{"experiment", "round", "step"}``;
-* ``jipfed_site_pull`` (pull, ``@continuous``, starts paused): its first task waits in the
-  triggerer until the central lists work for this site; the site needs no inbound port.
+* ``jipfed_site_pull`` (pull, ``@continuous``, starts paused): its first task waits until the
+  central lists work for this site (a long poll: the central answers when the step is dispatched;
+  first up to a minute in the worker, then in the triggerer); the site needs no inbound port.
 
 Composition only; the operators live in ``jipfed.operators``. See ``DOC`` for the configuration.
 """
@@ -42,6 +43,12 @@ TAGS = ["jipfed", "federated-learning", "site"]
 #: ``JIPFED_POLL_INTERVAL_S`` sets both.
 POLL_INTERVAL_S = float(os.environ.get("JIPFED_POLL_INTERVAL_S", "5"))
 REQUESTS_POLL_INTERVAL_S = float(os.environ.get("JIPFED_POLL_INTERVAL_S", "30"))
+#: Pull mode: the central holds each work poll until a step is dispatched (long poll, up to 25 s), so
+#: the interval above matters only with a central without it. A pull run waits this many seconds in
+#: the worker before it hands the wait to the triggerer: the next step usually comes seconds after
+#: the last one ended, and work found in the worker starts without the triggerer's and the
+#: scheduler's round trip. ``JIPFED_WORKER_WAIT_S`` sets it (0: defer at once).
+WORKER_WAIT_S = float(os.environ.get("JIPFED_WORKER_WAIT_S", "60"))
 IDLE_TIMEOUT_S = 3600
 #: The tasks the work task does itself on a cached round (cohort with its cached stages, model).
 PREPARE = ("select_cohort", "get_global_model")
@@ -71,7 +78,10 @@ train_local → upload_update). When only `select_cohort` finds the cohort cache
 steps itself and skips fetch → preprocess. A failing task after the work is known reports the
 failure to the central.
 New DAGs start paused: unpause `jipfed_site` to accept steps the central pushes, or
-`jipfed_site_pull` to poll for them (use one of the two). Model lines' census and federated
+`jipfed_site_pull` to poll for them (use one of the two). The pull DAG's `wait_for_work` long-polls
+the central (it answers as soon as a step is dispatched): for the first minute of a run from the
+worker (the next step usually follows the last within seconds, and it starts at once from there),
+then from the triggerer, holding no worker slot (`JIPFED_WORKER_WAIT_S` sets the minute; 0: at once). Model lines' census and federated
 evaluation (the final model's score on every site) need `jipfed_site_requests` unpaused at push and
 pull sites alike: it polls the central (outbound only) and answers with numbers. One Airflow can host several sites (demo): `JIPFED_HOSTED_SITES=site-a,site-b` makes one DAG
 set per site, reading the Variable `jipfed_site__<id>`.
@@ -155,6 +165,7 @@ def site_dags(hosted_site: str | None) -> list[DAG]:
             site_variable=variable,
             hosted_site=hosted_site,
             poke_interval=POLL_INTERVAL_S,
+            worker_wait_s=WORKER_WAIT_S,
             timeout=IDLE_TIMEOUT_S,
             soft_fail=True,
             prepare=PREPARE,

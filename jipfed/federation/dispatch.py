@@ -17,8 +17,11 @@ central HTTP endpoint and the Airflow tasks only call these functions.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
-from collections.abc import Mapping
+import time
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
@@ -27,6 +30,7 @@ from jipfed.federation.experiment import ExperimentConfig
 from jipfed.federation.tickets import ProtocolError, StepTicket, UpdateRefused, load_config
 from jipfed.storage.base import ModelStore, ObjectNotFoundError
 from jipfed.storage.layout import validate_slug
+from jipfed.storage.local import LocalFolderStore
 from jipfed.storage.state import ExperimentStore, Status
 
 if TYPE_CHECKING:  # the actions import torch; a work item is parsed without it (light tasks)
@@ -131,7 +135,7 @@ def dispatch_step(exp_store: ExperimentStore, step: int, *, now: datetime | None
         deadline=now + timedelta(seconds=config.round_timeout_s),
     )
     exp_store.save_dispatch(ticket.round, step, dispatch.to_dict())
-    _index_open(exp_store)
+    _index_open(exp_store, dispatch)
     logger.info(
         "experiment %s: dispatched step %d (round %d, attempt %d) to %s by %s; deadline %s",
         ticket.experiment,
@@ -213,9 +217,16 @@ def open_index_key(experiment: str) -> str:
     return f"{OPEN_INDEX_PREFIX}{validate_slug(experiment, 'experiment')}.json"
 
 
-def _index_open(exp_store: ExperimentStore) -> None:
+def _index_open(exp_store: ExperimentStore, dispatch: Dispatch | None = None) -> None:
+    """List the experiment in the open-dispatch index; naming the dispatch rewrites the entry with new
+    content, so its identity changes on every store (S3's ETag is the content's hash): see :func:`work_version`."""
     key = open_index_key(exp_store.experiment)
-    exp_store.store.put_json(key, {"experiment": exp_store.experiment}, overwrite=True)
+    entry: dict[str, Any] = {"experiment": exp_store.experiment}
+    if dispatch is not None:
+        entry.update(
+            step=dispatch.ticket.step, attempt=dispatch.attempt, dispatched_at=_iso(dispatch.dispatched_at)
+        )
+    exp_store.store.put_json(key, entry, overwrite=True)
 
 
 def _running(exp_store: ExperimentStore) -> bool:
@@ -309,6 +320,59 @@ def pending_work(store: ModelStore, site: str, now: datetime | None = None) -> l
         if item is not None:
             items.append(item)
     return sorted(items, key=lambda item: item.dispatch.dispatched_at)
+
+
+#: Longest a work request waits for work at the central (long poll); the site's HTTP timeout is longer.
+MAX_WORK_WAIT_S = 25.0
+#: While a work request waits: seconds between full checks (:func:`pending_work`); between them only
+#: the open-dispatch index is looked at (:func:`work_version`, every :func:`change_check_interval`).
+FULL_CHECK_S = 2.0
+
+
+def change_check_interval(store: ModelStore) -> float:
+    """Seconds between cheap looks for a change while something waits on the store: 0.1 s on a local
+    folder (a stat), 1 s elsewhere (S3: every look is a request)."""
+    return 0.1 if isinstance(store, LocalFolderStore) else 1.0
+
+
+def work_version(store: ModelStore) -> tuple[tuple[str, str], ...]:
+    """What changes whenever a step is dispatched: the open-dispatch index's keys and their objects'
+    identities (one listing plus one stat or HEAD per open experiment; no object is read)."""
+    version = []
+    for key in store.list(OPEN_INDEX_PREFIX):
+        try:
+            identity = store.identity(key)
+        except ObjectNotFoundError:  # dropped meanwhile: it is missing from the version, which changed
+            continue
+        version.append((key, json.dumps(identity, sort_keys=True)))
+    return tuple(version)
+
+
+SyncRunner = Callable[..., Awaitable[Any]]
+
+
+async def wait_for_work(
+    store: ModelStore, site: str, wait_s: float, run_sync: SyncRunner = asyncio.to_thread
+) -> list[WorkItem]:
+    """:func:`pending_work`, or, while there is none, the same once a step is dispatched or after
+    ``wait_s`` (at most :data:`MAX_WORK_WAIT_S`): the long poll behind ``GET /v1/work?wait_s=``.
+
+    The store is touched from ``run_sync`` (``asyncio.to_thread`` or the web server's thread pool):
+    a cheap :func:`work_version` look every :func:`change_check_interval`, a full check when it
+    changed and every :data:`FULL_CHECK_S`. ``wait_s`` 0 answers at once.
+    """
+    end = time.monotonic() + min(max(float(wait_s), 0.0), MAX_WORK_WAIT_S)
+    check_s = change_check_interval(store)
+    while True:
+        version = await run_sync(work_version, store)  # before the check: a dispatch after it changes it
+        items = await run_sync(pending_work, store, site)
+        if items or time.monotonic() >= end:
+            return items
+        full_at = min(end, time.monotonic() + FULL_CHECK_S)
+        while (left := full_at - time.monotonic()) > 0:
+            await asyncio.sleep(min(check_s, left))
+            if await run_sync(work_version, store) != version:
+                break
 
 
 def model_for_site(

@@ -130,8 +130,10 @@ class RecordMetricsOperator(BaseOperator):
 
     Writes ``metrics.json``, ``metrics.csv`` and a plot under ``experiments/<exp>/report/``
     (overwritten each step) and returns the report's store keys. In the central DAG it runs while
-    the sites train (so a run reports the steps before its own, off the rounds' critical path); a
-    run without a step (``step`` None: finished, or finalizing, which writes the report itself) skips it.
+    the sites train (so a run reports the steps before its own, off the rounds' critical path), as
+    a leaf of the run (a failure fails the run, the step still closes); it writes again when a step
+    was aggregated meanwhile (:func:`write_settled_report`). A run without a step (``step`` None:
+    finished, or finalizing, which writes the report itself) skips it.
 
     Also collects complete final-model evaluations and rewrites their HTML reports
     (:func:`refresh_html_reports`) and, when the Connection ``opensearch_conn_id`` exists, indexes
@@ -167,12 +169,29 @@ class RecordMetricsOperator(BaseOperator):
                 f"experiment {self.experiment}: no step in this run, nothing new to report"
             )
         exp_store = open_experiment(self.model_store_conn_id, self.experiment)
-        report = write_report(exp_store)
+        report = write_settled_report(exp_store)
         self.log.info("experiment %s, rounds so far:\n%s", self.experiment, report["table"])
         self.log.info("experiment %s: report written to %s", self.experiment, sorted(report["keys"].values()))
         refresh_html_reports(exp_store)
         index_rounds(exp_store, self.opensearch_conn_id)
         return report["keys"]
+
+
+def write_settled_report(exp_store: ExperimentStore, tries: int = 5) -> dict[str, Any]:
+    """:func:`write_report`, again while a step was aggregated during the writing (at most ``tries``).
+
+    A report task beside the step's own close would otherwise overwrite the report the close wrote
+    at the end with one that misses the step: when the history did not change between reading it
+    and the end of the writing, the close's own report (written after its aggregation) comes later.
+    """
+    history = exp_store.load_state().history
+    for _ in range(tries):
+        report = write_report(exp_store)
+        now = exp_store.load_state().history
+        if now == history:
+            break
+        history = now
+    return report
 
 
 def refresh_html_reports(exp_store: ExperimentStore) -> str | None:

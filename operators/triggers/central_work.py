@@ -1,7 +1,9 @@
 """CentralWorkTrigger: poll the central for this site's pending work (pull mode, in the triggerer).
 
-It asks ``GET /v1/work`` every ``poll_interval`` seconds (the blocking HTTP call runs in a thread,
-``asyncio.to_thread``) and fires once, with one of these JSON events:
+It asks ``GET /v1/work?wait_s=25`` (a long poll: the central answers as soon as a step is
+dispatched, or empty after 25 s; the blocking HTTP call runs in a thread, ``asyncio.to_thread``)
+and asks again at once; a central without the long poll answers at once, and then the trigger
+asks every ``poll_interval`` seconds. It fires once, with one of these JSON events:
 
 * ``{"status": "work", "item": <WorkItem.to_dict() of the oldest pending item>}``;
 * ``{"status": "idle", "message": ...}`` when ``end_at`` passed without work;
@@ -20,6 +22,7 @@ kwargs. Checked with a Connection stored in the metadata DB: on Airflow 3.3 by
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from datetime import datetime, timezone
 from typing import Any
@@ -27,14 +30,31 @@ from typing import Any
 from jipfed.operators.compat import BaseTrigger, TriggerEvent
 from jipfed.operators.hooks.central_hook import CentralHook
 
-from jipfed.central.client import CentralError
+from jipfed.central.client import CentralClient, CentralError
 
 WORK, IDLE, ERROR = "work", "idle", "error"
+#: Longest wait of one work request at the central (its long poll; the central caps it at 25 s).
+LONG_POLL_S = 25.0
 
 
 def _parse_end(end_at: str) -> datetime:
     moment = datetime.fromisoformat(end_at)
     return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+def ask_for_work(
+    client: CentralClient, left_s: float, poll_interval: float
+) -> tuple[list[dict[str, Any]], float]:
+    """One long poll for work (at most ``left_s``, :data:`LONG_POLL_S`): the pending items and the
+    seconds to pause before the next poll (what is left of ``poll_interval``: nothing after a long
+    poll that waited, the whole interval when the central answered at once).
+
+    Raises:
+        CentralError: the central refused the poll or cannot be reached (after the client's tries).
+    """
+    started = time.monotonic()
+    items = client.pending_work_dicts(wait_s=max(0.0, min(LONG_POLL_S, left_s)))
+    return items, max(0.0, poll_interval - (time.monotonic() - started))
 
 
 def is_permanent(exc: CentralError) -> bool:
@@ -48,7 +68,8 @@ class CentralWorkTrigger(BaseTrigger):
     Args:
         central_conn_id: the Connection of the central endpoint (URL + this site's token).
         end_at: ISO time (UTC if naive) after which the trigger gives up with an ``idle`` event.
-        poll_interval: seconds between two polls.
+        poll_interval: least seconds between the starts of two polls (matters only where the
+            central answers at once: an old central, or one that cannot be reached).
     """
 
     def __init__(self, central_conn_id: str, end_at: str, poll_interval: float = 30.0) -> None:
@@ -80,8 +101,10 @@ class CentralWorkTrigger(BaseTrigger):
         polls = 0
         while True:
             polls += 1
+            left = (end - datetime.now(timezone.utc)).total_seconds()
+            pause = self.poll_interval
             try:
-                items = await asyncio.to_thread(client.pending_work_dicts)
+                items, pause = await asyncio.to_thread(ask_for_work, client, left, self.poll_interval)
             except CentralError as exc:
                 if is_permanent(exc):
                     yield TriggerEvent({"status": ERROR, "message": str(exc)})
@@ -100,4 +123,4 @@ class CentralWorkTrigger(BaseTrigger):
                     }
                 )
                 return
-            await asyncio.sleep(min(self.poll_interval, left))
+            await asyncio.sleep(min(pause, left))

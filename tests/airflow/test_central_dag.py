@@ -376,10 +376,11 @@ print({marker!r} + json.dumps({{
 """
 
 EXPECTED_TASKS = {
-    # the critical path is open_step -> collect_update (mapped) -> close_step; the report runs beside it
+    # the critical path is open_step -> collect_update (mapped) -> close_step; the report runs beside
+    # it, as a second leaf: its failure fails the run
     "open_step": ("OpenStepOperator", "all_success", ["close_step", "collect_update", "record_metrics"]),
     "collect_update": ("CollectUpdateSensor", "all_success", ["close_step"]),
-    "record_metrics": ("RecordMetricsOperator", "all_success", ["close_step"]),
+    "record_metrics": ("RecordMetricsOperator", "all_success", []),
     "close_step": ("CloseStepOperator", "all_done", []),
 }
 
@@ -454,10 +455,16 @@ def test_steps_run_one_per_run_with_quorum_and_reruns_repeat_nothing(
     form = {"experiment": "exp-chain", "min_sites": 2, **FAST}
     reason = "fetch_dicom failed: PACS unreachable"
     exp_store = ExperimentStore(store, "exp-chain")
+    # the report cannot be written in step 0's run: a file where its folder goes
+    blocker = tmp_path / "store" / "experiments" / "exp-chain" / "report"
+    blocker.parent.mkdir(parents=True)
+    blocker.write_text("not a folder")
     with SimulatedSites(store, site_data, failing={"site-c": reason}) as sites:
         # step 0: site-c reports a failure, the quorum of 2 is met
         step0 = only(run_central(dags, af3_home, [form], env=env))
-        assert step0["state"] == "success"
+        # the failed report fails the run, but the step is closed and the next one opened
+        assert step0["state"] == "failed"
+        assert step0["tasks"]["record_metrics[-1]"] == "failed"
         assert step0["tasks"]["collect_update[2]"] == "skipped"  # site-c
         assert step0["tasks"]["close_step[-1]"] == "success"
         record = exp_store.load_aggregate(0)
@@ -466,9 +473,8 @@ def test_steps_run_one_per_run_with_quorum_and_reruns_repeat_nothing(
         assert exp_store.has_global(1) and exp_store.load_state().next_step == 1
         # close_step opened step 1 at once, before the next run: the sites already have it
         assert exp_store.load_dispatch(1, 1)["attempt"] == 0
-        # the report runs beside the collect tasks: step 0's run reported the steps before it (none)
-        report = json.loads(store.get_bytes("experiments/exp-chain/report/metrics.json"))
-        assert report["rounds"] == []
+        assert not store.exists("experiments/exp-chain/report/metrics.json")  # nothing reported
+        blocker.unlink()
 
         # step 1: the run the chain triggered (dag.test only creates it; the test runs its conf)
         out = run_central(dags, af3_home, [{"experiment": "exp-chain", "step": 1}], env=env)

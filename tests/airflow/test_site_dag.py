@@ -142,6 +142,7 @@ def test_site_dags_structure(monkeypatch: pytest.MonkeyPatch) -> None:
         assert dag.get_task("upload_update").operator_in_dir == "train_local"
     sensor = pull.get_task("wait_for_work")
     assert sensor.deferrable and sensor.soft_fail and sensor.timeout == 3600 and sensor.poke_interval == 5
+    assert sensor.worker_wait_s == 60  # the next step usually comes within seconds: waits in the worker first
 
 
 def test_hosted_sites_make_one_dag_set_each(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -10,6 +10,7 @@ import asyncio
 import importlib
 import json
 import secrets
+import threading
 import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
@@ -25,7 +26,7 @@ from jipfed.operators.compat import (
 )
 from jipfed.operators.sensors.central_work import CentralWorkError, CentralWorkSensor
 from jipfed.operators.site.work import find_work
-from jipfed.operators.triggers.central_work import CentralWorkTrigger
+from jipfed.operators.triggers.central_work import CentralWorkTrigger, ask_for_work
 
 from jipfed.central.app import create_app
 from jipfed.central.client import CentralClient, CentralRefused
@@ -105,6 +106,32 @@ def first_event(trig: CentralWorkTrigger) -> dict[str, Any]:
     payload = asyncio.run(asyncio.wait_for(run(), timeout=60))
     json.dumps(payload)  # events must be JSON
     return payload
+
+
+# -- the long poll of GET /v1/work ---------------------------------------------------------------------
+
+
+def test_a_work_request_with_wait_s_is_answered_when_a_step_is_dispatched(central: Central) -> None:
+    answers: list[list[dict[str, Any]]] = []
+    asking = threading.Thread(target=lambda: answers.append(central.client().pending_work_dicts(wait_s=20)))
+    asking.start()
+    asking.join(timeout=0.5)
+    assert asking.is_alive() and answers == []  # nothing dispatched: the central holds the request
+    central.dispatch("exp1")
+    asking.join(timeout=30)
+    assert not asking.is_alive()
+    [[item]] = answers
+    assert (item["ticket"]["experiment"], item["ticket"]["sites"]) == ("exp1", [SITE])
+
+
+def test_a_work_request_without_wait_s_is_answered_at_once(central: Central) -> None:
+    central.dispatch("other", sites=("site-b",))  # work for another site only
+    items, pause = ask_for_work(central.client(), 0.0, poll_interval=30.0)
+    # an answer at once (as from a central without the long poll): the poller pauses before the next
+    assert items == [] and 0 < pause <= 30.0
+    central.dispatch("exp1")
+    items, _ = ask_for_work(central.client(), 10.0, poll_interval=30.0)
+    assert [i["ticket"]["experiment"] for i in items] == ["exp1"]
 
 
 # -- CentralWorkTrigger ----------------------------------------------------------------------------
@@ -200,6 +227,30 @@ def test_sensor_defers_to_the_trigger_and_accepts_its_work(central: Central, sit
     assert WorkItem.from_dict(returned) == item
     written = json.loads((site / "workflows" / "scheduled__1" / "wait_for_work" / "work.json").read_text())
     assert written == returned and written["ticket"]["config_hash"] == exp_store.config_hash()
+
+
+def test_sensor_takes_work_dispatched_while_it_waits_in_the_worker(central: Central, site: Path) -> None:
+    sensor = CentralWorkSensor(task_id="wait_for_work", timeout=600, worker_wait_s=20)
+    context = {"run_id": "scheduled__5"}
+    dispatching = threading.Timer(0.5, central.dispatch, args=("exp1",))
+    dispatching.start()
+    try:
+        returned = sensor.execute(context)  # no TaskDeferred: found in the worker
+    finally:
+        dispatching.join()
+    assert returned["ticket"]["experiment"] == "exp1"
+    written = json.loads((site / "workflows" / "scheduled__5" / "wait_for_work" / "work.json").read_text())
+    assert written == returned
+
+
+def test_sensor_defers_after_its_worker_wait_without_work(central: Central, site: Path) -> None:
+    from airflow.sdk.exceptions import TaskDeferred
+
+    with pytest.raises(ValueError, match="worker_wait_s must be >= 0"):
+        CentralWorkSensor(task_id="w", worker_wait_s=-1)
+    sensor = CentralWorkSensor(task_id="wait_for_work", timeout=600, worker_wait_s=0.3)
+    with pytest.raises(TaskDeferred):
+        sensor.execute({"run_id": "scheduled__6"})
 
 
 def test_sensor_ends_an_idle_run_and_fails_on_refusals(site: Path) -> None:
