@@ -22,6 +22,7 @@ model their ticket names, upload their update or report a failure. Every ``/v1``
     GET  /v1/requests/evaluate/{id}/models/{label}/manifest           its manifest
     GET  /v1/lines/{line}/released                                    the line's released model (X-Jipfed-Version)
     GET  /v1/experiments/{exp}/rounds/{r}/steps/{s}/secagg            secure aggregation: the current attempt
+                                                                      (?since=<stage>&wait_s=: long poll)
     POST /v1/experiments/{exp}/rounds/{r}/steps/{s}/secagg/{a}/key    {"public_key": base64 X25519}
     PUT  /v1/experiments/{exp}/rounds/{r}/steps/{s}/secagg/{a}/masked multipart: manifest + payload (+ signature)
 
@@ -561,13 +562,25 @@ def _add_secagg_routes(app: FastAPI, open_store: Callable[[_Call], ModelStore]) 
     prefix = "/v1/experiments/{experiment}/rounds/{round_}/steps/{step}/secagg"
 
     @app.get(prefix)
-    def secagg_status(experiment: str, round_: Round, step: Step, site: Site) -> dict[str, Any]:
+    async def secagg_status(
+        experiment: str,
+        round_: Round,
+        step: Step,
+        site: Site,
+        since: Annotated[str | None, Query(max_length=100)] = None,
+        wait_s: Annotated[float, Query(ge=0)] = 0.0,  # at most secagg_wire.MAX_WAIT_S
+    ) -> dict[str, Any]:
         """The current secure-aggregation attempt: its sites, who posted keys / masked updates, the
-        public keys once every site of the attempt posted one, the failed attempts and why."""
+        public keys once every site of the attempt posted one, the failed attempts and why.
+        ``since`` + ``wait_s``: answer once the attempt's ``stage`` differs from ``since`` (long poll)."""
         call = _Call(site, experiment, round_, step)
-        with _protocol_errors(call):
-            exp_store = _experiment_store(open_store(call), call)
-            return secagg_wire.attempt_status(exp_store, site, round_, step)
+
+        def status() -> dict[str, Any]:
+            with _protocol_errors(call):
+                exp_store = _experiment_store(open_store(call), call)
+                return secagg_wire.attempt_status(exp_store, site, round_, step)
+
+        return await secagg_wire.wait_for_change(lambda: run_in_threadpool(status), since, wait_s)
 
     @app.post(prefix + "/{attempt}/key", status_code=201)
     def secagg_key(
