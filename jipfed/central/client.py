@@ -400,10 +400,15 @@ class CentralClient:
     def _secagg_path(self, experiment: str, round: int, step: int) -> str:
         return f"/v1/experiments/{_q(experiment)}/rounds/{_q(round)}/steps/{_q(step)}/secagg"
 
-    def secagg_status(self, experiment: str, round: int, step: int) -> dict[str, Any]:
-        """The step's current secure-aggregation attempt (sites, keys once all posted, failed attempts)."""
+    def secagg_status(
+        self, experiment: str, round: int, step: int, *, since: str | None = None, wait_s: float = 0.0
+    ) -> dict[str, Any]:
+        """The step's current secure-aggregation attempt (sites, keys once all posted, failed attempts);
+        with ``since`` (a ``stage`` it returned) the central answers once the stage changed or after
+        ``wait_s`` (long poll; keep ``wait_s`` below this client's ``timeout_s``)."""
         path = self._secagg_path(experiment, round, step)
-        return dict(self._request("GET", path, experiment=experiment, round=round).json())
+        params = {} if since is None else {"since": since, "wait_s": wait_s}
+        return dict(self._request("GET", path, experiment=experiment, round=round, params=params).json())
 
     def post_secagg_key(
         self, experiment: str, round: int, step: int, attempt: int, public_key: str
