@@ -199,8 +199,8 @@ class _counting:
     def __init__(self, client: CentralClient, count: Callable[..., None]) -> None:
         self.client, self._count = client, count
 
-    def secagg_status(self, *args: Any) -> dict[str, Any]:
-        status = self.client.secagg_status(*args)
+    def secagg_status(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        status = self.client.secagg_status(*args, **kwargs)
         self._count(down=len(json.dumps(status)))
         return status
 

@@ -38,7 +38,7 @@ from jipfed.privacy.settings import SecureAggregation
 
 log = logging.getLogger(__name__)
 
-#: Seconds between polls of the central while waiting for keys or the other sites' uploads.
+#: Seconds to pause after a status that did not change (a central without the long poll answers at once).
 POLL_INTERVAL_S = 0.2
 
 
@@ -163,6 +163,9 @@ def secure_upload(
 ) -> dict[str, Any]:
     """Run this site's part of the round's secure aggregation through ``client`` (a ``CentralClient``).
 
+    While waiting for the peers' keys or uploads the site long-polls the status (``since`` its last
+    ``stage``): the central answers as soon as the last key or upload arrived.
+
     Returns the central's status of the complete attempt holding this site.
 
     Raises:
@@ -179,8 +182,13 @@ def secure_upload(
             log.info("%s: secure aggregation: %s", where, text)
             said = text
 
+    since: str | None = None
+    wait_s = min(
+        secagg_wire.MAX_WAIT_S, 0.5 * float(getattr(client, "timeout_s", 2 * secagg_wire.MAX_WAIT_S))
+    )
     while True:
-        status = client.secagg_status(experiment, round, step)
+        status = client.secagg_status(experiment, round, step, since=since, wait_s=wait_s)
+        unchanged, since = status["stage"] == since, status["stage"]
         attempt = status["attempt"]
         if site not in status["sites"]:
             raise SecAggSiteError(
@@ -214,4 +222,5 @@ def secure_upload(
             raise SecAggSiteError(
                 f"{where}: the step's deadline {deadline.isoformat()} passed while waiting for {waiting}"
             )
-        sleep(poll_interval_s)
+        if unchanged:
+            sleep(poll_interval_s)

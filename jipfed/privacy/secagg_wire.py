@@ -11,9 +11,11 @@ Per round (and dispatch attempt ``d`` of its step) the central runs secagg *atte
 A site posts its key for the current attempt, reads the attempt's key set once every site of the
 attempt posted one, masks (:func:`jipfed.privacy.secagg.masked_vector`) and uploads the masked
 vector. An attempt is *complete* when every site of it uploaded. It *fails* when a site of it
-reported a failure, or when, ``upload_timeout_s`` after the last key arrived, a site that posted its
-key has not uploaded (it dropped out after key agreement); :func:`advance` then records who dropped
-and why and opens attempt ``a + 1`` without them (fresh keys; the masked vectors of a failed attempt
+reported a failure, when, ``key_timeout_s`` after the first key of the attempt arrived, a site of it
+has posted no key (it dropped out before key agreement: the others do not wait for the step's
+deadline), or when, ``upload_timeout_s`` after the last key arrived, a site that posted its key has
+not uploaded (it dropped out after key agreement); :func:`advance` then records who dropped and why
+and opens attempt ``a + 1`` without them (fresh keys; the masked vectors of a failed attempt
 are never combined with another's) if they still make the quorum (``min_sites``, at least 2): an
 attempt that could not be aggregated would only reveal a sum. No seed recovery (SecAgg+): a drop-out costs a retry.
 
@@ -29,9 +31,9 @@ import contextlib
 import hashlib
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import numpy as np
@@ -129,6 +131,17 @@ class AttemptView:
     def complete(self) -> bool:
         return self.failed is None and set(self.masked) >= set(self.sites)
 
+    @property
+    def stage(self) -> str:
+        """``d<dispatch>/a<attempt>/<open|keys|complete|failed>``: what a waiting site waits to change."""
+        if self.failed:
+            state = "failed"
+        elif self.complete:
+            state = "complete"
+        else:
+            state = "keys" if self.keys_complete else "open"
+        return f"d{self.dispatch_attempt}/a{self.attempt}/{state}"
+
     def public_keys(self) -> dict[str, str] | None:
         """site -> base64 public key, once every site of the attempt posted one (else None)."""
         return {s: self.keys[s]["public_key"] for s in self.sites} if self.keys_complete else None
@@ -146,6 +159,7 @@ class AttemptView:
             "complete": self.complete,
             "failed": self.failed,
             "history": self.history,
+            "stage": self.stage,
         }
 
 
@@ -197,6 +211,14 @@ def _dropped(
     for site, failure in exp_store.site_failures(view.round).items():
         if site in view.sites and int(failure.get("attempt", 0)) >= dispatch.attempt:
             dropped[site] = f"reported a failure: {failure.get('reason')}"
+    if view.keys and not view.keys_complete:
+        first = min(datetime.fromisoformat(k["at"]) for k in view.keys.values())
+        if now - first > timedelta(seconds=settings.key_timeout_s):
+            for site in sorted(set(view.sites) - set(view.keys) - set(dropped)):
+                dropped[site] = (
+                    f"posted no key within {settings.key_timeout_s:g} s after the first key of attempt "
+                    f"{view.attempt} (dropped out before key agreement)"
+                )
     if view.keys_complete:
         agreed = max(datetime.fromisoformat(k["at"]) for k in view.keys.values())
         if (now - agreed).total_seconds() > settings.upload_timeout_s:
@@ -218,32 +240,38 @@ def advance(
     """
     now = now or utcnow()
     view = current_attempt(exp_store, dispatch)
-    if view.complete or view.failed is not None:
-        return view
-    dropped = _dropped(exp_store, dispatch, view, settings, now)
-    if not dropped:
+    if view.complete:
         return view
     prefix = attempt_prefix(exp_store, view.round, view.dispatch_attempt, view.attempt)
-    remaining = sorted(set(view.sites) - set(dropped))
-    reason = "; ".join(f"{site} {why}" for site, why in sorted(dropped.items()))
-    _put_once_json(
-        exp_store, f"{prefix}failed.json", {"dropped": dropped, "reason": reason, "at": now.isoformat()}
-    )
+    if view.failed is None:
+        dropped = _dropped(exp_store, dispatch, view, settings, now)
+        if not dropped:
+            return view
+        reason = "; ".join(f"{site} {why}" for site, why in sorted(dropped.items()))
+        record = {"dropped": dropped, "reason": reason, "at": now.isoformat()}
+        try:
+            exp_store.store.put_json(f"{prefix}failed.json", record)
+        except ObjectExistsError:  # a concurrent caller failed it first: its record holds
+            pass
+        else:
+            logger.warning(
+                "experiment %s: round %d: secure aggregation attempt %d failed: %s",
+                exp_store.experiment, view.round, view.attempt, reason,
+            )  # fmt: skip
+        view.failed = exp_store.store.get_json(f"{prefix}failed.json")
+    # open the next attempt from the stored record (also when the caller that failed it stopped before)
+    remaining = sorted(set(view.sites) - set(view.failed["dropped"]))
     # an attempt below the quorum would reveal a sum (a noised release with client DP) never aggregated
     if len(remaining) >= max(2, load_config(exp_store)[0].min_quorum) and not dispatch.expired(now):
         nxt = attempt_prefix(exp_store, view.round, view.dispatch_attempt, view.attempt + 1)
         _put_once_json(
             exp_store,
             f"{nxt}sites.json",
-            {"sites": remaining, "reason": f"attempt {view.attempt} failed: {reason}; retried without them"},
+            {
+                "sites": remaining,
+                "reason": f"attempt {view.attempt} failed: {view.failed['reason']}; retried without them",
+            },
         )
-    logger.warning(
-        "experiment %s: round %d: secure aggregation attempt %d failed: %s",
-        exp_store.experiment,
-        view.round,
-        view.attempt,
-        reason,
-    )
     return current_attempt(exp_store, dispatch)
 
 
@@ -287,7 +315,30 @@ def attempt_status(exp_store: ExperimentStore, site: str, round_: int, step: int
     dispatch, settings = open_for_site(exp_store, site, round_, step, closed_too=True)
     view = advance(exp_store, dispatch, settings)
     return {**view.to_dict(exp_store.experiment), "upload_timeout_s": settings.upload_timeout_s,
-            "deadline": dispatch.deadline.isoformat()}  # fmt: skip
+            "key_timeout_s": settings.key_timeout_s, "deadline": dispatch.deadline.isoformat()}  # fmt: skip
+
+
+#: Longest wait one status request may ask for (``wait_s``), seconds: below the clients' read timeout.
+MAX_WAIT_S = 20.0
+#: Seconds between the central's looks at the store while a status request waits.
+WAIT_CHECK_S = 0.05
+
+
+async def wait_for_change(
+    status: Callable[[], Awaitable[dict[str, Any]]], since: str | None, wait_s: float
+) -> dict[str, Any]:
+    """``status()`` once its ``stage`` differs from ``since`` or ``wait_s`` passed (a long poll: the
+    site learns of the last key or upload within :data:`WAIT_CHECK_S` instead of its own poll interval).
+    The drop-out deadlines are checked on every look (``status`` calls :func:`advance`)."""
+    import asyncio
+    import time
+
+    end = time.monotonic() + min(max(wait_s, 0.0), MAX_WAIT_S)
+    while True:
+        current = await status()
+        if since is None or current["stage"] != since or time.monotonic() >= end:
+            return current
+        await asyncio.sleep(WAIT_CHECK_S)
 
 
 def _check_attempt(exp_store: ExperimentStore, site: str, view: AttemptView, attempt: int) -> None:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +21,11 @@ from jipfed.central.credentials import issue_credential
 from jipfed.federation.closing import aggregate_step
 from jipfed.federation.dispatch import DELIVERED, FAILED, current_dispatch, site_status
 from jipfed.federation.signing import generate_private_key
+from jipfed.federation.tickets import QuorumNotMet
 from jipfed.privacy import secagg, secagg_site, secagg_wire
 from jipfed.privacy.settings import SecureAggregation
-from privacy.wire import SETTINGS, new_key, run_site, site_updates, start
+from jipfed.storage.state import ExperimentStore
+from privacy.wire import SETTINGS, SITES, new_key, run_site, site_updates, start
 
 
 def test_round_completes_without_a_site_that_dropped_after_key_agreement(central, tmp_path: Path) -> None:
@@ -160,3 +164,96 @@ def test_a_site_with_a_registered_key_must_sign_its_masked_update(central) -> No
     assert codes == {"unsigned": "unsigned", "other key": "bad_signature"}
     signed = CentralClient(url, token, signing_key=key_a)
     assert signed.put_masked_update("sec1", 0, 0, 0, *body)["sha256"] == json.loads(body[1])["sha256"]
+
+
+def _after_first_key(exp_store: ExperimentStore, seconds: float) -> datetime:
+    """``seconds`` after the first key of the current attempt arrived (the central's clock)."""
+    view = secagg_wire.current_attempt(exp_store, current_dispatch(exp_store))
+    return min(datetime.fromisoformat(k["at"]) for k in view.keys.values()) + timedelta(seconds=seconds)
+
+
+def _wait_for_keys(exp_store: ExperimentStore, sites: set[str], timeout_s: float = 60.0) -> None:
+    """Until ``sites`` posted their keys of attempt 0 (a liveness bound, not a timing check)."""
+    end = time.monotonic() + timeout_s
+    while set(secagg_wire.current_attempt(exp_store, current_dispatch(exp_store)).keys) < sites:
+        assert time.monotonic() < end, f"the keys of {sorted(sites)} did not arrive"
+        time.sleep(0.05)
+
+
+def test_a_site_without_a_key_at_the_key_deadline_is_dropped_and_the_round_completes(
+    central, tmp_path: Path
+) -> None:
+    _, store, client = central
+    exp_store = start(store)
+    _, updates = site_updates(client("site-a"), exp_store)
+    settings = secagg_wire.secure_settings(exp_store)
+    dispatch = current_dispatch(exp_store)
+    # site-c never posts a key (its task died before the upload): a and b wait for it
+    with ThreadPoolExecutor(2) as pool:
+        futures = {
+            s: pool.submit(run_site, client(s), exp_store, s, updates[s], tmp_path / s)
+            for s in ("site-a", "site-b")
+        }
+        _wait_for_keys(exp_store, {"site-a", "site-b"})
+        before = secagg_wire.advance(
+            exp_store, dispatch, settings, now=_after_first_key(exp_store, settings.key_timeout_s - 1)
+        )
+        assert (before.attempt, before.failed) == (0, None)  # still within the key deadline
+        # the central's clock past the deadline: the next status request of any caller would do this
+        secagg_wire.advance(
+            exp_store, dispatch, settings, now=_after_first_key(exp_store, settings.key_timeout_s + 1)
+        )
+        done = {s: f.result(timeout=60) for s, f in futures.items()}
+    assert all(
+        d["complete"] and d["attempt"] == 1 and d["sites"] == ["site-a", "site-b"] for d in done.values()
+    )
+    state, reason = site_status(exp_store, dispatch, "site-c")
+    assert state == FAILED and "posted no key within 900 s" in reason
+    record = aggregate_step(exp_store, 0)
+    assert record.included == ("site-a", "site-b")
+    stored = store.get_json(exp_store.layout.aggregate(0))
+    assert stored["missing"] == ["site-c"] and "before key agreement" in stored["missing_reasons"]["site-c"]
+    [retry] = stored["secure_aggregation"]["retries"]
+    assert retry["attempt"] == 0 and list(retry["dropped"]) == ["site-c"]
+    assert stored["secure_aggregation"]["total_weight"] == pytest.approx(8.0)
+
+
+def test_fewer_keys_than_the_quorum_at_the_key_deadline_fail_the_step_with_the_reason(central) -> None:
+    _, store, client = central
+    exp_store = start(store)  # quorum 2 of 3
+    settings = secagg_wire.secure_settings(exp_store)
+    dispatch = current_dispatch(exp_store)
+    client("site-a").post_secagg_key("sec1", 0, 0, 0, new_key())
+    view = secagg_wire.advance(
+        exp_store, dispatch, settings, now=_after_first_key(exp_store, settings.key_timeout_s + 1)
+    )
+    assert view.attempt == 0 and sorted(view.failed["dropped"]) == ["site-b", "site-c"]
+    status = client("site-a").secagg_status("sec1", 0, 0)
+    assert status["attempt"] == 0 and "site-b posted no key" in status["failed"]["reason"]  # no attempt 1
+    for site in SITES:
+        assert site_status(exp_store, dispatch, site)[0] == FAILED
+    with pytest.raises(CentralRefused) as refused:  # a late key is refused
+        client("site-b").post_secagg_key("sec1", 0, 0, 0, new_key())
+    assert refused.value.code == "wrong_attempt"
+    with pytest.raises(QuorumNotMet) as failed:
+        aggregate_step(exp_store, 0)
+    assert failed.value.included == () and sorted(failed.value.missing_reasons) == ["site-b", "site-c"]
+    assert "posted no key within 900 s" in failed.value.missing_reasons["site-c"]
+    assert not exp_store.has_global(1)
+
+
+def test_a_status_request_waits_for_the_stage_to_change(central) -> None:
+    _, store, client = central
+    start(store)
+    a, b = client("site-a"), client("site-b")
+    a.post_secagg_key("sec1", 0, 0, 0, new_key())
+    first = a.secagg_status("sec1", 0, 0)
+    assert first["stage"] == "d0/a0/open"
+    # nothing changes: the long poll answers after wait_s with the same stage
+    assert a.secagg_status("sec1", 0, 0, since=first["stage"], wait_s=0.2)["stage"] == "d0/a0/open"
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(a.secagg_status, "sec1", 0, 0, since=first["stage"], wait_s=20.0)
+        b.post_secagg_key("sec1", 0, 0, 0, new_key())
+        client("site-c").post_secagg_key("sec1", 0, 0, 0, new_key())
+        changed = waiting.result(timeout=30)
+    assert changed["stage"] == "d0/a0/keys" and changed["public_keys"] is not None
