@@ -19,8 +19,17 @@ Goal (issue 16): secure aggregation adds at most 10 % to the round's wall time w
 split across the sites (each clips and adds its ChaCha20 share before masking,
 ``jipfed.privacy.secure_dp``); the plain mode stays without DP.
 
+``--airflow``: the round as the product runs it instead: :class:`jipfed.localfed.LocalFederation`
+(``airflow standalone`` with the central DAG, the plugin endpoint and ``--sites`` sites' DAGs, one
+Orthanc per site), experiments started from the form with the same training (the orchestration
+benchmark's settings, norm bound off in both modes) and secure aggregation off / on, alternating
+``--repeats`` times; round wall time from one step's dispatch to the next (the last round: to the
+end of its close task), read with ``benchmarks/orchestration.py``'s harness. Everything a round
+does counts: the sites' data preparation, training, the uploads, the collect, the aggregation.
+
 Run: ``nice -n 10 .venv/bin/python benchmarks/secure_aggregation.py`` (``--rounds``, ``--sites``,
-``--no-train``, ``--client-dp``; results also in ``<workdir>/secure_aggregation.json``).
+``--no-train``, ``--client-dp``, ``--airflow [--transport pull|push] [--repeats N]``; results also in
+``<workdir>/secure_aggregation.json``).
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import secrets
 import statistics
 import tempfile
@@ -81,6 +91,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="secure mode: client DP, noise multiplier Z",
     )
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "jipfed-secagg-bench")
+    parser.add_argument(
+        "--airflow", action="store_true", help="real rounds through Airflow (module docstring)"
+    )
+    parser.add_argument(
+        "--transport", choices=("pull", "push"), default="pull", help="--airflow: the transport"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="--airflow: experiments per mode (plain and secure alternate)"
+    )
     return parser.parse_args(argv)
 
 
@@ -213,10 +232,49 @@ class _counting:
         return self.client.put_masked_update(*args)
 
 
-def main(argv: list[str] | None = None) -> int:
-    global ARGS
-    ARGS = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
+def airflow_rounds() -> dict[str, list[tuple[float, int, int]]]:
+    """Per mode, every measured round's (wall seconds, 0, 0) through a real Airflow (``--airflow``);
+    bytes are not counted there (the toy mode counts them)."""
+    from orchestration import PARAMS as ORCHESTRATION_PARAMS
+    from orchestration import measure
+
+    from jipfed.localfed import LocalFederation
+
+    base = {
+        **ORCHESTRATION_PARAMS, "local_epochs": ARGS.epochs, "transport": ARGS.transport,
+        "norm_bound_factor": None,
+    }  # fmt: skip
+    results: dict[str, list[tuple[float, int, int]]] = {"plain": [], "secure": []}
+    workdir = Path(tempfile.mkdtemp(prefix="airflow-", dir=ARGS.workdir))
+    with LocalFederation(
+        workdir, n_sites=ARGS.sites, cases_per_site=ARGS.cases, shape=(48, 48, 32), progress=False
+    ) as fed:
+        fed.enable_sites(ARGS.transport)
+        fed.trigger({**base, "experiment": "warm-up", "rounds": 1})  # the sites' data caches
+        fed.wait("warm-up", 900)
+        for i in range(ARGS.repeats):
+            for mode in ("plain", "secure"):
+                name = f"{mode}-{i}"
+                fed.trigger(
+                    {
+                        **base,
+                        "experiment": name,
+                        "rounds": ARGS.rounds,
+                        "secure_aggregation": mode == "secure",
+                    }
+                )
+                fed.wait(name, 900 * ARGS.rounds)
+                for row in measure(fed, name, ARGS.transport):
+                    results[mode].append((row["wall_s"], 0, 0))
+                    print(
+                        f"{mode:6s} {name} round {row['round']}: {row['wall_s']:.2f} s "
+                        f"(slowest training {row['slowest_train_s']:.2f} s, {row['sites_trained']} sites trained)"
+                    )
+    return results
+
+
+def toy_rounds() -> dict[str, list[tuple[float, int, int]]]:
+    """Per mode, every measured round's (seconds, bytes up, bytes down) without Airflow."""
     folders = prepare_synthetic_sites(
         ARGS.workdir / "data", n_sites=ARGS.sites, cases_per_site=ARGS.cases, shape=(32, 32, 20),
         spatial_size=(16, 16, 16), spacing_mm=(4.0, 4.0, 4.0), progress=False,
@@ -242,6 +300,17 @@ def main(argv: list[str] | None = None) -> int:
                 )
     finally:
         stop()
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    global ARGS
+    ARGS = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    if ARGS.airflow and (ARGS.no_train or ARGS.client_dp is not None):
+        raise SystemExit("--airflow runs the product's rounds: --no-train and --client-dp do not apply")
+    ARGS.workdir.mkdir(parents=True, exist_ok=True)
+    results = airflow_rounds() if ARGS.airflow else toy_rounds()
     summary = {
         mode: {
             "seconds_median": statistics.median(r[0] for r in runs),
@@ -256,18 +325,24 @@ def main(argv: list[str] | None = None) -> int:
     training = (
         "random deltas (protocol only)" if ARGS.no_train else f"{ARGS.epochs} local epoch(s) of a tiny U-Net"
     )
+    if ARGS.airflow:
+        training += f", real rounds in Airflow ({ARGS.transport}, {ARGS.repeats} experiments per mode)"
     dp = (
         "" if ARGS.client_dp is None else f", secure with client DP z={ARGS.client_dp:g} (noise at the sites)"
     )
-    print(f"\n{ARGS.sites} sites, {training}{dp}, {ARGS.rounds} rounds per mode (median):")
+    print(f"\n{ARGS.sites} sites, {training}{dp}, {len(results['plain'])} rounds per mode (median):")
     for mode, s in summary.items():
-        print(
-            f"  {mode:6s} {s['seconds_median']:.2f} s/round, sent {s['bytes_up_per_round']:,} B, "
-            f"received {s['bytes_down_per_round']:,} B"
+        sent = (
+            ""
+            if ARGS.airflow
+            else f", sent {s['bytes_up_per_round']:,} B, received {s['bytes_down_per_round']:,} B"
         )
+        print(f"  {mode:6s} {s['seconds_median']:.2f} s/round{sent}")
     print(
         f"  secure aggregation adds {100 * extra:+.1f} % to the round's wall time: {verdict} (goal <= 10 %)"
     )
+    # the machine's load changes every figure above: say what it was
+    print("  load average (1, 5, 15 min) after the rounds: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
     out = ARGS.workdir / "secure_aggregation.json"
     out.write_text(
         json.dumps(

@@ -70,8 +70,15 @@ def mask_stream(seed: bytes, n: int) -> np.ndarray:
 
 def encode_fixed(values: np.ndarray, settings: SecureAggregation) -> np.ndarray:
     """float values -> two's complement fixed point in uint64 (clamped to ±value_bound)."""
-    clamped = np.clip(np.asarray(values, dtype=np.float64), -settings.value_bound, settings.value_bound)
-    return np.rint(clamped * 2.0**settings.fraction_bits).astype(np.int64).view(np.uint64)
+    return _encode_inplace(np.array(values, dtype=np.float64), settings)
+
+
+def _encode_inplace(scaled: np.ndarray, settings: SecureAggregation) -> np.ndarray:
+    """:func:`encode_fixed` of a float64 array this module owns (clamped, scaled and rounded in place)."""
+    np.clip(scaled, -settings.value_bound, settings.value_bound, out=scaled)
+    scaled *= 2.0**settings.fraction_bits
+    np.rint(scaled, out=scaled)
+    return scaled.astype(np.int64).view(np.uint64)
 
 
 def decode_fixed(ring: np.ndarray, settings: SecureAggregation) -> np.ndarray:
@@ -94,11 +101,15 @@ def masked_vector(
     """
     if site in peers:
         raise ValueError(f"site {site!r} is among its own peers")
-    plain = np.append(np.asarray(values, dtype=np.float64) * weight, weight)
-    out = encode_fixed(plain, settings)
+    values = np.asarray(values, dtype=np.float64)
+    plain = np.empty(values.size + 1, dtype=np.float64)
+    np.multiply(values.reshape(-1), weight, out=plain[:-1])
+    plain[-1] = weight
+    out = _encode_inplace(plain, settings)
     for peer in sorted(peers):
         mask = mask_stream(pair_seed(own, site, peer, peers[peer], context), out.size)
-        out = out + mask if site < peer else out - mask  # uint64 arithmetic wraps modulo 2**64
+        # in place; uint64 arithmetic wraps modulo 2**64
+        (np.add if site < peer else np.subtract)(out, mask, out=out)
     return out
 
 
@@ -110,7 +121,7 @@ def unmask_mean(masked: Sequence[np.ndarray], settings: SecureAggregation) -> tu
     for vector in masked:
         if vector.shape != total.shape or vector.dtype != np.uint64:
             raise ValueError(f"masked vectors must all be uint64 of shape {total.shape}")
-        total += vector
+        np.add(total, vector, out=total)
     plain = decode_fixed(total, settings)
     weight = float(plain[-1])
     if not weight > 0:
