@@ -66,12 +66,15 @@ import logging
 import math
 import mmap
 import os
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from typing import NamedTuple
 
 import torch
 
+from jipfed.federation import sum_threads as parallel
+from jipfed.federation.sum_threads import DONE, Parts, start_parts
 from jipfed.federation.update import UpdateSource
 
 logger = logging.getLogger(__name__)
@@ -88,6 +91,8 @@ NETWORK_MAX_SITES = 128
 LAZY_PASS_MODEL_FRACTION = 0.25
 #: Chunk per thread of the robust reducers: (sites + 1) rows of it stay in cache while sorted.
 SORT_CHUNK_ELEMENTS = 1 << 16
+#: Tensors of one pass being summed at once inside ``sum_threads`` before the oldest is waited for.
+MAX_RUNNING_TENSORS = 8
 #: Called with each result tensor (name, tensor) as soon as it is final, e.g. to write it out.
 TensorSink = Callable[[str, torch.Tensor], None]
 
@@ -223,22 +228,41 @@ class WeightedMean:
         base = next(iter(bases.values()), None)
         out: dict[str, torch.Tensor] = {}
         touched = False
+        # tensors being summed (on the threads of an enclosing ``sum_threads``), handed on in order
+        running: deque[tuple[str, torch.Tensor, Parts]] = deque()
+
+        def hand_on() -> None:
+            name, dest, parts = running.popleft()
+            parts.wait()
+            if finish:
+                out[name] = dest
+                if on_tensor is not None:
+                    on_tensor(name, dest)
+
         try:
             for name, tensors in _lockstep([c.tensors for c in group], names):
                 spec = self._check_specs(name, tensors)
                 touched = True
                 if spec[1].is_floating_point:
                     paged = [c.paged for c in group]
-                    dest = self._float_tensor(
-                        name, spec, tensors, weights, paged, finish, base, base_weight, total
+                    running.append(
+                        (
+                            name,
+                            *self._float_tensor(
+                                name, spec, tensors, weights, paged, finish, base, base_weight, total
+                            ),
+                        )
                     )
                 else:
-                    dest = self._integer_tensor(name, tensors, [c.base for c in group])
-                if finish:
-                    out[name] = dest
-                    if on_tensor is not None:
-                        on_tensor(name, dest)
+                    running.append((name, self._integer_tensor(name, tensors, [c.base for c in group]), DONE))
+                while running and (running[0][2].done() or len(running) > MAX_RUNNING_TENSORS):
+                    hand_on()
+            while running:
+                hand_on()
         except BaseException:
+            for _, _, parts in running:  # nothing may still write to the accumulator once this returns
+                with suppress(BaseException):
+                    parts.wait()
             self._broken = touched  # a failure before the first tensor leaves nothing half-added
             raise
         self._total, self._base_weight, self._base = total, base_weight, base
@@ -271,7 +295,8 @@ class WeightedMean:
         base: Mapping[str, torch.Tensor] | None,
         base_weight: float,
         total: float,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, Parts]:
+        """The tensor ``name`` of this pass and its parts being summed (see :func:`blocked_weighted_sum`)."""
         shape, dtype = spec
         acc_dtype = accumulation_dtype(dtype, self._accumulate_dtype)
         acc = self._acc.pop(name, None)
@@ -282,7 +307,7 @@ class WeightedMean:
             dest = acc  # divide in place
         else:
             dest = output_tensor(shape, dtype)
-        blocked_weighted_sum(
+        parts = blocked_weighted_sum(
             dest,
             tensors,
             weights,
@@ -293,7 +318,7 @@ class WeightedMean:
             base_weight=base_weight,
             divide_by=total if finish else None,
         )
-        return dest
+        return dest, parts
 
     def _integer_tensor(
         self,
@@ -323,13 +348,18 @@ def blocked_weighted_sum(
     base: torch.Tensor | None = None,
     base_weight: float = 0.0,
     divide_by: float | None = None,
-) -> None:
+) -> Parts:
     """``dest = (acc + sum_i weights[i] * inputs[i] [+ base_weight * base]) [/ divide_by]``, chunk by chunk.
 
     All tensors have ``dest``'s shape. Each chunk is formed in a cache-sized buffer in ``acc_dtype``
     (``dest``'s chunk itself when ``dest`` has that dtype) and written once; ``acc`` may be ``dest``
-    (accumulate in place) or None (the first input starts the sum). A tensor of at most one chunk
-    is taken whole (no views: per-operation overhead dominates small tensors). ``paged[i]``: input
+    (accumulate in place) or None (the first input starts the sum). A tensor of at most one chunk and
+    fewer than :data:`~jipfed.federation.sum_threads.MIN_PART_ELEMENTS` elements is taken whole (no
+    views: per-operation overhead dominates small tensors); inside
+    :func:`~jipfed.federation.sum_threads.sum_threads`, the tensor is queued on its threads (a large
+    one in parts; each element is still computed by the same operations) and the returned
+    :class:`~jipfed.federation.sum_threads.Parts` says when ``dest`` is complete (``wait()``);
+    outside, it is complete on return. The inputs must stay unchanged until then. ``paged[i]``: input
     ``i`` is a file mapping nobody else uses; each chunk's pages are populated before and dropped
     after it is summed (see the module docstring).
     """
@@ -338,39 +368,48 @@ def blocked_weighted_sum(
     numel = dest.numel()
     step = chunk_elements()
     in_place = acc is not None and acc.data_ptr() == dest.data_ptr()
-    if numel > step:
+    flat = numel > min(step, parallel.MIN_PART_ELEMENTS)  # more than one chunk, or cut into parts
+    if flat:
         dest, inputs = _flat(dest), [_flat(x) for x in inputs]
         acc = None if acc is None else _flat(acc)
         base = None if base is None else _flat(base)
-    scratch = None
-    if dest.dtype != acc_dtype:
-        scratch = torch.empty(dest.shape if numel <= step else (step,), dtype=acc_dtype)
     mapped = [x for x, p in zip(inputs, paged, strict=False) if p and x.numel()]
-    for start in range(0, numel, step):
-        span = None if numel <= step else slice(start, min(start + step, numel))
-        for x in mapped:
-            page_hint(_part(x, span), MADV_POPULATE_READ)
-        d = _part(dest, span)
-        a = d if scratch is None else _part(scratch, None if span is None else slice(0, span.stop - start))
-        rest = zip(inputs, weights, strict=True)
-        if acc is None:
-            x, w = next(rest)
-            if x.dtype == a.dtype:
-                torch.mul(_part(x, span), w, out=a)
-            else:
-                a.copy_(_part(x, span)).mul_(w)
-        elif not in_place:
-            a.copy_(_part(acc, span))
-        for x, w in rest:
-            a.add_(_part(x, span), alpha=w)
-        if base is not None:
-            a.add_(_part(base, span), alpha=base_weight)
-        if divide_by is not None:
-            a.div_(divide_by)
-        if a is not d:
-            d.copy_(a)
-        for x in mapped:
-            page_hint(_part(x, span), MADV_DONTNEED, to_end=span is None or span.stop == numel)
+
+    def chunks(begin: int, end: int) -> None:
+        scratch = None
+        if dest.dtype != acc_dtype:
+            scratch = torch.empty((min(step, end - begin),) if flat else dest.shape, dtype=acc_dtype)
+        for start in range(begin, end, step):
+            span = slice(start, min(start + step, end)) if flat else None
+            for x in mapped:
+                page_hint(_part(x, span), MADV_POPULATE_READ)
+            d = _part(dest, span)
+            a = (
+                d
+                if scratch is None
+                else _part(scratch, None if span is None else slice(0, span.stop - start))
+            )
+            rest = zip(inputs, weights, strict=True)
+            if acc is None:
+                x, w = next(rest)
+                if x.dtype == a.dtype:
+                    torch.mul(_part(x, span), w, out=a)
+                else:
+                    a.copy_(_part(x, span)).mul_(w)
+            elif not in_place:
+                a.copy_(_part(acc, span))
+            for x, w in rest:
+                a.add_(_part(x, span), alpha=w)
+            if base is not None:
+                a.add_(_part(base, span), alpha=base_weight)
+            if divide_by is not None:
+                a.div_(divide_by)
+            if a is not d:
+                d.copy_(a)
+            for x in mapped:
+                page_hint(_part(x, span), MADV_DONTNEED, to_end=span is None or span.stop == numel)
+
+    return start_parts(numel, chunks)
 
 
 def _part(x: torch.Tensor, span: slice | None) -> torch.Tensor:

@@ -32,7 +32,9 @@ import os
 import struct
 import tempfile
 from collections.abc import Iterator, Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -202,8 +204,9 @@ class SafetensorsWriter:
     work). :meth:`finish` returns ``(sha256, size)``. The bytes are those ``safetensors.torch.save``
     produces for the same tensors (same order, header and padding). ``check_finite``: :meth:`put`
     refuses a float tensor holding NaN/Inf (ValueError). ``hashing`` (a
-    :class:`~jipfed.federation.payload_stream.HashPipeline`) hashes on background threads. A
-    tensor handed to :meth:`put` must not change afterwards.
+    :class:`~jipfed.federation.payload_stream.HashPipeline`) writes and hashes on its background
+    threads (:meth:`finish` waits for them and raises a write's error). A tensor handed to
+    :meth:`put` must not change afterwards.
     """
 
     def __init__(
@@ -236,6 +239,7 @@ class SafetensorsWriter:
         self._digest = hashlib.sha256(head)
         self._ready: dict[str, torch.Tensor] = {}  # put, not hashed yet
         self._next = 0  # index in ``order`` of the next tensor to hash
+        self._writes: list[Future[None]] = []  # background writes (with ``hashing``)
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             os.ftruncate(self._fd, self.size)
@@ -257,9 +261,10 @@ class SafetensorsWriter:
         if tensor.numel():
             offset = self._data_start + self._offsets[name]
             data = _bytes_of(tensor)
-            _pwrite_all(self._fd, data, offset)
-            if len(data) >= WRITEBACK_BYTES:
-                start_writeback(self._fd, offset, len(data))
+            if self._hashing is None:
+                _write_at(self._fd, data, offset)
+            else:  # written on a background thread while the caller computes the next tensors
+                self._writes.append(self._hashing.call(partial(_write_at, self._fd, data, offset), len(data)))
         self._ready[name] = tensor
         while self._next < len(self.order) and self.order[self._next] in self._ready:
             ready = self._ready.pop(self.order[self._next])
@@ -281,10 +286,16 @@ class SafetensorsWriter:
             raise ValueError(f"tensor {self.missing[0]!r} was never written")
         if self._hashing is not None:
             self._hashing.wait(self._digest)
+        for write in self._writes:
+            write.result()  # raises what a background write raised (e.g. the disk is full)
         self.close()
         return self._digest.hexdigest(), self.size
 
     def close(self) -> None:
+        """Close the file (after the background writes still running: they use its descriptor)."""
+        for write in self._writes:
+            write.exception()
+        self._writes.clear()
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -309,6 +320,13 @@ def start_writeback(fd: int, offset: int, nbytes: int) -> None:
     """Start writing a range of ``fd``'s dirty pages to the disk, not waiting for it (Linux; else nothing)."""
     if _SYNC_FILE_RANGE is not None:
         _SYNC_FILE_RANGE(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)
+
+
+def _write_at(fd: int, data: memoryview, offset: int) -> None:
+    """Write ``data`` at ``offset``; a large one goes to the disk at once (the final fsync waits less)."""
+    _pwrite_all(fd, data, offset)
+    if len(data) >= WRITEBACK_BYTES:
+        start_writeback(fd, offset, len(data))
 
 
 def _bytes_of(tensor: torch.Tensor) -> memoryview:

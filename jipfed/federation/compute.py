@@ -25,6 +25,7 @@ from jipfed.federation.payload_stream import HashPipeline, StoredUpdate
 from jipfed.federation.plans import PlanStep
 from jipfed.federation.round_io import output_keys, stored_path
 from jipfed.federation.strategies import Strategy, StrategyState
+from jipfed.federation.sum_threads import sum_threads
 from jipfed.federation.update import ModelUpdate, UpdateManifest
 from jipfed.federation.validation import UpdateRejected
 from jipfed.storage.base import StoreError
@@ -90,7 +91,10 @@ def compute_output(
     def attempt() -> tuple[EncodedFile, StrategyState | None]:
         path = output or workdir / "output.safetensors"
         # the output has the start model's specs: its tensors are written (and hashed) as they are final
-        with SafetensorsWriter(path, start.manifest.tensors, hashing, check_finite=True) as writer:
+        with (
+            SafetensorsWriter(path, start.manifest.tensors, hashing, check_finite=True) as writer,
+            sum_threads(),  # each large tensor is summed on every CPU at once
+        ):
             weights, used, state = aggregated(writer)
             order = [n for n in start.manifest.tensors if n in weights] + [
                 n for n in weights if n not in start.manifest.tensors

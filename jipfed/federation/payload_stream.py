@@ -340,7 +340,8 @@ class HashPipeline:
     """sha256 updates on background threads, in order per digest, holding at most ``limit_bytes`` of buffers.
 
     Aggregation reads a tensor, hands its bytes here and sums it while they are hashed; when the
-    buffers not hashed yet exceed the limit, :meth:`update` waits for the oldest (memory stays bounded).
+    buffers not hashed (or written, :meth:`call`) yet exceed the limit, :meth:`update` and
+    :meth:`call` wait for the oldest (memory stays bounded).
     """
 
     def __init__(self, threads: int, limit_bytes: int) -> None:
@@ -354,8 +355,18 @@ class HashPipeline:
         """``digest.update(view)`` after the earlier updates of ``digest``; ``view`` must stay unchanged."""
         future = self._pool.submit(_update_after, self._last.get(id(digest)), digest, view)
         self._last[id(digest)] = future
-        self._queue.append((future, len(view)))
-        self._held += len(view)
+        self._hold(future, len(view))
+
+    def call(self, fn: Callable[[], None], nbytes: int) -> Future[None]:
+        """Run ``fn()`` on a background thread, not ordered with the digests (e.g. writing ``nbytes``
+        of a buffer that must stay unchanged until it is done); counts in the held bytes."""
+        future = self._pool.submit(fn)
+        self._hold(future, nbytes)
+        return future
+
+    def _hold(self, future: Future[None], nbytes: int) -> None:
+        self._queue.append((future, nbytes))
+        self._held += nbytes
         while self._held > self._limit and self._queue:
             done, n = self._queue.popleft()
             done.result()
