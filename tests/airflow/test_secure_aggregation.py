@@ -42,6 +42,7 @@ from jipfed.testing.airflow import run_dag_test
 from jipfed.training.config import TrainConfig
 from jipfed.training.data import SiteData
 from jipfed.training.local import LocalTrainer
+from tests.airflow.secure_helpers import assert_only_masked_updates, assert_secure_round
 from tests.training.synth import write_site
 
 REPO = Path(__file__).resolve().parents[2]
@@ -169,11 +170,9 @@ def test_a_site_dropping_after_key_agreement_is_retried_without_it(tmp_path: Pat
     for site in ("site-a", "site-b"):
         assert sites.results[site]["complete"] and sites.results[site]["attempt"] == 1
 
-    record = exp_store.load_aggregate(0)
-    assert record["included"] == ["site-a", "site-b"] and record["missing"] == [DEAD]
-    assert "posted its key but sent no masked update" in record["missing_reasons"][DEAD]
-    retries = record["secure_aggregation"]["retries"]
-    assert [(r["attempt"], sorted(r["dropped"])) for r in retries] == [(0, [DEAD])]
+    assert_secure_round(
+        exp_store, 0, ["site-a", "site-b"], {DEAD: "posted its key but sent no masked update"}
+    )
 
     new_global = load_torch(store.get_bytes(exp_store.layout.global_model(1)))
     wa, wb = sites.weights["site-a"], sites.weights["site-b"]
@@ -184,6 +183,4 @@ def test_a_site_dropping_after_key_agreement_is_retried_without_it(tmp_path: Pat
         mean = (wa * ua[name].double() + wb * ub[name].double()) / (wa + wb)
         # fixed point: at most n/2 * 2^-24 / total weight per element, plus float32 rounding
         assert torch.allclose(new_global[name].double(), tensor.double() + mean, atol=1e-6), name
-    keys = store.list(exp_store.layout.round_prefix(0))
-    assert not [k for k in keys if "/updates/" in k]  # no unmasked site update was ever stored
-    assert len([k for k in keys if "/masked/" in k and k.endswith(".safetensors")]) == 4
+    assert_only_masked_updates(exp_store, 0, masked=4)  # a and b in attempts 0 and 1
