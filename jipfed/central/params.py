@@ -89,7 +89,7 @@ PARAMS: dict[str, dict[str, Any]] = {
         "enum": list(SIZES),
         "default": "small",
         "title": "Model size",
-        "description": "Channel preset: tiny (tests), small, medium.",
+        "description": "Channel preset: micro (a few thousand weights, for sample-level DP), tiny (tests), small, medium.",
         "section": _EXPERIMENT,
     },
     "datasets": {
