@@ -33,8 +33,9 @@ read + written per second. Flower runs in its own venv, ``.venv-flwr``, created 
   (checked once at arrival, not timed; the median arrival check per update is printed): decide
   from the arrival records, read each stored update once (not hashed again: its stored identity is
   compared with the one recorded at arrival) in bounded passes,
-  write the global model. Compared with Flower loading and averaging the same stored files, cold,
-  each in a fresh process. Its peak memory (VmHWM growth, exact, no sampling) is measured for 4 and
+  write the global model. The step sums on every CPU the process may use (a thread per CPU,
+  torch's intra-op threads set to 1 meanwhile; Flower's numpy uses one). Compared with Flower
+  loading and averaging the same stored files, cold, each in a fresh process. Its peak memory (VmHWM growth, exact, no sampling) is measured for 4 and
   16 sites, each in a fresh process. Flower and the step alternate ``--step-repeats`` times (each
   step on a fresh hard-linked copy of the prepared store: same files, same identities), and the
   ratio is that of the medians, with the load average beside it. The goals print as PASS / MISS
@@ -361,6 +362,7 @@ def step_worker(args: argparse.Namespace, shapes: list[tuple[str, tuple[int, ...
     from safetensors.numpy import load_file
 
     from jipfed.federation.rounds import aggregate_step
+    from jipfed.federation.sum_threads import usable_cpus
     from jipfed.storage.local import LocalFolderStore
     from jipfed.storage.state import ExperimentStore
 
@@ -378,7 +380,7 @@ def step_worker(args: argparse.Namespace, shapes: list[tuple[str, tuple[int, ...
         "anon_extra": float("nan"),
         "checksum": _checksum(out, float_names),
         "included": len(record.included),
-        "label": f"jipfed aggregate_step (store in, global model out), {args.threads} thread(s)",
+        "label": f"jipfed aggregate_step (store in, global model out), sums on {usable_cpus()} thread(s)",
     }
 
 

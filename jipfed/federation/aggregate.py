@@ -9,7 +9,10 @@ Cache blocking
     A weighted mean over sites that are all available at once (in memory, or lazily opened files)
     therefore reads every input once and writes the result once: (sites + 1) model-sized memory
     passes, the minimum. Adding sites one at a time instead reads and writes the accumulator per
-    site: (3 x sites + 1) passes. Intra-op threads are torch's (``torch.set_num_threads``).
+    site: (3 x sites + 1) passes. Intra-op threads are torch's (``torch.set_num_threads``); inside
+    :func:`~jipfed.federation.sum_threads.sum_threads` (what ``aggregate_step`` uses) each float
+    tensor is instead queued, in parts, on one thread per CPU while the pass goes on with the next
+    tensors, and handed to ``on_tensor`` in order once complete (same operations per element).
 
 Memory
     :class:`WeightedMean` takes sites in passes (``add`` = a pass of one site, ``add_group`` = a pass

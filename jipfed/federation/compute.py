@@ -3,7 +3,9 @@
 The updates are read from the store as :class:`~jipfed.federation.payload_stream.StoredUpdate`
 sources, one tensor per access, not hashed again (their stored identity is compared with the one
 recorded at their arrival check), so the strategy aggregates them in the bounded-pass path of
-:func:`jipfed.federation.aggregate.mean_weights` (or tensor by tensor for the robust reducers).
+:func:`jipfed.federation.aggregate.mean_weights` (or tensor by tensor for the robust reducers),
+summing on every CPU (:func:`~jipfed.federation.sum_threads.sum_threads`) while the finished
+tensors are written and hashed on the hash pipeline's threads.
 """
 
 from __future__ import annotations
