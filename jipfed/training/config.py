@@ -17,7 +17,7 @@ MODELS_BY_TASK = {
     "segmentation": ("unet", "segresnet"),
     "classification": ("densenet", "resnet"),
 }
-SIZES = ("tiny", "small", "medium")
+SIZES = ("micro", "tiny", "small", "medium")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 BN_POLICIES = ("aggregate", "local")
 
@@ -31,7 +31,8 @@ class TrainConfig:
             (grade, HGG = 1, 2 softmax logits).
         model: ``"unet"`` / ``"segresnet"`` for segmentation, ``"densenet"`` / ``"resnet"`` for
             classification.
-        size: channel preset, ``"tiny"`` (tests), ``"small"`` (simulation), ``"medium"``.
+        size: channel preset, ``"micro"`` (a few thousand weights: sample-level DP, see
+            docs/privacy.md), ``"tiny"`` (tests), ``"small"`` (simulation), ``"medium"``.
         epochs: passes over the site's training split per round; at most one of ``epochs`` and
             ``steps`` may be given, and when neither is, ``epochs`` becomes 1.
         steps: optimiser steps per round (the loader cycles, reshuffled each pass).

@@ -25,25 +25,30 @@ REGION_NAMES = ("wt", "tc", "et")
 N_GRADES = 2
 
 _UNET = {
-    # channels per level; strides (2, 2, 2) for all presets
+    # channels per level; stride 2 between levels. "micro" (6,293 weights) is the size at which
+    # sample-level DP reaches the non-private Dice on the synthetic task (docs/privacy.md)
+    "micro": ((8, 16), 0),
     "tiny": ((4, 8, 16, 32), 0),
     "small": ((16, 32, 64, 128), 1),
     "medium": ((32, 64, 128, 256), 2),
 }
 _SEGRESNET = {
     # init_filters, blocks_down, blocks_up (GroupNorm with 8 groups needs filters % 8 == 0)
+    "micro": (8, (1, 1), (1,)),
     "tiny": (8, (1, 1, 1), (1, 1)),
     "small": (16, (1, 2, 2, 4), (1, 1, 1)),
     "medium": (32, (1, 2, 2, 4), (1, 1, 1)),
 }
 _DENSENET = {
     # init_features, growth_rate, block_config; "medium" is DenseNet121's layout at half width
+    "micro": (4, 4, (2,)),
     "tiny": (8, 4, (2, 2)),
     "small": (16, 8, (3, 6, 6)),
     "medium": (32, 16, (6, 12, 24, 16)),
 }
 _RESNET = {
     # layers, block_inplanes ("medium" is ResNet-18's layout at half width)
+    "micro": ([1, 1, 1, 1], [2, 4, 8, 16]),
     "tiny": ([1, 1, 1, 1], [4, 8, 16, 32]),
     "small": ([1, 1, 1, 1], [16, 32, 64, 128]),
     "medium": ([2, 2, 2, 2], [32, 64, 128, 256]),

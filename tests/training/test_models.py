@@ -19,7 +19,7 @@ def _n_params(model: nn.Module) -> int:
 
 
 @pytest.mark.parametrize("model", ["unet", "segresnet"])
-@pytest.mark.parametrize("size", ["tiny", "small", "medium"])
+@pytest.mark.parametrize("size", ["micro", "tiny", "small", "medium"])
 def test_segmentation_models_emit_three_region_channels(model: str, size: str) -> None:
     cfg = TrainConfig(model=model, size=size)
     net = build_model(cfg, in_channels=4).eval()
@@ -32,7 +32,7 @@ def test_segmentation_models_emit_three_region_channels(model: str, size: str) -
 
 
 @pytest.mark.parametrize("model", ["densenet", "resnet"])
-@pytest.mark.parametrize("size", ["tiny", "small", "medium"])
+@pytest.mark.parametrize("size", ["micro", "tiny", "small", "medium"])
 def test_classification_models_emit_two_logits(model: str, size: str) -> None:
     cfg = TrainConfig(task="classification", model=model, size=size)
     net = build_model(cfg, in_channels=4).eval()
@@ -44,8 +44,10 @@ def test_classification_models_emit_two_logits(model: str, size: str) -> None:
 
 @pytest.mark.parametrize("model", ["unet", "segresnet"])
 def test_presets_grow(model: str) -> None:
-    sizes = [_n_params(build_model(TrainConfig(model=model, size=s))) for s in ("tiny", "small", "medium")]
-    assert sizes[0] < sizes[1] < sizes[2]
+    sizes = [
+        _n_params(build_model(TrainConfig(model=model, size=s))) for s in ("micro", "tiny", "small", "medium")
+    ]
+    assert sizes[0] < sizes[1] < sizes[2] < sizes[3]
 
 
 def test_init_is_seeded_and_leaves_global_rng_alone() -> None:
