@@ -8,7 +8,9 @@ endpoint, hosted site DAGs), warms the sites' data caches with a 1-round experim
   central stored in the dispatch records; the last round: to the end of its aggregation), so
   everything between two rounds counts: collect, aggregate, report, the next central run;
 * slowest site's training time: the longest ``train_local`` task that started in the round;
-* overhead = wall - slowest training;
+* overhead = wall - slowest training, split into ``to_train_s`` (the dispatch to the start of the
+  slowest site's training: the site noticing the step, its work task, the training task's start)
+  and ``after_train_s`` (the end of that training to the next dispatch: upload, collect, close);
 * one round's task instances (central and sites) with their start, relative to the round's
   dispatch, and duration, so the time between dispatches can be read task by task.
 
@@ -83,8 +85,10 @@ def measure(fed: LocalFederation, experiment: str, transport: str) -> list[dict[
         # the last round ends when its close task does (aggregated, final model published)
         end = dispatched[index + 1] if index + 1 < len(dispatched) else last_close_end(fed, begin)
         in_round = [ti for ti in trains if ti["start_date"] and begin <= _time(ti["start_date"]) < end]
-        slowest = max((duration(ti) for ti in in_round), default=0.0)
+        slowest_ti = max(in_round, key=duration, default=None)
+        slowest = duration(slowest_ti) if slowest_ti else 0.0
         wall = (end - begin).total_seconds()
+        to_train = (_time(slowest_ti["start_date"]) - begin).total_seconds() if slowest_ti else 0.0
         rows.append(
             {
                 "round": index,
@@ -92,6 +96,8 @@ def measure(fed: LocalFederation, experiment: str, transport: str) -> list[dict[
                 "wall_s": wall,
                 "slowest_train_s": slowest,
                 "overhead_s": wall - slowest,
+                "to_train_s": to_train,
+                "after_train_s": wall - slowest - to_train,
                 "begin": begin,
                 "end": end,
             }
