@@ -665,23 +665,27 @@ def _reduce_tensor(
     xs = [_flat(x) for x in tensors]
     numel = gf.numel()
     step = min(chunk_elements(SORT_CHUNK_ELEMENTS), max(numel, 1))
-    buffer = torch.empty((n + 1, step), dtype=dtype)
     out = output_tensor(g.shape, g.dtype)
     of = _flat(out)
-    for start in range(0, numel, step):
-        stop = min(start + step, numel)
-        rows = [buffer[i, : stop - start] for i in range(n + 1)]
-        g_chunk = gf[start:stop]
-        for row, x, kind in zip(rows[:n], xs, kinds, strict=True):
-            if kind == "weights":
-                torch.sub(x[start:stop], g_chunk, out=row)
+
+    def chunks(begin: int, end: int) -> None:
+        buffer = torch.empty((n + 1, min(step, end - begin)), dtype=dtype)
+        for start in range(begin, end, step):
+            stop = min(start + step, end)
+            rows = [buffer[i, : stop - start] for i in range(n + 1)]
+            g_chunk = gf[start:stop]
+            for row, x, kind in zip(rows[:n], xs, kinds, strict=True):
+                if kind == "weights":
+                    torch.sub(x[start:stop], g_chunk, out=row)
+                else:
+                    row.copy_(x[start:stop])
+            if n <= NETWORK_MAX_SITES:
+                ordered, _ = sort_rows(rows[:n], rows[n])
             else:
-                row.copy_(x[start:stop])
-        if n <= NETWORK_MAX_SITES:
-            ordered, _ = sort_rows(rows[:n], rows[n])
-        else:
-            ordered = list(torch.sort(buffer[:n, : stop - start], dim=0).values)
-        of[start:stop].copy_(reduce(ordered).add_(g_chunk))
+                ordered = list(torch.sort(buffer[:n, : stop - start], dim=0).values)
+            of[start:stop].copy_(reduce(ordered).add_(g_chunk))
+
+    start_parts(numel, chunks).wait()  # in parts on the threads of an enclosing ``sum_threads``
     return out
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from jipfed.federation import aggregate, sum_threads
-from jipfed.federation.aggregate import mean_weights
+from jipfed.federation.aggregate import coordinatewise_median, coordinatewise_trimmed_mean, mean_weights
 from jipfed.federation.codec import encode_update
 from jipfed.federation.payload_stream import HashPipeline, StoredUpdate
 from jipfed.federation.sum_threads import start_parts
@@ -21,8 +21,9 @@ from .helpers import update
 
 @pytest.fixture
 def small_parts(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Parts of 600 elements, chunks of 1000 per part: small tensors are cut in several parts of several chunks."""
+    """Parts of at least 600 elements, chunks of 250: small tensors are cut in several parts of several chunks."""
     monkeypatch.setattr(aggregate, "CHUNK_ELEMENTS", 250)
+    monkeypatch.setattr(aggregate, "SORT_CHUNK_ELEMENTS", 250)
     monkeypatch.setattr(sum_threads, "MIN_PART_ELEMENTS", 600)
     monkeypatch.setattr(sum_threads, "INLINE_ELEMENTS", 50)
     threads = torch.get_num_threads()
@@ -67,6 +68,20 @@ def test_threads_give_the_one_thread_bytes_in_order(
     assert handed == list(ups[0].tensors)  # each once, in the order the tensors were read
     for name, want in expected.items():
         assert got[name].dtype == want.dtype and torch.equal(got[name], want), name
+
+
+def test_threads_give_the_one_thread_median_and_trimmed_mean(small_parts: None) -> None:
+    g, ups = _sites()
+    reducers = {
+        "median": lambda: coordinatewise_median(g, ups),
+        "trimmed": lambda: coordinatewise_trimmed_mean(g, ups, beta=0.2),
+    }
+    for what, reduce in reducers.items():
+        expected = reduce()
+        with sum_threads.sum_threads(3):
+            got = reduce()
+        for name, want in expected.items():
+            assert got[name].dtype == want.dtype and torch.equal(got[name], want), (what, name)
 
 
 def test_threads_over_stored_files_page_in_and_drop_each_part(small_parts: None, tmp_path: Path) -> None:
