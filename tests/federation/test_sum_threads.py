@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -17,19 +16,17 @@ from jipfed.federation.payload_stream import HashPipeline, StoredUpdate
 from jipfed.federation.sum_threads import start_parts
 
 from .helpers import update
+from .test_aggregate import small_chunks  # noqa: F401  (the fixture small_parts uses)
 
 
 @pytest.fixture
-def small_parts(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def small_parts(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     """Parts of at least 600 elements, chunks of 250: small tensors are cut in several parts of several chunks."""
+    request.getfixturevalue("small_chunks")  # one torch thread (restored after)
     monkeypatch.setattr(aggregate, "CHUNK_ELEMENTS", 250)
     monkeypatch.setattr(aggregate, "SORT_CHUNK_ELEMENTS", 250)
     monkeypatch.setattr(sum_threads, "MIN_PART_ELEMENTS", 600)
     monkeypatch.setattr(sum_threads, "INLINE_ELEMENTS", 50)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _model(seed: int) -> dict[str, torch.Tensor]:
