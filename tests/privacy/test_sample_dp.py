@@ -70,12 +70,11 @@ def test_models_opacus_cannot_handle_are_refused(data: SiteData) -> None:
         unet.train(unet.get_weights(), mu=0.1, round=0, fit=FitSettings(dp_sgd=DP))
 
 
-def test_without_noise_and_clipping_dp_sgd_is_plain_training(data: SiteData) -> None:
+@pytest.mark.parametrize("size", ["micro", "tiny"])
+def test_without_noise_and_clipping_dp_sgd_is_plain_training(data: SiteData, size: str) -> None:
     """5 training cases in batches of 2: the last batch has one case and is averaged over one."""
     torch.set_num_threads(1)
-    config = TrainConfig(
-        size="tiny", steps=3, batch_size=2, lr=0.01, amp=False, augment=False, optimizer="sgd"
-    )
+    config = TrainConfig(size=size, steps=3, batch_size=2, lr=0.01, amp=False, augment=False, optimizer="sgd")
     plain = LocalTrainer(config, data, device="cpu")
     start = plain.get_weights()
     expected = plain.train(start, round=0)
