@@ -43,7 +43,7 @@ def start(store: ModelStore, name: str = "exp1", **overrides) -> ExperimentStore
         "sites": SITES,
         "rounds": 1,
         "train": TRAIN,
-        "round_timeout_s": 60.0,
+        "round_timeout_s": 900.0,  # generous: a loaded CI machine must not make an upload late
         "min_sites": 2,
     }
     values.update(overrides)
