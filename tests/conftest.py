@@ -13,11 +13,13 @@ import pytest
 #: Test files (or folders) by falling duration on 2 cores; the rest keep their collection order after them.
 LONGEST_FIRST = (
     "tests/e2e/",
+    "tests/airflow/test_secure_aggregation_push.py",
     "tests/airflow/test_central_dag.py",
     "tests/airflow/test_site_dag.py",
     "tests/ui/",
     "tests/deploy/",
     "tests/airflow/test_standalone.py",
+    "tests/airflow/test_secure_aggregation.py",
     "tests/imaging/test_transfer_syntaxes.py",
     "tests/operators/test_central_work.py",
     "tests/airflow/test_airflow2.py",
