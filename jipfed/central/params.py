@@ -293,7 +293,8 @@ PARAMS: dict[str, dict[str, Any]] = {
         "exclusiveMinimum": 0,
         "default": None,
         "title": "DP noise multiplier",
-        "description": "Noise std / clip norm; empty = the smallest that keeps the budget.",
+        "description": "Noise std / clip norm; empty = the smallest that keeps the budget after all rounds "
+        "(sample level: each site chooses its own from its number of cases and steps in its first round).",
         "section": _PRIVACY,
     },
     "dp_adaptive_clip": {
@@ -445,7 +446,7 @@ def privacy_settings(values: Mapping[str, Any]) -> dict[str, Any]:
                 "epsilon": values["dp_epsilon"],
                 "delta": values["dp_delta"],
                 "max_grad_norm": values["dp_clip_norm"],
-                "noise_multiplier": values["dp_noise_multiplier"] or 1.0,
+                "noise_multiplier": values["dp_noise_multiplier"],
             }
     if values["secure_aggregation"]:
         privacy["secure_aggregation"] = {}

@@ -245,7 +245,10 @@ class ExperimentConfig:
                 from jipfed.federation.strategies.dp_sgd_fit import DPSGDFit
                 from jipfed.privacy.settings import SampleDP
 
-                strategy = DPSGDFit(inner=strategy, dp=SampleDP(**self.privacy["sample_dp"]))
+                sample_dp = dict(self.privacy["sample_dp"])
+                if sample_dp.get("planned_rounds") is None:  # what a noise chosen from the budget spans
+                    sample_dp["planned_rounds"] = self.rounds
+                strategy = DPSGDFit(inner=strategy, dp=SampleDP(**sample_dp))
             if self.privacy.get("client_dp"):
                 from jipfed.federation.strategies.dp_fedavg import DPFedAvg
                 from jipfed.privacy.settings import ClientDP

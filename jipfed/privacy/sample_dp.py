@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from jipfed.privacy.accountant import epsilon_after
+from jipfed.privacy.accountant import epsilon_after, noise_for_budget
 from jipfed.privacy.secure_noise import ChaChaNormal
 from jipfed.privacy.settings import DP_SGD_MODELS, SampleDP
 
@@ -50,7 +50,9 @@ def epsilon_of(history: Sequence[tuple[float, float, int]], settings: SampleDP) 
         return float(accountant.get_epsilon(delta=settings.delta)) if history else 0.0
     if len({(z, q) for z, q, _ in history}) > 1:
         raise ValueError("the PRV accountant here takes one noise and sample rate per site")
-    z, q, _ = history[0] if history else (settings.noise_multiplier, 1.0, 0)
+    if not history:
+        return 0.0
+    z, q, _ = history[0]
     return epsilon_after(
         z, sum(t for *_, t in history), delta=settings.delta, sample_rate=q, accountant="prv"
     )
@@ -64,16 +66,45 @@ class DPSGD:
     history: list[tuple[float, float, int]] = field(default_factory=list)
     #: ChaCha20 key of the noise; None = 32 fresh bytes from the OS each round (tests fix it).
     noise_key: bytes | None = None
+    #: This round's noise multiplier (:meth:`check_budget` sets it).
+    noise_multiplier: float | None = None
 
     def epsilon(self, extra_steps: int = 0, sample_rate: float | None = None) -> float:
         """ε spent so far, or after ``extra_steps`` more steps at ``sample_rate``."""
         history = list(self.history)
         if extra_steps:
-            history.append((self.settings.noise_multiplier, float(sample_rate or 1.0), extra_steps))
+            history.append((self._noise(), float(sample_rate or 1.0), extra_steps))
         return epsilon_of(history, self.settings)
 
+    def _noise(self) -> float:
+        if self.noise_multiplier is None:
+            raise RuntimeError("DPSGD.check_budget sets the round's noise multiplier before training")
+        return self.noise_multiplier
+
+    def calibrate(self, steps: int, sample_rate: float, where: str) -> float:
+        """The round's noise multiplier: the configured one; else the site's earlier one; else the
+        smallest that keeps ``epsilon`` after ``planned_rounds`` rounds of ``steps`` at ``sample_rate``."""
+        s = self.settings
+        if s.noise_multiplier is not None:
+            return s.noise_multiplier
+        if self.history:
+            return self.history[0][0]
+        if s.planned_rounds is None or s.epsilon is None:
+            raise ValueError(
+                f"{where}: a noise multiplier chosen from the budget needs epsilon and planned_rounds"
+            )
+        return noise_for_budget(
+            s.epsilon,
+            steps * s.planned_rounds,
+            delta=s.delta,
+            sample_rate=sample_rate,
+            accountant=s.accountant,
+        )
+
     def check_budget(self, steps: int, sample_rate: float, where: str) -> None:
-        """ValueError when ``steps`` more steps would take this site beyond its ε budget."""
+        """Set this round's noise multiplier; ValueError when ``steps`` more steps would take this
+        site beyond its ε budget."""
+        self.noise_multiplier = self.calibrate(steps, sample_rate, where)
         budget = self.settings.epsilon
         if budget is None:
             return
@@ -96,7 +127,7 @@ class DPSGD:
         module = GradSampleModule(model, batch_first=True, loss_reduction="mean")
         dp_optimizer = SecureDPOptimizer(
             optimizer,
-            noise_multiplier=self.settings.noise_multiplier,
+            noise_multiplier=self._noise(),
             max_grad_norm=self.settings.max_grad_norm,
             expected_batch_size=loader.batch_size,
             loss_reduction="mean",
@@ -110,7 +141,7 @@ class DPSGD:
         if close is not None:
             close()
         if steps:
-            self.history.append((self.settings.noise_multiplier, float(sample_rate), int(steps)))
+            self.history.append((self._noise(), float(sample_rate), int(steps)))
         return self.epsilon()
 
     def history_tensor(self) -> torch.Tensor:

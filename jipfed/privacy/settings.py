@@ -5,7 +5,8 @@
     {"client_dp": {"epsilon": 8.0, "delta": 1e-5, "clip_norm": 0.5, "noise_multiplier": null,
                    "adaptive_clip": false, "target_quantile": 0.5, "clip_lr": 0.2,
                    "clip_count_stddev": null, "accountant": "rdp"},
-     "sample_dp": {"noise_multiplier": 1.0, "max_grad_norm": 1.0, "delta": 1e-5, "epsilon": null},
+     "sample_dp": {"noise_multiplier": 1.0, "max_grad_norm": 1.0, "delta": 1e-5, "epsilon": null,
+                   "accountant": "rdp", "planned_rounds": null},
      "secure_aggregation": {"fraction_bits": 24, "value_bound": 1000.0, "upload_timeout_s": 300.0,
                             "key_timeout_s": 900.0}}
 
@@ -106,16 +107,29 @@ class SampleDP:
     """DP-SGD at each site: per-sample gradients clipped to ``max_grad_norm``, noise ``noise_multiplier``.
 
     ``epsilon`` (optional): a site refuses to train a round that would take its own ε beyond it.
+    ``noise_multiplier`` None: each site takes the smallest one that keeps its own ε within
+    ``epsilon`` after ``planned_rounds`` rounds of its first round's steps and sample rate (the
+    experiment fills ``planned_rounds`` with its rounds), and keeps it for later rounds.
     """
 
-    noise_multiplier: float = 1.0
+    noise_multiplier: float | None = 1.0
     max_grad_norm: float = 1.0
     delta: float = 1e-5
     epsilon: float | None = None
     accountant: str = "rdp"
+    planned_rounds: int | None = None
 
     def __post_init__(self) -> None:
-        _number(self.noise_multiplier, "noise_multiplier", low=0.0)
+        _optional_number(self.noise_multiplier, "noise_multiplier", low=0.0)
+        _require(
+            self.noise_multiplier is not None or self.epsilon is not None,
+            "sample-level DP: an empty noise_multiplier is chosen from the epsilon budget; set epsilon",
+        )
+        rounds = self.planned_rounds
+        _require(
+            rounds is None or (isinstance(rounds, int) and not isinstance(rounds, bool) and rounds >= 1),
+            f"planned_rounds must be an integer >= 1, got {rounds!r}",
+        )
         _number(self.max_grad_norm, "max_grad_norm", low=0.0)
         _number(self.delta, "delta", low=0.0, high=0.1)
         _optional_number(self.epsilon, "epsilon", low=0.0)

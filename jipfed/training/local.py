@@ -352,7 +352,7 @@ class LocalTrainer:
             privacy = {
                 "epsilon": epsilon,
                 "delta": dp.settings.delta,
-                "noise_multiplier": dp.settings.noise_multiplier,
+                "noise_multiplier": dp.noise_multiplier,
             }
         controls = drift.finish(step)
         state = self.model.state_dict()

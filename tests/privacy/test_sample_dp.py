@@ -10,6 +10,7 @@ import torch
 from opacus.accountants import RDPAccountant
 from training.synth import write_site
 
+from jipfed.privacy.accountant import noise_for_budget
 from jipfed.privacy.secure_noise import ChaChaNormal, secure_normal
 from jipfed.privacy.settings import SampleDP
 from jipfed.training.config import TrainConfig
@@ -108,3 +109,26 @@ def test_simulated_sample_dp_records_each_site_epsilon(tmp_path: Path) -> None:
     assert 0 < eps[0] < eps[1]
     manifest = json.loads((rounds / "1" / "updates" / "site-b.json").read_text())
     assert manifest["privacy"]["epsilon"] == manifest["metrics"]["dp_epsilon"]
+
+
+def test_an_empty_noise_multiplier_spends_the_site_budget_over_the_planned_rounds(data: SiteData) -> None:
+    """The site picks z from its own steps and sample rate in round 0 and keeps it; ε stays in budget."""
+    torch.set_num_threads(1)
+    budget = SampleDP(noise_multiplier=None, epsilon=8.0, planned_rounds=3)
+    trainer = LocalTrainer(TRAIN, data, device="cpu")
+    weights = trainer.get_weights()
+    results = []
+    for round_ in range(3):
+        result = trainer.train(weights, round=round_, fit=FitSettings(dp_sgd=budget))
+        weights = result.weights
+        results.append(result)
+    noises = {r.privacy["noise_multiplier"] for r in results}
+    assert len(noises) == 1
+    q = TRAIN.batch_size / results[0].n_samples
+    expected = noise_for_budget(8.0, 3 * TRAIN.steps, delta=1e-5, sample_rate=q)
+    assert noises == {expected}
+    assert 7.5 < results[-1].privacy["epsilon"] <= 8.0  # spends (almost) all of it, never more
+    with pytest.raises(ValueError, match=r"round 3: DP-SGD: 3 DP-SGD steps would take .* > its budget 8.0"):
+        trainer.train(weights, round=3, fit=FitSettings(dp_sgd=budget))
+    with pytest.raises(ValueError, match="an empty noise_multiplier is chosen from the epsilon budget"):
+        SampleDP(noise_multiplier=None)
