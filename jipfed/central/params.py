@@ -315,6 +315,25 @@ PARAMS: dict[str, dict[str, Any]] = {
         "the noise themselves (fixed clip norm only).",
         "section": _PRIVACY,
     },
+    "secagg_key_timeout_s": {
+        "type": "number",
+        "exclusiveMinimum": 0,
+        "default": 900.0,
+        "title": "Secure aggregation: key deadline (s)",
+        "description": "Seconds after an attempt's first key within which every site must post its key (a slow "
+        "site trains longer, so be generous); a site without a key then dropped out before key agreement and "
+        "the round goes on without it if the others make the quorum.",
+        "section": _PRIVACY,
+    },
+    "secagg_upload_timeout_s": {
+        "type": "number",
+        "exclusiveMinimum": 0,
+        "default": 300.0,
+        "title": "Secure aggregation: upload deadline (s)",
+        "description": "Seconds after the last key within which every site must upload its masked update; a "
+        "site still missing then dropped out and the round is retried without it (reason recorded).",
+        "section": _PRIVACY,
+    },
 }
 
 CHAIN_PARAMS: dict[str, dict[str, Any]] = {
@@ -449,7 +468,10 @@ def privacy_settings(values: Mapping[str, Any]) -> dict[str, Any]:
                 "noise_multiplier": values["dp_noise_multiplier"],
             }
     if values["secure_aggregation"]:
-        privacy["secure_aggregation"] = {}
+        privacy["secure_aggregation"] = {
+            "key_timeout_s": values["secagg_key_timeout_s"],
+            "upload_timeout_s": values["secagg_upload_timeout_s"],
+        }
     return privacy
 
 

@@ -195,6 +195,19 @@ def test_privacy_switches_that_cannot_work_are_refused_with_the_reason(params: d
 def test_secure_aggregation_from_the_form_is_stored_with_the_experiment() -> None:
     config = experiment_config({"secure_aggregation": True, "norm_bound_factor": None})
     assert config.privacy["secure_aggregation"]["upload_timeout_s"] == 300.0
+    assert config.privacy["secure_aggregation"]["key_timeout_s"] == 900.0
+    config = experiment_config(
+        {
+            "secure_aggregation": True,
+            "norm_bound_factor": None,
+            "secagg_key_timeout_s": 120,
+            "secagg_upload_timeout_s": 60.5,
+        }
+    )
+    assert config.privacy["secure_aggregation"]["key_timeout_s"] == 120.0
+    assert config.privacy["secure_aggregation"]["upload_timeout_s"] == 60.5
+    with pytest.raises(ValueError, match="secagg_key_timeout_s"):
+        experiment_config({"secure_aggregation": True, "norm_bound_factor": None, "secagg_key_timeout_s": 0})
 
 
 def test_client_dp_with_secure_aggregation_from_the_form_is_stored() -> None:
