@@ -215,6 +215,7 @@ def simulate(
     evaluate_local: bool = False,
     device: str | None = None,
     personalize_epochs: int = 0,
+    store_dir: str | Path | None = None,
 ) -> SimulationResult:
     """Run ``config``'s whole plan in this process with one trainer per site.
 
@@ -228,6 +229,8 @@ def simulate(
         personalize_epochs: after the last round every site fine-tunes the final global model
             for this many epochs on its own data; both scores per site go to
             ``personalised.json`` and :attr:`SimulationResult.personalised` (0 = off).
+        store_dir: the model store's folder (default ``workdir/store``); experiments that share
+            one can start from each other's final model (``config.initial_model``).
 
     Returns:
         :class:`SimulationResult`.
@@ -239,7 +242,7 @@ def simulate(
         )
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    exp_store = ExperimentStore(LocalFolderStore(workdir / "store"), config.name)
+    exp_store = ExperimentStore(LocalFolderStore(Path(store_dir or workdir / "store")), config.name)
     state = start_experiment(exp_store, config)
     config_hash = exp_store.config_hash()
     trainers = {site: LocalTrainer(config.train, sites[site], device=device) for site in config.sites}

@@ -57,6 +57,16 @@ PARAMS: dict[str, dict[str, Any]] = {
         "description": f"Participating site ids ({_SLUG_TEXT}), in plan order.",
         "section": _EXPERIMENT,
     },
+    "initial_model": {
+        "type": ["string", "null"],
+        "pattern": SLUG_PATTERN,
+        "default": None,
+        "title": "Start from experiment",
+        "description": "Empty: the model starts from the seed. Otherwise the name of a finished "
+        "experiment in the same store whose final model is round 0's model (a warm start, e.g. "
+        "pretrained on public data); it must be the same network (model, size, channels).",
+        "section": _EXPERIMENT,
+    },
     "rounds": {
         "type": "integer",
         "minimum": 1,
@@ -443,6 +453,7 @@ def experiment_config(params: Mapping[str, Any]) -> ExperimentConfig:
             seed=p["seed"],
             datasets=p["datasets"],
             transport=p["transport"],
+            initial_model=p["initial_model"],
         )
     except ValueError as exc:
         raise ValueError(f"the params do not form a valid experiment: {exc}") from None

@@ -78,6 +78,10 @@ class ExperimentConfig:
             ``{"line", "since", "until", "replay", "seed"}``, see :mod:`jipfed.lines.selection`);
             a site without an entry trains on its whole training split. Empty: left out of
             ``to_dict`` (the config hash of experiments without it is unchanged).
+        initial_model: the name of a finished experiment in the same store whose final model is
+            this experiment's round-0 global model (a warm start, e.g. a model pretrained on public
+            data that DP then only fine-tunes); its tensors must match this config's model. None:
+            the network drawn from ``seed``; left out of ``to_dict`` (config hashes unchanged).
     """
 
     name: str
@@ -102,6 +106,7 @@ class ExperimentConfig:
     datasets: Mapping[str, str] = field(default_factory=dict)
     transport: str = "pull"
     case_selection: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    initial_model: str | None = None
 
     def __post_init__(self) -> None:
         validate_slug(self.name, "experiment name")
@@ -214,6 +219,10 @@ class ExperimentConfig:
         for site, rule in selection.items():
             _json_mapping(rule, f"{where}: case_selection[{site!r}]")
         object.__setattr__(self, "case_selection", selection)
+        if self.initial_model is not None:
+            validate_slug(self.initial_model, f"{where}: initial_model (an experiment name)")
+            if self.initial_model == self.name:
+                raise ValueError(f"{where}: initial_model cannot be the experiment itself")
         object.__setattr__(self, "privacy", self._checked_privacy(where))
         self.make_strategy()  # unknown strategy names and bad kwargs fail now, not in round 5
 
@@ -284,6 +293,8 @@ class ExperimentConfig:
         )
         if not self.case_selection:
             del data["case_selection"]
+        if self.initial_model is None:
+            del data["initial_model"]
         return data
 
     @classmethod

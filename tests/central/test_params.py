@@ -287,3 +287,15 @@ def test_the_form_builds_the_heterogeneity_strategies(strategy: str, kwargs: dic
     config = experiment_config({"strategy": strategy, "strategy_kwargs": kwargs})
     assert config.strategy == strategy
     assert config.make_strategy().config() == {**config.make_strategy().config(), **kwargs}
+
+
+def test_initial_model_from_the_form_is_stored_with_the_experiment() -> None:
+    assert experiment_config({}).initial_model is None
+    config = experiment_config({"experiment": "dp-fine", "initial_model": "public-pre"})
+    assert config.initial_model == "public-pre"
+    assert ExperimentConfig.from_json(config.to_json()).initial_model == "public-pre"
+    with pytest.raises(ValueError, match="param 'initial_model'"):
+        experiment_config({"initial_model": "no/slug"})
+    with pytest.raises(ValueError, match="initial_model cannot be the experiment itself"):
+        experiment_config({"experiment": "same", "initial_model": "same"})
+    assert ui_forms()["workflow_form"]["properties"]["initial_model"]["default"] is None
