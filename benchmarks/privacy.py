@@ -30,11 +30,21 @@ weak non-private Dice, so the benchmark prints the share of the non-private gain
 too. Client-level noise on the mean is ``z·C/n_sites`` per coordinate; the benchmark prints its
 norm against the mean update's and how many sites would bring it down to the update's norm.
 
+5. **From a public model** (``--public-cases N``): a "public" synthetic set of N cases that is none
+   of the sites' data (its own generator seed, held only by the pretraining run) is trained without
+   DP for ``--public-rounds`` rounds as its own one-site experiment ``public-pre``; every run above
+   (no DP and each ε, both levels) then starts from its final model (``ExperimentConfig.initial_model``,
+   all experiments in one store) and only fine-tunes. Printed as well: the pretrained model's Dice
+   on the sites' held-out cases before federated training, and each run's share of the no-DP gain
+   over that start (a good start alone is not DP working). The DP-SGD clip norm is calibrated on
+   the pretrained model's per-case gradients.
+
 Run: ``nice -n 10 .venv/bin/python benchmarks/privacy.py > /tmp/privacy.log 2>&1`` (``--quick``: a
 smoke run of a few minutes); the DP-sized model:
 ``nice -n 10 .venv/bin/python benchmarks/privacy.py --cohort --rounds 30 --size micro --lr 0.03``.
 Results: ``<workdir>/results.json``; finished runs are cached (the workdir name carries the size
-and lr when they are not the defaults).
+and lr when they are not the defaults, and ``-public<N>x<rounds>`` with a public start; the sites'
+data stay in the workdir without that suffix).
 """
 
 from __future__ import annotations
@@ -67,6 +77,9 @@ from jipfed.training.data import SiteData
 DICE_GOAL = 0.95
 EPSILON_GOAL = 8.0
 SECAGG_GOAL = 0.10
+#: Generator seed of the public pretraining set (the sites' data are drawn from seed 0).
+PUBLIC_SEED = 1_000_003
+PUBLIC_EXPERIMENT = "public-pre"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -104,6 +117,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--size", choices=SIZES, default="tiny", help="U-Net size preset (default %(default)s)"
     )
+    parser.add_argument(
+        "--public-cases",
+        type=int,
+        default=0,
+        help="pretrain on this many public cases (not the sites') and fine-tune every run from it (0: off)",
+    )
+    parser.add_argument("--public-rounds", type=int, default=20, help="epochs of the public pretraining")
     args = parser.parse_args(argv)
     if args.quick or args.cohort:
         args.shape, args.spatial_size, args.spacing = [32, 32, 24], [16, 16, 16], [8.0, 8.0, 8.0]
@@ -115,6 +135,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.workdir = args.workdir.with_name(args.workdir.name + "-cohort")
     if (args.size, args.lr) != ("tiny", 3e-3):  # cached runs are named by level and ε only
         args.workdir = args.workdir.with_name(f"{args.workdir.name}-{args.size}-lr{args.lr:g}")
+    args.data_dir = args.workdir / "data"
+    args.initial_model = None  # set once the public model is trained
+    if args.public_cases:
+        args.workdir = args.workdir.with_name(
+            f"{args.workdir.name}-public{args.public_cases}x{args.public_rounds}"
+        )
     return args
 
 
@@ -132,20 +158,36 @@ def final_dice(result: Any) -> float:
 
 
 def run(
-    args: argparse.Namespace, sites: Mapping[str, SiteData], name: str, train: TrainConfig, privacy: dict
+    args: argparse.Namespace,
+    sites: Mapping[str, SiteData],
+    name: str,
+    train: TrainConfig,
+    privacy: dict,
+    rounds: int | None = None,
 ) -> dict[str, Any]:
-    """One FedAvg experiment (cached by name): final mean Dice, seconds, per-round privacy records."""
+    """One FedAvg experiment (cached by name): final mean Dice, seconds, per-round privacy records.
+
+    With a public start every run but the pretraining itself starts from ``args.initial_model``.
+    """
 
     def compute() -> dict[str, Any]:
         config = ExperimentConfig(
             name=name,
             sites=tuple(sites),
-            rounds=args.rounds,
+            rounds=rounds or args.rounds,
             train=train,
             privacy=privacy,
             norm_bound_factor=None,
+            initial_model=None if name == PUBLIC_EXPERIMENT else args.initial_model,
         )
-        result = simulate(sites, config, args.workdir / "runs" / name, progress=False, device="cpu")
+        result = simulate(
+            sites,
+            config,
+            args.workdir / "runs" / name,
+            progress=False,
+            device="cpu",
+            store_dir=store_dir(args, name),
+        )
         return {
             "dice": final_dice(result),
             "curve": result.curve(),
@@ -160,8 +202,31 @@ def run(
     return cached(args.workdir / "runs" / f"{name}.json", compute)
 
 
+def store_dir(args: argparse.Namespace, name: str) -> Path:
+    """One store for all runs with a public start (they start from its model), else one per run."""
+    return args.workdir / "store" if args.public_cases else args.workdir / "runs" / name / "store"
+
+
 def run_root(args: argparse.Namespace, name: str) -> Path:
-    return args.workdir / "runs" / name / "store" / "experiments" / name / "rounds"
+    return store_dir(args, name) / "experiments" / name / "rounds"
+
+
+def pretrain_public(args: argparse.Namespace, train: TrainConfig) -> dict[str, Any]:
+    """Train ``PUBLIC_EXPERIMENT`` without DP on the public cases (a one-site experiment)."""
+    folders = prepare_synthetic_sites(
+        args.workdir / "public-data",
+        n_sites=1,
+        cases_per_site=args.public_cases,
+        shape=tuple(args.shape),
+        spatial_size=tuple(args.spatial_size),
+        spacing_mm=tuple(args.spacing),
+        seed=PUBLIC_SEED,
+        progress=False,
+    )
+    public = {"public": SiteData.from_dir(next(iter(folders.values())), group="public")}
+    result = run(args, public, PUBLIC_EXPERIMENT, train, {}, rounds=args.public_rounds)
+    args.initial_model = PUBLIC_EXPERIMENT
+    return {**result, "training_cases": site_train_sizes(public, train)["public"]}
 
 
 def base_weights(args: argparse.Namespace) -> dict[str, torch.Tensor]:
@@ -194,8 +259,14 @@ def update_norms(args: argparse.Namespace, name: str) -> list[float]:
     return norms
 
 
-def per_case_grad_norms(sites: Mapping[str, SiteData], train: TrainConfig, limit: int = 32) -> list[float]:
-    """L2 norms of the initial model's per-case gradients (task loss) on up to ``limit`` training cases a site."""
+def per_case_grad_norms(
+    sites: Mapping[str, SiteData],
+    train: TrainConfig,
+    limit: int = 32,
+    weights: Mapping[str, torch.Tensor] | None = None,
+) -> list[float]:
+    """L2 norms of the initial model's (or ``weights``') per-case gradients (task loss) on up to
+    ``limit`` training cases a site."""
     from opacus import GradSampleModule
 
     from jipfed.training.data import CaseDataset, make_loader
@@ -203,6 +274,8 @@ def per_case_grad_norms(sites: Mapping[str, SiteData], train: TrainConfig, limit
     from jipfed.training.models import build_model
 
     model = build_model(train)
+    if weights is not None:
+        model.load_state_dict(dict(weights), strict=False)  # the shared entries of a warm start
     module = GradSampleModule(model)
     norms: list[float] = []
     for data in sites.values():
@@ -345,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
     folders = prepare_synthetic_sites(
-        args.workdir / "data",
+        args.data_dir,
         n_sites=args.sites,
         cases_per_site=args.cases,
         shape=tuple(args.shape),
@@ -357,12 +430,17 @@ def main(argv: list[str] | None = None) -> int:
     train = TrainConfig(
         size=args.size, epochs=1, batch_size=args.batch_size, lr=args.lr, amp=False, val_fraction=0.25
     )
+    public = pretrain_public(args, train) if args.public_cases else None
     base = run(args, sites, "nodp", train, {})
+    start = base["curve"][0]  # round 0: the seeded or the pretrained model on the sites' held-out cases
     norms = update_norms(args, "nodp")
     clip = statistics.median(norms)
     mean_update = mean_update_norm(args, "nodp")
     dp_train = dataclasses.replace(train, lr=args.dp_lr or args.lr)
-    case_norms = per_case_grad_norms(sites, dp_train) if args.max_grad_norm is None else []
+    start_weights = base_weights(args) if public else None
+    case_norms = (
+        per_case_grad_norms(sites, dp_train, weights=start_weights) if args.max_grad_norm is None else []
+    )
     grad_clip = args.max_grad_norm or quantile(case_norms, args.clip_quantile)
     n_params = sum(v.numel() for v in base_weights(args).values() if v.is_floating_point())
     floor = empty_prediction_dice(sites, train)
@@ -375,6 +453,13 @@ def main(argv: list[str] | None = None) -> int:
         f"no DP: Dice {base['dice']:.4f} ({base['seconds']:.0f} s; predicting no tumour scores {floor:.4f}); "
         f"site update norms median {clip:.4f}, mean update norm (median over rounds) {mean_update:.4f}"
     )
+    if public:
+        print(
+            f"public start: {public['training_cases']} public training cases (generator seed {PUBLIC_SEED}, none "
+            f"of the sites'), {args.public_rounds} epochs without DP ({public['seconds']:.0f} s); its Dice on "
+            f"the sites' held-out cases {start:.4f} before federated training, {base['dice']:.4f} after "
+            f"{args.rounds} no-DP rounds (gain {base['dice'] - start:+.4f})"
+        )
     if case_norms:
         print(
             f"initial per-case gradient norms: min {min(case_norms):.4f} median {quantile(case_norms, 0.5):.4f} "
@@ -407,7 +492,12 @@ def main(argv: list[str] | None = None) -> int:
             ratio = out["dice"] / base["dice"] if base["dice"] > 0 else math.nan
             print(
                 f"{level:6s} eps {eps:5g}: noise multiplier {z:7.3f}, spent {spent:6.3f}, "
-                f"Dice {out['dice']:.4f} ({ratio:6.1%} of no DP)"
+                f"Dice {out['dice']:.4f} ({ratio:6.1%} of no DP"
+                + (
+                    f", {gain_share(out, base, start):6.1%} of its gain over the public start)"
+                    if public
+                    else ")"
+                )
             )
             if level == "client":
                 print(client_noise_report(args, rows[-1], mean_update, n_params))
@@ -436,6 +526,11 @@ def main(argv: list[str] | None = None) -> int:
             + f" ({level}, {args.cases} cases per site): best at eps <= {EPSILON_GOAL:g} keeps {share:.1%} "
             f"of the non-private Dice (goal {DICE_GOAL:.0%}); above the no-tumour floor {floor:.4f}: "
             f"{gain_share(best, base, floor):.1%} of the non-private gain"
+            + (
+                f"; over the public start {start:.4f}: {gain_share(best, base, start):.1%} of the no-DP gain"
+                if public
+                else ""
+            )
         )
     print(
         ("PASS" if cost["extra_fraction"] <= SECAGG_GOAL else "MISS")
@@ -447,6 +542,8 @@ def main(argv: list[str] | None = None) -> int:
                 "args": {k: str(v) for k, v in vars(args).items()},
                 "base": base,
                 "floor": floor,
+                "start_dice": start,
+                "public": public,
                 "rows": rows,
                 "secagg": cost,
             },

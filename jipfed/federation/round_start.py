@@ -52,7 +52,9 @@ def warm_start_weights(exp_store: ExperimentStore, config: ExperimentConfig) -> 
     except ObjectNotFoundError:
         raise ValueError(f"{where}: no such experiment in the store") from None
     if status is not Status.FINISHED:
-        raise ValueError(f"{where} is {status.value}, not finished: only a final model can start another experiment")
+        raise ValueError(
+            f"{where} is {status.value}, not finished: only a final model can start another experiment"
+        )
     payload = src.store.get_bytes(src.layout.final(f"{FINAL_MODEL}.safetensors"))
     manifest = src.store.get_json(src.layout.final(f"{FINAL_MODEL}.json"))
     if sha256_hex(payload) != manifest.get("sha256"):
@@ -74,7 +76,9 @@ def warm_start_weights(exp_store: ExperimentStore, config: ExperimentConfig) -> 
 
 
 def _spec(tensor: torch.Tensor | None) -> str:
-    return "missing" if tensor is None else f"{tuple(tensor.shape)} {str(tensor.dtype).removeprefix('torch.')}"
+    return (
+        "missing" if tensor is None else f"{tuple(tensor.shape)} {str(tensor.dtype).removeprefix('torch.')}"
+    )
 
 
 def save_initial_global(

@@ -21,16 +21,14 @@ from jipfed.training.data import SiteData
 TRAIN = TrainConfig(size="tiny", steps=2, batch_size=2, lr=0.02, amp=False, augment=False)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    torch.set_num_threads(1)
-
-
 @pytest.fixture(scope="module")
 def public(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, SimulationResult]:
     """A finished one-site "pretraining" experiment ``pre`` in a store; returns (store folder, result)."""
+    torch.set_num_threads(1)  # the only training here; the rest reads and compares tensors
     root = tmp_path_factory.mktemp("public")
-    data = {"public": SiteData.from_dir(write_site(root / "data", 4, seed=7, size=16, prefix="p"), group="public")}
+    data = {
+        "public": SiteData.from_dir(write_site(root / "data", 4, seed=7, size=16, prefix="p"), group="public")
+    }
     config = ExperimentConfig(name="pre", sites=("public",), rounds=1, train=TRAIN)
     result = simulate(data, config, root / "run", progress=False, device="cpu", store_dir=root / "store")
     return root / "store", result
@@ -52,7 +50,9 @@ def round0(exp_store: ExperimentStore) -> dict[str, torch.Tensor]:
     return safetensors.torch.load(exp_store.load_global(0)[0])
 
 
-def test_warm_start_equals_the_source_final_model(public: tuple[Path, SimulationResult], tmp_path: Path) -> None:
+def test_warm_start_equals_the_source_final_model(
+    public: tuple[Path, SimulationResult], tmp_path: Path
+) -> None:
     store_dir, result = public
     store = LocalFolderStore(store_dir)
     exp_store = ExperimentStore(store, "fine")
@@ -80,13 +80,21 @@ def refused(store_dir: Path, cfg: ExperimentConfig, match: str) -> None:
 
 
 def test_missing_source_is_refused(public: tuple[Path, SimulationResult]) -> None:
-    refused(public[0], config("orphan", initial_model="nope"), "'orphan': initial_model 'nope': no such experiment")
+    refused(
+        public[0],
+        config("orphan", initial_model="nope"),
+        "'orphan': initial_model 'nope': no such experiment",
+    )
 
 
 def test_unfinished_source_is_refused(public: tuple[Path, SimulationResult]) -> None:
     store = LocalFolderStore(public[0])
     start_experiment(ExperimentStore(store, "running"), config("running", initial_model=None))
-    refused(public[0], config("child", initial_model="running"), "'child': initial_model 'running' is running, not finished")
+    refused(
+        public[0],
+        config("child", initial_model="running"),
+        "'child': initial_model 'running' is running, not finished",
+    )
 
 
 def test_source_of_another_network_is_refused_naming_both(public: tuple[Path, SimulationResult]) -> None:
