@@ -91,7 +91,9 @@ def _serve(args: argparse.Namespace) -> int:
         log.info("signal %d: stopping", signum)
         stop.set()
 
-    previous = signal.signal(signal.SIGTERM, on_signal)
+    # SIGINT explicitly too: a process started in the background by a shell inherits SIGINT ignored
+    # (Python then never raises KeyboardInterrupt), yet Ctrl-C / SIGINT to the group must stop it.
+    previous = {signum: signal.signal(signum, on_signal) for signum in (signal.SIGTERM, signal.SIGINT)}
     try:
         server.start()
         if args.upload is not None:
@@ -120,4 +122,5 @@ def _serve(args: argparse.Namespace) -> int:
         return 0
     finally:
         server.stop()
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

@@ -150,7 +150,7 @@ def start_candidate(
     """Create the run's experiment: the sites with cases to train on, warm-started from the released model."""
     from safetensors.torch import load as load_tensors
 
-    from jipfed.federation.codec import encode_global
+    from jipfed.federation.round_start import save_initial_global
     from jipfed.federation.rounds import start_experiment
 
     counts = run["census"]["sites"]
@@ -171,10 +171,7 @@ def start_candidate(
     config_hash = exp_store.save_config(config.to_dict())
     if run.get("parent") and not exp_store.has_global(0):
         _, payload, _ = lines.released_model()
-        encoded = encode_global(
-            load_tensors(payload), experiment=config.name, round=0, config_hash=config_hash
-        )
-        exp_store.save_global(0, encoded.payload, encoded.manifest.to_dict())
+        save_initial_global(exp_store, config, config_hash, load_tensors(payload))
     start_experiment(exp_store, config)
     logger.info(
         "line %s: candidate %s trains at %s (parent %s)", line.name, config.name, sites, run.get("parent")

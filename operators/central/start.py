@@ -60,6 +60,8 @@ class StartExperimentOperator(BaseOperator):
                 f"experiment {name!r} already exists with other settings; nothing was changed. Start it "
                 f"under a new name, or trigger it with its stored settings to resume it. ({exc})"
             ) from None
+        except ValueError as exc:  # e.g. a warm start from a missing or mismatching experiment: no retry helps
+            raise AirflowFailException(f"cannot start the run: {exc}") from None
         n_steps = config.make_plan().n_steps
         step = state.next_step if state.status is Status.RUNNING and state.next_step < n_steps else None
         if state.status is Status.FINISHED:
