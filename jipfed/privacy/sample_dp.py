@@ -66,7 +66,7 @@ class DPSGD:
     history: list[tuple[float, float, int]] = field(default_factory=list)
     #: ChaCha20 key of the noise; None = 32 fresh bytes from the OS each round (tests fix it).
     noise_key: bytes | None = None
-    #: This round's noise multiplier (:meth:`check_budget` sets it).
+    #: This round's noise multiplier (:meth:`calibrate` sets it).
     noise_multiplier: float | None = None
 
     def epsilon(self, extra_steps: int = 0, sample_rate: float | None = None) -> float:
@@ -78,12 +78,17 @@ class DPSGD:
 
     def _noise(self) -> float:
         if self.noise_multiplier is None:
-            raise RuntimeError("DPSGD.check_budget sets the round's noise multiplier before training")
+            raise RuntimeError("DPSGD.calibrate sets the round's noise multiplier before training")
         return self.noise_multiplier
 
     def calibrate(self, steps: int, sample_rate: float, where: str) -> float:
-        """The round's noise multiplier: the configured one; else the site's earlier one; else the
-        smallest that keeps ``epsilon`` after ``planned_rounds`` rounds of ``steps`` at ``sample_rate``."""
+        """Set and return the round's noise multiplier: the configured one; else the site's earlier
+        one; else the smallest that keeps ``epsilon`` after ``planned_rounds`` rounds of ``steps`` at
+        ``sample_rate``."""
+        self.noise_multiplier = self._calibrated(steps, sample_rate, where)
+        return self.noise_multiplier
+
+    def _calibrated(self, steps: int, sample_rate: float, where: str) -> float:
         s = self.settings
         if s.noise_multiplier is not None:
             return s.noise_multiplier
@@ -102,9 +107,8 @@ class DPSGD:
         )
 
     def check_budget(self, steps: int, sample_rate: float, where: str) -> None:
-        """Set this round's noise multiplier; ValueError when ``steps`` more steps would take this
-        site beyond its ε budget."""
-        self.noise_multiplier = self.calibrate(steps, sample_rate, where)
+        """ValueError naming ``where`` when ``steps`` more steps at ``sample_rate`` would take this site
+        beyond its ε budget; changes nothing (:meth:`calibrate` first sets the noise multiplier)."""
         budget = self.settings.epsilon
         if budget is None:
             return

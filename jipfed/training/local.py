@@ -382,7 +382,8 @@ class LocalTrainer:
         """This round's DP-SGD (None when off); ValueError for what it cannot protect or a spent budget."""
         if fit.dp_sgd is None:
             return None
-        where = f"round {round_}: DP-SGD"
+        sites = ", ".join(sorted({r.group for r in self.train_records}))
+        where = f"site {sites}, round {round_}: DP-SGD"
         check_model(self.config.model)
         if mu > 0 or fit.scaffold or fit.feddyn_alpha > 0:
             raise ValueError(
@@ -391,7 +392,9 @@ class LocalTrainer:
         if self._parallel or self._use_amp:
             raise ValueError(f"{where} runs on one device without mixed precision")
         dp = DPSGD(fit.dp_sgd, list(self.dp_history))
-        dp.check_budget(steps, self.config.batch_size / len(loader.dataset), where)
+        sample_rate = self.config.batch_size / len(loader.dataset)
+        dp.calibrate(steps, sample_rate, where)
+        dp.check_budget(steps, sample_rate, where)
         return dp
 
     @torch.no_grad()

@@ -11,6 +11,7 @@ from opacus.accountants import RDPAccountant
 from training.synth import write_site
 
 from jipfed.privacy.accountant import noise_for_budget
+from jipfed.privacy.sample_dp import DPSGD
 from jipfed.privacy.secure_noise import ChaChaNormal, secure_normal
 from jipfed.privacy.settings import SampleDP
 from jipfed.training.config import TrainConfig
@@ -54,10 +55,24 @@ def test_a_round_beyond_the_site_budget_is_refused_before_training(data: SiteDat
     before = trainer.get_weights()
     with pytest.raises(
         ValueError,
-        match=r"round 0: DP-SGD: 3 DP-SGD steps would take this site's epsilon to .* > its budget 0.1",
+        match=r"site a, round 0: DP-SGD: 3 DP-SGD steps would take this site's epsilon to .* > its budget 0.1",
     ):
         trainer.train(before, round=0, fit=FitSettings(dp_sgd=SampleDP(noise_multiplier=1.1, epsilon=0.1)))
     assert all(torch.equal(before[n], w) for n, w in trainer.get_weights().items())
+
+
+def test_calibrate_sets_the_noise_and_check_budget_only_checks() -> None:
+    dp = DPSGD(SampleDP(noise_multiplier=None, epsilon=8.0, planned_rounds=2))
+    with pytest.raises(RuntimeError, match="calibrate sets the round's noise multiplier"):
+        dp.check_budget(10, 0.1, "site a, round 0")
+    assert dp.noise_multiplier is None
+    z = dp.calibrate(10, 0.1, "site a, round 0")
+    assert z == dp.noise_multiplier == noise_for_budget(8.0, 20, delta=1e-5, sample_rate=0.1)
+    dp.check_budget(20, 0.1, "site a, round 0")  # the planned 2 rounds at once: within 8
+    assert dp.noise_multiplier == z and dp.history == []
+    with pytest.raises(ValueError, match=r"site a, round 0: 21 DP-SGD steps would take .* > its budget 8.0"):
+        dp.check_budget(21, 0.1, "site a, round 0")
+    assert dp.noise_multiplier == z
 
 
 def test_models_opacus_cannot_handle_are_refused(data: SiteData) -> None:
@@ -128,7 +143,7 @@ def test_an_empty_noise_multiplier_spends_the_site_budget_over_the_planned_round
     expected = noise_for_budget(8.0, 3 * TRAIN.steps, delta=1e-5, sample_rate=q)
     assert noises == {expected}
     assert 7.5 < results[-1].privacy["epsilon"] <= 8.0  # spends (almost) all of it, never more
-    with pytest.raises(ValueError, match=r"round 3: DP-SGD: 3 DP-SGD steps would take .* > its budget 8.0"):
+    with pytest.raises(ValueError, match=r"site a, round 3: DP-SGD: 3 DP-SGD steps would take .* > its budget 8.0"):
         trainer.train(weights, round=3, fit=FitSettings(dp_sgd=budget))
     with pytest.raises(ValueError, match="an empty noise_multiplier is chosen from the epsilon budget"):
         SampleDP(noise_multiplier=None)
