@@ -80,6 +80,8 @@ SECAGG_GOAL = 0.10
 #: Generator seed of the public pretraining set (the sites' data are drawn from seed 0).
 PUBLIC_SEED = 1_000_003
 PUBLIC_EXPERIMENT = "public-pre"
+#: Default batch of ``--cohort-cases``: the sampling rate batch / training cases stays small with hundreds of cases.
+LARGE_COHORT_BATCH = 64
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -106,7 +108,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--dp-lr", type=float, default=None, help="learning rate of the DP runs (default --lr)"
     )
-    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help=f"default 2 (--cohort: 16, --cohort-cases: {LARGE_COHORT_BATCH})",
+    )
     parser.add_argument("--shape", type=int, nargs=3, default=[48, 48, 32])
     parser.add_argument("--spatial-size", type=int, nargs=3, default=[24, 24, 24])
     parser.add_argument("--spacing", type=float, nargs=3, default=[4.0, 4.0, 4.0])
@@ -114,6 +121,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="smoke run: 16^3 grid, 3 rounds, 6 cases")
     parser.add_argument("--cohort", action="store_true", help="64 cases per site on a 16^3 grid, batch 16")
+    parser.add_argument(
+        "--cohort-cases",
+        type=int,
+        default=0,
+        help="a larger cohort: this many cases per site on the 16^3 grid, batch --batch-size (default "
+        f"{LARGE_COHORT_BATCH}), sample-level noise chosen by each site (0: off)",
+    )
+    parser.add_argument(
+        "--site-noise",
+        action="store_true",
+        help="sample level: each site takes the smallest noise that keeps its own epsilon (the form's empty "
+        "noise multiplier) instead of the largest over all sites (implied by --cohort-cases)",
+    )
     parser.add_argument(
         "--size", choices=SIZES, default="tiny", help="U-Net size preset (default %(default)s)"
     )
@@ -125,23 +145,46 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--public-rounds", type=int, default=20, help="epochs of the public pretraining")
     args = parser.parse_args(argv)
-    if args.quick or args.cohort:
+    check_cohort_args(parser, args)
+    if args.quick or args.cohort or args.cohort_cases:
         args.shape, args.spatial_size, args.spacing = [32, 32, 24], [16, 16, 16], [8.0, 8.0, 8.0]
+    batch, args.batch_size = args.batch_size, args.batch_size or 2
     if args.quick:
         args.cases, args.rounds = 6, 3
         args.workdir = args.workdir.with_name(args.workdir.name + "-quick")
     if args.cohort:
         args.cases, args.batch_size = 64, 16
         args.workdir = args.workdir.with_name(args.workdir.name + "-cohort")
+    if args.cohort_cases:
+        args.cases, args.site_noise = args.cohort_cases, True
+        args.batch_size = batch or LARGE_COHORT_BATCH
+        args.workdir = args.workdir.with_name(f"{args.workdir.name}-cohort{args.cohort_cases}")
+        args.data_dir = args.workdir / "data"  # shared by every size, lr and batch: generating it takes long
+        args.workdir = args.workdir.with_name(f"{args.workdir.name}-b{args.batch_size}")
     if (args.size, args.lr) != ("tiny", 3e-3):  # cached runs are named by level and ε only
         args.workdir = args.workdir.with_name(f"{args.workdir.name}-{args.size}-lr{args.lr:g}")
-    args.data_dir = args.workdir / "data"
+    if not args.cohort_cases:
+        args.data_dir = args.workdir / "data"
     args.initial_model = None  # set once the public model is trained
     if args.public_cases:
         args.workdir = args.workdir.with_name(
             f"{args.workdir.name}-public{args.public_cases}x{args.public_rounds}"
         )
     return args
+
+
+def check_cohort_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """parser.error for a large cohort combined with another preset or too small for its batch."""
+    if not args.cohort_cases:
+        return
+    if args.cohort or args.quick:
+        parser.error("--cohort-cases replaces --cohort / --quick (same 16^3 grid, more cases); give only one")
+    batch = args.batch_size or LARGE_COHORT_BATCH
+    if args.cohort_cases < 4 * batch:
+        parser.error(
+            f"--cohort-cases {args.cohort_cases} is too small for batch {batch}: DP-SGD gains from a small "
+            "sampling rate batch / training cases, so give at least 4 batches of cases per site"
+        )
 
 
 def cached(path: Path, compute: Any) -> dict[str, Any]:
@@ -331,18 +374,27 @@ def client_noise_report(args: argparse.Namespace, row: Mapping[str, Any], update
     )
 
 
-def sample_noise(
+def site_noises(
     args: argparse.Namespace, sites: Mapping[str, SiteData], train: TrainConfig, epsilon: float
-) -> float:
-    """The smallest DP-SGD noise multiplier keeping every site within ``epsilon`` after all its steps."""
-    worst = 0.0
-    for data in sites.values():
+) -> dict[str, float]:
+    """Each site's smallest DP-SGD noise multiplier keeping it within ``epsilon`` after all its steps
+    (what a site with an empty noise multiplier chooses, ``DPSGD.calibrate``)."""
+    noises = {}
+    for site, data in sites.items():
         n_train = len(data.split(train.val_fraction, train.seed)[0])
         steps = args.rounds * math.ceil(n_train / args.batch_size)
-        worst = max(
-            worst, noise_for_budget(epsilon, steps, delta=args.delta, sample_rate=args.batch_size / n_train)
+        noises[site] = noise_for_budget(
+            epsilon, steps, delta=args.delta, sample_rate=args.batch_size / n_train
         )
-    return worst
+    return noises
+
+
+def sample_privacy(args: argparse.Namespace, epsilon: float, noise: float, clip: float) -> dict[str, Any]:
+    """The experiment's ``sample_dp`` settings: one noise for all sites, or (``--site-noise``) each site's own."""
+    settings = {"epsilon": epsilon, "delta": args.delta, "max_grad_norm": clip, "noise_multiplier": noise}
+    if args.site_noise:
+        settings.update(noise_multiplier=None, planned_rounds=args.rounds)
+    return {"sample_dp": settings}
 
 
 def secagg_cost(
@@ -472,16 +524,11 @@ def main(argv: list[str] | None = None) -> int:
                 privacy = {"client_dp": {"epsilon": eps, "delta": args.delta, "clip_norm": clip}}
                 name = f"client-eps{eps:g}"
             else:
-                z = sample_noise(args, sites, train, eps)
-                privacy = {
-                    "sample_dp": {
-                        "epsilon": eps,
-                        "delta": args.delta,
-                        "noise_multiplier": z,
-                        "max_grad_norm": grad_clip,
-                    }
-                }
+                noises = site_noises(args, sites, train, eps)
+                z = max(noises.values())
+                privacy = sample_privacy(args, eps, z, grad_clip)
                 name = f"sample-eps{eps:g}-C{grad_clip:.4g}-lr{dp_train.lr:g}".replace(".", "p")
+                name += "-site-noise" if args.site_noise else ""
             out = run(args, sites, name, dp_train if level == "sample" else train, privacy)
             if level == "client":
                 last = out["privacy"][-1]
@@ -502,11 +549,17 @@ def main(argv: list[str] | None = None) -> int:
             if level == "client":
                 print(client_noise_report(args, rows[-1], mean_update, n_params))
             else:
-                step_noise = z * grad_clip / args.batch_size
+                if args.site_noise:
+                    print(
+                        "         each site's noise multiplier: "
+                        + ", ".join(f"{s} {v:.3f}" for s, v in noises.items())
+                    )
+                step_noise = min(noises.values()) if args.site_noise else z
+                step_noise *= grad_clip / args.batch_size
                 print(
-                    f"         noise on each step's mean gradient: std {step_noise:.3g} per coordinate, norm "
-                    f"{step_noise * math.sqrt(n_params):.3g} vs that gradient's norm <= C = {grad_clip:.3g} "
-                    f"({step_noise * math.sqrt(n_params) / grad_clip:.0f}x or more)"
+                    f"         noise on each step's mean gradient (least noised site): std {step_noise:.3g} per "
+                    f"coordinate, norm {step_noise * math.sqrt(n_params):.3g} vs that gradient's norm <= C = "
+                    f"{grad_clip:.3g} ({step_noise * math.sqrt(n_params) / grad_clip:.1f}x or more)"
                 )
     cost = secagg_cost(args, base_weights(args), base["seconds"] / args.rounds)
     print(

@@ -1,0 +1,67 @@
+"""benchmarks/privacy.py's large-cohort option: its sizes, batch, cache folders and refusals."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from jipfed.privacy.settings import SampleDP
+
+BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "privacy.py"
+
+
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("privacy_benchmark", BENCHMARK)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cohort_cases_sets_the_grid_batch_and_per_site_noise(bench: ModuleType, tmp_path: Path) -> None:
+    args = bench.parse_args(["--workdir", str(tmp_path / "p"), "--cohort-cases", "256", "--size", "micro"])
+    assert (args.cases, args.batch_size, args.site_noise) == (256, bench.LARGE_COHORT_BATCH, True)
+    assert (args.spatial_size, args.shape) == ([16, 16, 16], [32, 32, 24])
+    assert args.data_dir == tmp_path / "p-cohort256" / "data"
+    assert args.workdir == tmp_path / f"p-cohort256-b{bench.LARGE_COHORT_BATCH}-micro-lr0.003"
+
+
+def test_a_different_batch_or_lr_keeps_the_cohort_data(bench: ModuleType, tmp_path: Path) -> None:
+    args = bench.parse_args(
+        ["--workdir", str(tmp_path / "p"), "--cohort-cases", "512", "--batch-size", "32", "--lr", "0.01"]
+    )
+    assert (args.cases, args.batch_size) == (512, 32)
+    assert args.data_dir == tmp_path / "p-cohort512" / "data"
+    assert args.workdir.name == "p-cohort512-b32-tiny-lr0.01"
+    assert bench.parse_args(["--workdir", str(tmp_path / "p")]).batch_size == 2  # defaults unchanged
+    assert bench.parse_args(["--workdir", str(tmp_path / "p"), "--cohort"]).batch_size == 16
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--cohort-cases", "256", "--cohort"], "replaces --cohort / --quick"),
+        (["--cohort-cases", "256", "--quick"], "replaces --cohort / --quick"),
+        (["--cohort-cases", "100"], "too small for batch 64"),
+        (["--cohort-cases", "100", "--batch-size", "32"], "too small for batch 32"),
+    ],
+)
+def test_contradicting_or_too_small_cohorts_are_refused(
+    bench: ModuleType, argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        bench.parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_site_noise_leaves_the_noise_to_each_site_as_the_trainer_calibrates_it(bench: ModuleType) -> None:
+    fixed = bench.parse_args(["--cohort", "--rounds", "3"])
+    per_site = bench.parse_args(["--cohort", "--rounds", "3", "--site-noise"])
+    assert bench.sample_privacy(fixed, 8.0, 2.5, 0.3)["sample_dp"]["noise_multiplier"] == 2.5
+    settings = bench.sample_privacy(per_site, 8.0, 2.5, 0.3)["sample_dp"]
+    assert (settings["noise_multiplier"], settings["planned_rounds"]) == (None, 3)
+    assert SampleDP(**settings).epsilon == 8.0  # valid settings: each site calibrates z from its budget
