@@ -96,6 +96,9 @@ LAZY_PASS_MODEL_FRACTION = 0.25
 SORT_CHUNK_ELEMENTS = 1 << 16
 #: Tensors of one pass being summed at once inside ``sum_threads`` before the oldest is waited for.
 MAX_RUNNING_TENSORS = 8
+#: A paged source's tensors of at least this many bytes are file mappings whose pages a pass drops;
+#: smaller ones may be buffers of their own (a map costs more than copying a few pages), never touched.
+PAGED_MIN_BYTES = 1 << 18
 #: Called with each result tensor (name, tensor) as soon as it is final, e.g. to write it out.
 TensorSink = Callable[[str, torch.Tensor], None]
 
@@ -133,7 +136,7 @@ class Contribution(NamedTuple):
     paged: bool = False
 
 
-def _check_weight(weight: object) -> float:
+def check_weight(weight: object) -> float:
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not (0.0 < weight < float("inf")):
         raise ValueError(f"weight must be a finite number > 0, got {weight!r}")
     return float(weight)
@@ -216,7 +219,7 @@ class WeightedMean:
             raise RuntimeError("an earlier pass failed part-way; start a new WeightedMean")
         if not group and self._count == 0:
             raise ValueError("nothing to average: add() was never called")
-        weights = [_check_weight(c.weight) for c in group]
+        weights = [check_weight(c.weight) for c in group]
         bases = {id(c.base): c.base for c in group if c.base is not None}
         if self._base is not None:
             bases.setdefault(id(self._base), self._base)
@@ -334,10 +337,16 @@ class WeightedMean:
         if acc is None:  # first pass: it has at least one contribution
             acc = self._acc[name] = values[0].clone()
             values = values[1:]
-        if self._integer_mode == "max":
-            for value in values:
-                torch.maximum(acc, value, out=acc)
-        return acc
+        return fold_integers(acc, values, self._integer_mode)
+
+
+def fold_integers(acc: torch.Tensor, values: Iterable[torch.Tensor], mode: str) -> torch.Tensor:
+    """Integer buffers: ``acc`` becomes (in place) the element-wise maximum with ``values`` (mode
+    ``"max"``) or stays the first site's value (``"first"``); returns ``acc``."""
+    if mode == "max":
+        for value in values:
+            torch.maximum(acc, value, out=acc)
+    return acc
 
 
 def blocked_weighted_sum(
@@ -351,6 +360,8 @@ def blocked_weighted_sum(
     base: torch.Tensor | None = None,
     base_weight: float = 0.0,
     divide_by: float | None = None,
+    align: int = 16,
+    base_paged: bool = False,
 ) -> Parts:
     """``dest = (acc + sum_i weights[i] * inputs[i] [+ base_weight * base]) [/ divide_by]``, chunk by chunk.
 
@@ -363,8 +374,10 @@ def blocked_weighted_sum(
     one in parts; each element is still computed by the same operations) and the returned
     :class:`~jipfed.federation.sum_threads.Parts` says when ``dest`` is complete (``wait()``);
     outside, it is complete on return. The inputs must stay unchanged until then. ``paged[i]``: input
-    ``i`` is a file mapping nobody else uses; each chunk's pages are populated before and dropped
-    after it is summed (see the module docstring).
+    ``i``, if of at least :data:`PAGED_MIN_BYTES`, is a file mapping nobody else uses; each chunk's
+    pages are populated before and dropped after it is summed (see the module docstring);
+    ``base_paged``: the same for ``base``. A large
+    tensor's parts start at multiples of ``align`` elements (at least 16: no shared cache line).
     """
     if acc is None and not inputs:
         raise ValueError("blocked_weighted_sum needs an accumulator or at least one input")
@@ -376,7 +389,11 @@ def blocked_weighted_sum(
         dest, inputs = _flat(dest), [_flat(x) for x in inputs]
         acc = None if acc is None else _flat(acc)
         base = None if base is None else _flat(base)
-    mapped = [x for x, p in zip(inputs, paged, strict=False) if p and x.numel()]
+    mapped = [
+        x
+        for x, p in [*zip(inputs, paged, strict=False), (base, base_paged)]
+        if p and x is not None and x.numel() * x.element_size() >= PAGED_MIN_BYTES
+    ]
 
     def chunks(begin: int, end: int) -> None:
         scratch = None
@@ -412,7 +429,7 @@ def blocked_weighted_sum(
             for x in mapped:
                 page_hint(_part(x, span), MADV_DONTNEED, to_end=span is None or span.stop == numel)
 
-    return start_parts(numel, chunks)
+    return start_parts(numel, chunks, align)
 
 
 def _part(x: torch.Tensor, span: slice | None) -> torch.Tensor:

@@ -19,6 +19,7 @@ from jipfed.federation.codec import EncodedFile
 from jipfed.federation.compute import compute_output, hash_pipeline
 from jipfed.federation.decision import Decision, check_quorum, decide
 from jipfed.federation.experiment import ExperimentConfig
+from jipfed.federation.gc_pause import collector_paused
 from jipfed.federation.plans import PlanStep
 from jipfed.federation.round_io import (
     decision_record_key,
@@ -133,6 +134,7 @@ def _stored_decision(
     return exp_store.store.get_json(record_key)
 
 
+@collector_paused()  # a full collection over torch's objects costs more than some steps
 def aggregate_step(exp_store: ExperimentStore, step: int) -> StepRecord:
     """Close plan step ``step``: validate its updates, check the quorum, aggregate, persist.
 

@@ -276,6 +276,40 @@ class SafetensorsWriter:
                     self._hashing.update(self._digest, _bytes_of(ready))
 
     @property
+    def data_start(self) -> int:
+        """File offset of the data section (right after the header)."""
+        return self._data_start
+
+    def data_range(self, name: str) -> tuple[int, int]:
+        """Byte range of tensor ``name`` within the data section."""
+        begin = self._offsets[name]
+        return begin, begin + self.specs[name].numel * self.specs[name].torch_dtype.itemsize
+
+    def put_data(self, begin: int, data: memoryview) -> None:
+        """Write (and hash) the data section's next bytes, ``begin`` = bytes put so far, instead of
+        tensor by tensor (callers that compute the data section in file order, e.g. a flat mean).
+
+        Every tensor counts as put once the section is complete. ``data`` must not change until
+        :meth:`finish`. ValueError when a tensor was put by name or ``begin`` is not the next byte.
+        """
+        done = getattr(self, "_data_put", 0)
+        if begin != done or self._ready or (self._next and not done):
+            raise ValueError(f"data section bytes must be put in order: expected offset {done}, got {begin}")
+        if done + len(data) > self.size - self._data_start:
+            raise ValueError("data section bytes past the end of the file")
+        if len(data):
+            offset = self._data_start + begin
+            if self._hashing is None:
+                _write_at(self._fd, data, offset)
+                self._digest.update(data)
+            else:
+                self._writes.append(self._hashing.call(partial(_write_at, self._fd, data, offset), len(data)))
+                self._hashing.update(self._digest, data)
+        self._data_put = done + len(data)
+        if self._data_put == self.size - self._data_start:
+            self._next = len(self.order)
+
+    @property
     def missing(self) -> list[str]:
         """Names not put yet, in file order."""
         return [n for n in self.order[self._next :] if n not in self._ready]

@@ -23,10 +23,13 @@ from jipfed.federation.bounds import Clip, scaled
 from jipfed.federation.codec import EncodedFile, SafetensorsWriter, write_global_file
 from jipfed.federation.decision import Decision
 from jipfed.federation.experiment import ExperimentConfig
-from jipfed.federation.payload_stream import HashPipeline, StoredUpdate
+from jipfed.federation.flat_mean import fits_one_pass, flat_mean, shared_layout
+from jipfed.federation.payload_stream import HashPipeline, PayloadEntry, StoredUpdate
 from jipfed.federation.plans import PlanStep
 from jipfed.federation.round_io import output_keys, stored_path
 from jipfed.federation.strategies import Strategy, StrategyState
+from jipfed.federation.strategies.base import checked_updates
+from jipfed.federation.strategies.fedavg import FedAvg
 from jipfed.federation.sum_threads import sum_threads
 from jipfed.federation.update import ModelUpdate, UpdateManifest
 from jipfed.federation.validation import UpdateRejected
@@ -138,7 +141,11 @@ def compute_output(
                     for s in sources
                 ]
                 strategy = strategy_for(exp_store, config, ps.round)
-                weights = strategy.aggregate_streamed(start.tensors, views, ps.round, writer.put)
+                flat = None if decision.clips else flat_plan(strategy, start, sources, writer, ps.round)
+                if flat is not None:
+                    weights = flat_mean(flat, start, sources, writer, integer_mode=strategy.integer_mode)
+                else:
+                    weights = strategy.aggregate_streamed(start.tensors, views, ps.round, writer.put)
                 state = strategy.state_dict()
             elif sources:  # a cyclic hop passes its (only) site's model on
                 used = sources[:1]
@@ -168,6 +175,23 @@ def compute_output(
             decision.clips.pop(exc.site, None)
             decision.rejected[exc.site] = exc.reason
             on_exclusion(decision)
+
+
+def flat_plan(
+    strategy: Strategy,
+    start: StoredUpdate,
+    sources: list[StoredUpdate],
+    writer: SafetensorsWriter,
+    round_: int,
+) -> list[PayloadEntry] | None:
+    """The shared layout when the step's mean can run over the files' data sections at once
+    (:mod:`jipfed.federation.flat_mean`: a plain FedAvg mean, no clipping, same layouts), else None."""
+    if not isinstance(strategy, FedAvg) or strategy.plain_mean_mode() is None:
+        return None
+    list(checked_updates(sources, round_))  # the checks FedAvg makes: this round, each site once
+    if not fits_one_pass(len(sources) + 1, start.tensor_bytes[1]):
+        return None
+    return shared_layout(start, sources, writer)
 
 
 def _stored_manifest(exp_store: ExperimentStore, round_: int, site: str) -> UpdateManifest:

@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 
+from jipfed.federation.aggregate import PAGED_MIN_BYTES
 from jipfed.federation.codec import ST_DTYPES, check_hash, decode_entry, payload_specs
 from jipfed.federation.update import (
     DTYPES,
@@ -65,6 +66,10 @@ MAX_HEADER_BYTES = 100_000_000
 #: Bytes hashed per read when :meth:`StoredUpdate.verify` reads what aggregation did not.
 HASH_CHUNK = 1 << 22
 ARRIVAL_FORMAT = 1
+#: A stored tensor of at least this many bytes is read as a map of the file, a smaller one with one
+#: ``pread`` into a buffer of its own (a map costs more than copying a few pages); aggregation drops
+#: pages of exactly the former.
+MAP_MIN_BYTES = PAGED_MIN_BYTES
 _LENGTH = struct.Struct("<Q")
 
 
@@ -459,7 +464,8 @@ class StoredUpdate(ManifestFields):
             what="stored payload",
         )
         self._hash = hashlib.sha256(head + text)
-        self._hashed_to = start
+        self._hashed_to = self._data_start = start
+        self._file_entries = entries
         self._in_order = True
         # the order of the model tensors in the file (an int8 tensor by its data, not its scale)
         self.order = sorted(self.manifest.tensors, key=lambda n: self._entries[n].begin)
@@ -469,6 +475,30 @@ class StoredUpdate(ManifestFields):
         """(largest tensor, whole model) in bytes, decoded: what one pass over this update holds at once."""
         sizes = [spec.numel * DTYPES[spec.dtype].itemsize for spec in self.manifest.tensors.values()]
         return max(sizes), sum(sizes)
+
+    @property
+    def entries(self) -> list[PayloadEntry]:
+        """The payload's tensors as stored (key, dtype, shape, absolute byte range), in file order."""
+        return list(self._file_entries)
+
+    def data_section(self) -> torch.Tensor:
+        """The whole data section (every tensor's bytes, in file order) as one uint8 copy-on-write map.
+
+        For a reader that goes through the file in order, e.g. a flat mean; its pages are the page
+        cache's, dropped by the reader as it goes (as for a paged tensor). Only for an update
+        opened with ``digest=False``: these bytes are not hashed.
+        """
+        if self.digest:
+            raise RuntimeError(f"{self!r} hashes what it reads: read it tensor by tensor")
+        size = self._file_size - self._data_start
+        if size == 0:
+            return torch.empty(0, dtype=torch.uint8)
+        start = self._data_start - self._data_start % mmap.ALLOCATIONGRANULARITY
+        try:
+            mapped = mmap.mmap(self._fd, self._file_size - start, offset=start, access=mmap.ACCESS_COPY)
+        except (OSError, ValueError) as exc:
+            raise self._reject(f"stored payload cannot be mapped (changed since arrival: {exc})") from None
+        return torch.frombuffer(mapped, dtype=torch.uint8)[self._data_start - start :]
 
     @property
     def paged(self) -> bool:
@@ -497,9 +527,17 @@ class StoredUpdate(ManifestFields):
         )
 
     def _map(self, entry: PayloadEntry) -> torch.Tensor:
-        """The entry's bytes as a private (copy-on-write) map of the file; unmapped with the tensor."""
+        """The entry's bytes as a private (copy-on-write) map of the file, unmapped with the tensor; a
+        small entry (under :data:`MAP_MIN_BYTES`) is read into a buffer of its own instead."""
         if not entry.nbytes:
             return torch.empty(0, dtype=torch.uint8)
+        if entry.nbytes < MAP_MIN_BYTES:
+            data = bytearray(entry.nbytes)
+            if os.preadv(self._fd, [data], entry.begin) != entry.nbytes:
+                raise self._reject(
+                    f"stored payload cannot hold tensor {entry.key!r} (changed since arrival: too short)"
+                )
+            return torch.frombuffer(data, dtype=torch.uint8)
         start = entry.begin - entry.begin % mmap.ALLOCATIONGRANULARITY
         try:
             mapped = mmap.mmap(self._fd, entry.end - start, offset=start, access=mmap.ACCESS_COPY)

@@ -77,6 +77,15 @@ class FedAvg(Strategy):
             on_tensor=on_tensor,
         )
 
+    def plain_mean_mode(self) -> str | None:
+        """``integer_mode`` when this strategy aggregates exactly as FedAvg with float32 accumulation
+        (so a flat mean of stored files, :mod:`jipfed.federation.flat_mean`, gives the same result),
+        else None (a subclass that changes the aggregation, or float64 accumulation)."""
+        same = all(
+            getattr(type(self), f) is getattr(FedAvg, f) for f in ("aggregate", "aggregate_streamed", "_mean")
+        )
+        return self.integer_mode if same and self._dtype in (None, torch.float32) else None
+
     def configure_fit(self, round: int) -> dict[str, Any]:
         return {**super().configure_fit(round), **self.site_options.fit(round)}
 
