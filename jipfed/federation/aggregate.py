@@ -340,6 +340,10 @@ class WeightedMean:
         return fold_integers(acc, values, self._integer_mode)
 
 
+class NonFiniteResult(ValueError):
+    """A weighted sum came out NaN/Inf (finite inputs that overflow float32)."""
+
+
 def fold_integers(acc: torch.Tensor, values: Iterable[torch.Tensor], mode: str) -> torch.Tensor:
     """Integer buffers: ``acc`` becomes (in place) the element-wise maximum with ``values`` (mode
     ``"max"``) or stays the first site's value (``"first"``); returns ``acc``."""
@@ -362,6 +366,7 @@ def blocked_weighted_sum(
     divide_by: float | None = None,
     align: int = 16,
     base_paged: bool = False,
+    check_finite: bool = False,
 ) -> Parts:
     """``dest = (acc + sum_i weights[i] * inputs[i] [+ base_weight * base]) [/ divide_by]``, chunk by chunk.
 
@@ -376,7 +381,8 @@ def blocked_weighted_sum(
     outside, it is complete on return. The inputs must stay unchanged until then. ``paged[i]``: input
     ``i``, if of at least :data:`PAGED_MIN_BYTES`, is a file mapping nobody else uses; each chunk's
     pages are populated before and dropped after it is summed (see the module docstring);
-    ``base_paged``: the same for ``base``. A large
+    ``base_paged``: the same for ``base``. ``check_finite``: each chunk is checked while in cache
+    (:class:`NonFiniteResult` from ``wait()`` when it holds NaN/Inf). A large
     tensor's parts start at multiples of ``align`` elements (at least 16: no shared cache line).
     """
     if acc is None and not inputs:
@@ -426,6 +432,8 @@ def blocked_weighted_sum(
                 a.div_(divide_by)
             if a is not d:
                 d.copy_(a)
+            if check_finite and not math.isfinite(float(a.sum())) and not torch.isfinite(a).all():
+                raise NonFiniteResult("the result holds NaN/Inf")
             for x in mapped:
                 page_hint(_part(x, span), MADV_DONTNEED, to_end=span is None or span.stop == numel)
 

@@ -28,6 +28,7 @@ from jipfed.federation.aggregate import (
     LAZY_PASS_MODEL_FRACTION,
     MADV_DONTNEED,
     MAX_RUNNING_TENSORS,
+    NonFiniteResult,
     blocked_weighted_sum,
     check_weight,
     fold_integers,
@@ -171,13 +172,13 @@ def flat_mean(
 
     def hand_on() -> None:
         piece, parts = running.popleft()
-        parts.wait()
+        try:
+            parts.wait()
+        except NonFiniteResult:
+            name = _non_finite_name(entries, out, piece)
+            raise ValueError(f"tensor {name!r} holds NaN/Inf; refusing to encode it") from None
         data = out[piece.begin : piece.end]
         if piece.floats:
-            if count_non_finite(data.view(torch.float32)):
-                raise ValueError(
-                    f"tensor {_non_finite_name(entries, out, piece)!r} holds NaN/Inf; refusing to encode it"
-                )
             page_hint(g[piece.begin : piece.end], MADV_DONTNEED, to_end=piece.end == len(g))
         writer.put_data(piece.begin, memoryview(data.numpy()))
 
@@ -195,6 +196,7 @@ def flat_mean(
                     divide_by=total,
                     align=PAGE_ELEMENTS,  # parts of a page-aligned segment share no page either
                     base_paged=True,
+                    check_finite=True,  # in cache, instead of another pass over the result
                 )
                 running.append((piece, parts))
             else:
