@@ -40,6 +40,21 @@ log = logging.getLogger(__name__)
 HEALTH_COMPONENTS = ("metadatabase", "scheduler", "triggerer", "dag_processor")
 
 
+#: Runs ``argv[1:]`` with SIGINT at its default disposition (then Python's KeyboardInterrupt handler).
+_DEFAULT_SIGINT = "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])"
+
+
+def with_default_sigint(argv: list[str]) -> list[str]:
+    """``argv`` run through a tiny exec wrapper that resets SIGINT to its default first.
+
+    A shell's background job (and so anything it starts) inherits SIGINT *ignored*; a Python
+    process then installs no KeyboardInterrupt handler, and ``airflow standalone`` would sit out
+    the SIGINT that :meth:`AirflowStandalone.stop` sends (20 s, then SIGTERM). ``exec`` keeps the
+    pid, so the process group and :meth:`~AirflowStandalone.stop` are unchanged.
+    """
+    return [sys.executable, "-c", _DEFAULT_SIGINT, *argv]
+
+
 class AirflowStandaloneError(RuntimeError):
     """``airflow standalone`` did not start, stopped early, or a DAG/run did not behave."""
 
@@ -179,7 +194,7 @@ class AirflowStandalone:
         log.info("Starting airflow standalone on %s (home %s)", self.base_url, self.home)
         started = time.monotonic()
         self.process = subprocess.Popen(
-            [str(self.airflow_bin), "standalone"],
+            with_default_sigint([str(self.airflow_bin), "standalone"]),
             cwd=self.home,
             env=self.environment(),
             stdin=subprocess.DEVNULL,
