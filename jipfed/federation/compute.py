@@ -5,7 +5,10 @@ sources, one tensor per access, not hashed again (their stored identity is compa
 recorded at their arrival check), so the strategy aggregates them in the bounded-pass path of
 :func:`jipfed.federation.aggregate.mean_weights` (or tensor by tensor for the robust reducers),
 summing on every CPU (:func:`~jipfed.federation.sum_threads.sum_threads`) while the finished
-tensors are written and hashed on the hash pipeline's threads.
+tensors are written and hashed on the hash pipeline's threads. A plain FedAvg step whose files
+share one layout (the usual case) skips the tensors altogether: :mod:`jipfed.federation.flat_mean`
+sums the files' data sections segment by segment and hands each finished segment to the output
+file in order (same bytes as the tensor-by-tensor mean).
 """
 
 from __future__ import annotations
