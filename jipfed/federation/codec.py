@@ -239,6 +239,7 @@ class SafetensorsWriter:
         self._digest = hashlib.sha256(head)
         self._ready: dict[str, torch.Tensor] = {}  # put, not hashed yet
         self._next = 0  # index in ``order`` of the next tensor to hash
+        self._data_put = 0  # bytes of the data section put by :meth:`put_data`
         self._writes: list[Future[None]] = []  # background writes (with ``hashing``)
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
@@ -275,11 +276,6 @@ class SafetensorsWriter:
                 else:
                     self._hashing.update(self._digest, _bytes_of(ready))
 
-    @property
-    def data_start(self) -> int:
-        """File offset of the data section (right after the header)."""
-        return self._data_start
-
     def data_range(self, name: str) -> tuple[int, int]:
         """Byte range of tensor ``name`` within the data section."""
         begin = self._offsets[name]
@@ -292,7 +288,7 @@ class SafetensorsWriter:
         Every tensor counts as put once the section is complete. ``data`` must not change until
         :meth:`finish`. ValueError when a tensor was put by name or ``begin`` is not the next byte.
         """
-        done = getattr(self, "_data_put", 0)
+        done = self._data_put
         if begin != done or self._ready or (self._next and not done):
             raise ValueError(f"data section bytes must be put in order: expected offset {done}, got {begin}")
         if done + len(data) > self.size - self._data_start:

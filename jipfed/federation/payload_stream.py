@@ -13,7 +13,9 @@ that a payload whose bytes do not match the manifest's sha256 is always reported
 :class:`StoredUpdate` reads a stored payload file back for aggregation, one tensor per access:
 each raw tensor is a copy-on-write memory map of its own byte range of the file (no copy, no
 zeroed buffer: the page cache's pages are used directly; writing to it changes only the process's
-copy), unmapped when the tensor is dropped. An fp32-encoded update's decoded tensors are these
+copy), unmapped when the tensor is dropped; a small one (under :data:`MAP_MIN_BYTES`) is read into
+a buffer of its own. :meth:`StoredUpdate.data_section` maps all tensors' bytes at once for a reader
+that goes through them in file order (:mod:`jipfed.federation.flat_mean`). An fp32-encoded update's decoded tensors are these
 maps, so it is *paged* (:attr:`StoredUpdate.paged`): a reader that consumed part of a tensor may
 drop its pages (:mod:`jipfed.federation.aggregate` does so chunk by chunk), so a pass over many
 sites holds a few chunks of each, not whole tensors. Aggregation opens an update whose stored identity is still the one recorded
