@@ -110,6 +110,9 @@ class SampleDP:
     ``noise_multiplier`` None: each site takes the smallest one that keeps its own ε within
     ``epsilon`` after ``planned_rounds`` rounds of its first round's steps and sample rate (the
     experiment fills ``planned_rounds`` with its rounds), and keeps it for later rounds.
+    ``ema_decay`` (optional, in [0, 1)): the site sends the exponential moving average of its DP-SGD
+    iterates over the round (started at the first step's weights) instead of the last iterate;
+    post-processing of private weights, so it costs no ε and averages part of the noise out.
     """
 
     noise_multiplier: float | None = 1.0
@@ -118,9 +121,13 @@ class SampleDP:
     epsilon: float | None = None
     accountant: str = "rdp"
     planned_rounds: int | None = None
+    ema_decay: float | None = None
 
     def __post_init__(self) -> None:
         _optional_number(self.noise_multiplier, "noise_multiplier", low=0.0)
+        if self.ema_decay is not None:
+            _number(self.ema_decay, "ema_decay", low=0.0, high=1.0, open_low=False)
+            _require(self.ema_decay < 1.0, f"ema_decay must be below 1 (1 would never move), got {self.ema_decay}")
         _require(
             self.noise_multiplier is not None or self.epsilon is not None,
             "sample-level DP: an empty noise_multiplier is chosen from the epsilon budget; set epsilon",

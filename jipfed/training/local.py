@@ -296,6 +296,7 @@ class LocalTrainer:
         dp = self._dp_sgd(fit, mu, total, loader, round)
         if dp is not None:
             net, optimizer, _ = dp.wrap(self.model, optimizer, loader)
+        average = _IterateAverage(params, dp.settings.ema_decay if dp is not None else None)
         net.train()
         losses: list[float] = []
         prox_sum = 0.0
@@ -330,6 +331,7 @@ class LocalTrainer:
                     drift.correct_gradients(scaler.get_scale() if scaler.is_enabled() else 1.0)
                     scaler.step(optimizer)
                     scaler.update()
+                    average.update()
                     losses.append(value)
                     last_pass.append(value)
                     step += 1
@@ -345,6 +347,7 @@ class LocalTrainer:
                 )
                 epoch += 1
         seconds = time.perf_counter() - start
+        average.apply()
         privacy: dict[str, float] = {}
         if dp is not None:
             epsilon = dp.finish(net, step, cfg.batch_size / len(dataset))
@@ -455,6 +458,34 @@ class LocalTrainer:
     def train_keys(self) -> list[str]:
         """Case keys of the training split."""
         return [r.case_key for r in self.train_records]
+
+
+class _IterateAverage:
+    """Exponential moving average of the trainable weights over one round's optimiser steps.
+
+    Started at the first step's weights: ``a_1 = w_1``, ``a_t = decay * a_{t-1} + (1 - decay) * w_t``;
+    :meth:`apply` writes it into the parameters. Off (no-op) when ``decay`` is None.
+    """
+
+    def __init__(self, params: Sequence[nn.Parameter], decay: float | None) -> None:
+        self.params, self.decay = list(params), decay
+        self.average: list[torch.Tensor] | None = None
+
+    @torch.no_grad()
+    def update(self) -> None:
+        if self.decay is None:
+            return
+        if self.average is None:
+            self.average = [p.detach().clone() for p in self.params]
+            return
+        for a, p in zip(self.average, self.params, strict=True):
+            a.lerp_(p.detach(), 1.0 - self.decay)
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        if self.average is not None:
+            for a, p in zip(self.average, self.params, strict=True):
+                p.copy_(a)
 
 
 class _DriftCorrection:

@@ -13,7 +13,7 @@ from training.synth import write_site
 from jipfed.privacy.accountant import noise_for_budget
 from jipfed.privacy.sample_dp import DPSGD
 from jipfed.privacy.secure_noise import ChaChaNormal, secure_normal
-from jipfed.privacy.settings import SampleDP
+from jipfed.privacy.settings import PrivacySettings, SampleDP
 from jipfed.training.config import TrainConfig
 from jipfed.training.data import SiteData
 from jipfed.training.fit import FitSettings
@@ -147,3 +147,37 @@ def test_an_empty_noise_multiplier_spends_the_site_budget_over_the_planned_round
         trainer.train(weights, round=3, fit=FitSettings(dp_sgd=budget))
     with pytest.raises(ValueError, match="an empty noise_multiplier is chosen from the epsilon budget"):
         SampleDP(noise_multiplier=None)
+
+
+def test_ema_of_the_iterates_is_the_hand_computed_average_of_a_two_step_round(data: SiteData) -> None:
+    """decay d over 2 steps: a = d * w1 + (1 - d) * w2 (started at the first step's weights)."""
+    torch.set_num_threads(1)
+    open_dp = SampleDP(noise_multiplier=1e-12, max_grad_norm=1e6)
+    config = TrainConfig(size="micro", steps=2, batch_size=2, lr=0.01, amp=False, augment=False, optimizer="sgd")
+    start = LocalTrainer(config, data, device="cpu").get_weights()
+
+    def weights(steps: int, dp: SampleDP) -> dict[str, torch.Tensor]:
+        trainer = LocalTrainer(TrainConfig(**{**config.to_dict(), "steps": steps}), data, device="cpu")
+        return trainer.train(start, round=0, fit=FitSettings(dp_sgd=dp)).weights
+
+    w1, w2 = weights(1, open_dp), weights(2, open_dp)
+    averaged = weights(2, SampleDP(noise_multiplier=1e-12, max_grad_norm=1e6, ema_decay=0.75))
+    moved = max(float((w2[n] - w1[n]).abs().max()) for n in w1)
+    assert moved > 1e-4
+    for name in w1:
+        expected = 0.75 * w1[name] + 0.25 * w2[name]
+        assert float((averaged[name] - expected).abs().max()) <= 1e-3 * moved + 1e-7, name
+    one = weights(1, SampleDP(noise_multiplier=1e-12, max_grad_norm=1e6, ema_decay=0.9))
+    assert all(float((one[n] - w1[n]).abs().max()) <= 1e-7 for n in w1)  # the average of one iterate
+
+
+def test_ema_decay_round_trips_through_the_config_and_bad_values_are_refused() -> None:
+    settings = PrivacySettings.from_mapping({"sample_dp": {"noise_multiplier": 1.0, "ema_decay": 0.9}})
+    assert settings.sample_dp is not None and settings.sample_dp.ema_decay == 0.9
+    stored = json.loads(json.dumps(settings.to_dict()))
+    assert stored["sample_dp"]["ema_decay"] == 0.9
+    assert PrivacySettings.from_mapping(stored) == settings
+    assert SampleDP().ema_decay is None
+    for bad in (1.0, -0.1, "0.9", True, float("nan")):
+        with pytest.raises(ValueError, match="ema_decay"):
+            SampleDP(ema_decay=bad)
