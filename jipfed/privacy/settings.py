@@ -113,6 +113,9 @@ class SampleDP:
     ``ema_decay`` (optional, in [0, 1)): the site sends the exponential moving average of its DP-SGD
     iterates over the round (started at the first step's weights) instead of the last iterate;
     post-processing of private weights, so it costs no ε and averages part of the noise out.
+    ``trainable`` (optional): fnmatch patterns of the parameter names DP-SGD trains; the others stay
+    at the global model's values (frozen, not clipped or noised: fewer noised weights, e.g. only
+    the last layer when fine-tuning a public model). None = every parameter.
     """
 
     noise_multiplier: float | None = 1.0
@@ -122,8 +125,18 @@ class SampleDP:
     accountant: str = "rdp"
     planned_rounds: int | None = None
     ema_decay: float | None = None
+    trainable: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.trainable is not None:
+            patterns = self.trainable
+            _require(
+                isinstance(patterns, (list, tuple))
+                and len(patterns) > 0
+                and all(isinstance(p, str) and p for p in patterns),
+                f"trainable must be a non-empty list of parameter name patterns or empty (all), got {patterns!r}",
+            )
+            object.__setattr__(self, "trainable", tuple(patterns))
         _optional_number(self.noise_multiplier, "noise_multiplier", low=0.0)
         if self.ema_decay is not None:
             _number(self.ema_decay, "ema_decay", low=0.0, high=1.0, open_low=False)

@@ -285,6 +285,7 @@ class LocalTrainer:
         self._load_into(self.model, global_weights, shared_only=True)
         loader = make_loader(dataset, cfg.batch_size, shuffle=True, seed=seed, num_workers=cfg.num_workers)
         total = cfg.steps if cfg.steps is not None else cfg.epochs * len(loader)
+        self._set_trainable(fit, round)
         params = [p for p in self.model.parameters() if p.requires_grad]
         anchor = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
         lr = cfg.lr * fit.lr_scale
@@ -378,6 +379,19 @@ class LocalTrainer:
             controls=controls,
             privacy=privacy,
         )
+
+    def _set_trainable(self, fit: FitSettings, round_: int | None) -> None:
+        """Freeze the parameters DP-SGD's ``trainable`` patterns leave out (all train otherwise)."""
+        patterns = fit.dp_sgd.trainable if fit.dp_sgd is not None else None
+        named = list(self.model.named_parameters())
+        train = {n for n, _ in named if patterns is None or any(fnmatch.fnmatchcase(n, p) for p in patterns)}
+        if not train:
+            raise ValueError(
+                f"round {round_}: DP-SGD's trainable patterns {list(patterns or ())} match no parameter of "
+                f"the model (e.g. {named[0][0]!r})"
+            )
+        for name, p in named:
+            p.requires_grad_(name in train)
 
     def _dp_sgd(
         self, fit: FitSettings, mu: float, steps: int, loader: torch.utils.data.DataLoader, round_: int | None

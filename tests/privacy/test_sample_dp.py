@@ -181,3 +181,29 @@ def test_ema_decay_round_trips_through_the_config_and_bad_values_are_refused() -
     for bad in (1.0, -0.1, "0.9", True, float("nan")):
         with pytest.raises(ValueError, match="ema_decay"):
             SampleDP(ema_decay=bad)
+
+
+def test_parameters_dp_sgd_does_not_train_stay_bit_identical_and_unnoised(data: SiteData) -> None:
+    torch.set_num_threads(1)
+    config = TrainConfig(size="micro", steps=2, batch_size=2, lr=0.01, amp=False, augment=False, optimizer="sgd")
+    trainer = LocalTrainer(config, data, device="cpu")
+    start = trainer.get_weights()
+    last = SampleDP(noise_multiplier=5.0, max_grad_norm=1.0, trainable=["model.2.*"])
+    got = trainer.train(start, round=0, fit=FitSettings(dp_sgd=last))
+    frozen = [n for n in start if not n.startswith("model.2.")]
+    assert frozen and all(torch.equal(got.weights[n], start[n]) for n in frozen)  # no noise either
+    assert not torch.equal(got.weights["model.2.conv.weight"], start["model.2.conv.weight"])
+    assert got.privacy["epsilon"] > 0
+    everything = trainer.train(got.weights, round=1, fit=FitSettings(dp_sgd=DP))  # the next round trains all
+    assert all(not torch.equal(everything.weights[n], got.weights[n]) for n in frozen if n.endswith("conv.weight"))
+    with pytest.raises(ValueError, match=r"round 2: DP-SGD's trainable patterns \['decoder\.\*'\] match no parameter"):
+        trainer.train(start, round=2, fit=FitSettings(dp_sgd=SampleDP(trainable=["decoder.*"])))
+
+
+def test_trainable_round_trips_through_the_config_and_bad_patterns_are_refused() -> None:
+    settings = PrivacySettings.from_mapping({"sample_dp": {"trainable": ["model.2.*"]}})
+    assert settings.sample_dp is not None and settings.sample_dp.trainable == ("model.2.*",)
+    assert PrivacySettings.from_mapping(json.loads(json.dumps(settings.to_dict()))) == settings
+    for bad in ([], [""], "model.2.*", [3]):
+        with pytest.raises(ValueError, match="trainable must be a non-empty list"):
+            SampleDP(trainable=bad)
