@@ -140,7 +140,9 @@ class SampleDP:
         _optional_number(self.noise_multiplier, "noise_multiplier", low=0.0)
         if self.ema_decay is not None:
             _number(self.ema_decay, "ema_decay", low=0.0, high=1.0, open_low=False)
-            _require(self.ema_decay < 1.0, f"ema_decay must be below 1 (1 would never move), got {self.ema_decay}")
+            _require(
+                self.ema_decay < 1.0, f"ema_decay must be below 1 (1 would never move), got {self.ema_decay}"
+            )
         _require(
             self.noise_multiplier is not None or self.epsilon is not None,
             "sample-level DP: an empty noise_multiplier is chosen from the epsilon budget; set epsilon",

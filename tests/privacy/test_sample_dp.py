@@ -143,7 +143,9 @@ def test_an_empty_noise_multiplier_spends_the_site_budget_over_the_planned_round
     expected = noise_for_budget(8.0, 3 * TRAIN.steps, delta=1e-5, sample_rate=q)
     assert noises == {expected}
     assert 7.5 < results[-1].privacy["epsilon"] <= 8.0  # spends (almost) all of it, never more
-    with pytest.raises(ValueError, match=r"site a, round 3: DP-SGD: 3 DP-SGD steps would take .* > its budget 8.0"):
+    with pytest.raises(
+        ValueError, match=r"site a, round 3: DP-SGD: 3 DP-SGD steps would take .* > its budget 8.0"
+    ):
         trainer.train(weights, round=3, fit=FitSettings(dp_sgd=budget))
     with pytest.raises(ValueError, match="an empty noise_multiplier is chosen from the epsilon budget"):
         SampleDP(noise_multiplier=None)
@@ -153,7 +155,9 @@ def test_ema_of_the_iterates_is_the_hand_computed_average_of_a_two_step_round(da
     """decay d over 2 steps: a = d * w1 + (1 - d) * w2 (started at the first step's weights)."""
     torch.set_num_threads(1)
     open_dp = SampleDP(noise_multiplier=1e-12, max_grad_norm=1e6)
-    config = TrainConfig(size="micro", steps=2, batch_size=2, lr=0.01, amp=False, augment=False, optimizer="sgd")
+    config = TrainConfig(
+        size="micro", steps=2, batch_size=2, lr=0.01, amp=False, augment=False, optimizer="sgd"
+    )
     start = LocalTrainer(config, data, device="cpu").get_weights()
 
     def weights(steps: int, dp: SampleDP) -> dict[str, torch.Tensor]:
@@ -185,7 +189,9 @@ def test_ema_decay_round_trips_through_the_config_and_bad_values_are_refused() -
 
 def test_parameters_dp_sgd_does_not_train_stay_bit_identical_and_unnoised(data: SiteData) -> None:
     torch.set_num_threads(1)
-    config = TrainConfig(size="micro", steps=2, batch_size=2, lr=0.01, amp=False, augment=False, optimizer="sgd")
+    config = TrainConfig(
+        size="micro", steps=2, batch_size=2, lr=0.01, amp=False, augment=False, optimizer="sgd"
+    )
     trainer = LocalTrainer(config, data, device="cpu")
     start = trainer.get_weights()
     last = SampleDP(noise_multiplier=5.0, max_grad_norm=1.0, trainable=["model.2.*"])
@@ -195,8 +201,12 @@ def test_parameters_dp_sgd_does_not_train_stay_bit_identical_and_unnoised(data: 
     assert not torch.equal(got.weights["model.2.conv.weight"], start["model.2.conv.weight"])
     assert got.privacy["epsilon"] > 0
     everything = trainer.train(got.weights, round=1, fit=FitSettings(dp_sgd=DP))  # the next round trains all
-    assert all(not torch.equal(everything.weights[n], got.weights[n]) for n in frozen if n.endswith("conv.weight"))
-    with pytest.raises(ValueError, match=r"round 2: DP-SGD's trainable patterns \['decoder\.\*'\] match no parameter"):
+    assert all(
+        not torch.equal(everything.weights[n], got.weights[n]) for n in frozen if n.endswith("conv.weight")
+    )
+    with pytest.raises(
+        ValueError, match=r"round 2: DP-SGD's trainable patterns \['decoder\.\*'\] match no parameter"
+    ):
         trainer.train(start, round=2, fit=FitSettings(dp_sgd=SampleDP(trainable=["decoder.*"])))
 
 
