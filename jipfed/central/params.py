@@ -315,6 +315,27 @@ PARAMS: dict[str, dict[str, Any]] = {
         "al. 2021; the count is noised and accounted). Not with secure aggregation.",
         "section": _PRIVACY,
     },
+    "dp_ema_decay": {
+        "type": ["number", "null"],
+        "minimum": 0,
+        "exclusiveMaximum": 1,
+        "default": None,
+        "title": "DP-SGD iterate averaging",
+        "description": "sample level: each site sends the exponential moving average of its DP-SGD weights "
+        "over the round with this decay (e.g. 0.9) instead of the last step's; averages part of the noise "
+        "out at no privacy cost. Empty = off.",
+        "section": _PRIVACY,
+    },
+    "dp_trainable": {
+        "type": "array",
+        "items": {"type": "string", "minLength": 1},
+        "default": [],
+        "title": "DP-SGD trainable parameters",
+        "description": "sample level: parameter name patterns (fnmatch, e.g. model.2.*) DP-SGD trains; the "
+        "others keep the global model's values (fewer noised weights, e.g. when fine-tuning from another "
+        "experiment's model). Empty = all.",
+        "section": _PRIVACY,
+    },
     "secure_aggregation": {
         "type": "boolean",
         "default": False,
@@ -477,6 +498,8 @@ def privacy_settings(values: Mapping[str, Any]) -> dict[str, Any]:
                 "delta": values["dp_delta"],
                 "max_grad_norm": values["dp_clip_norm"],
                 "noise_multiplier": values["dp_noise_multiplier"],
+                "ema_decay": values["dp_ema_decay"],
+                "trainable": list(values["dp_trainable"]) or None,
             }
     if values["secure_aggregation"]:
         privacy["secure_aggregation"] = {

@@ -57,6 +57,11 @@ def _require(ok: bool, reason: str) -> None:
         raise ValueError(reason)
 
 
+def settings_dict(settings: Any) -> dict[str, Any]:
+    """A settings dataclass as JSON-native values (tuples as lists), equal to its JSON round trip."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(settings).items()}
+
+
 def _from_mapping(cls: type, data: object, what: str) -> Any:
     if data is True:
         data = {}
@@ -218,7 +223,7 @@ class PrivacySettings:
 
     def to_dict(self) -> dict[str, Any]:
         """Inverse of :meth:`from_mapping` with every default spelled out (off parts left out)."""
-        return {f.name: asdict(getattr(self, f.name)) for f in fields(self) if getattr(self, f.name)}
+        return {f.name: settings_dict(getattr(self, f.name)) for f in fields(self) if getattr(self, f.name)}
 
     def check_combination(self, experiment: ExperimentConfig) -> None:
         """ValueError with the reason when these settings cannot work with the rest of ``experiment``.

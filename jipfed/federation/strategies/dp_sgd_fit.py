@@ -9,14 +9,13 @@ the update's metrics (``dp_epsilon``). Server state is the wrapped strategy's.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict
 from typing import Any, ClassVar
 
 import torch
 
 from jipfed.federation.strategies.base import Strategy, StrategyState
 from jipfed.federation.update import UpdateSource
-from jipfed.privacy.settings import SampleDP
+from jipfed.privacy.settings import SampleDP, settings_dict
 
 
 class DPSGDFit(Strategy):
@@ -29,7 +28,7 @@ class DPSGDFit(Strategy):
         self.dp = dp
 
     def configure_fit(self, round: int) -> dict[str, Any]:
-        return {**self.inner.configure_fit(round), "dp_sgd": asdict(self.dp)}
+        return {**self.inner.configure_fit(round), "dp_sgd": settings_dict(self.dp)}
 
     def aggregate(
         self, global_weights: Mapping[str, torch.Tensor], updates: Iterable[UpdateSource], round: int
@@ -40,7 +39,11 @@ class DPSGDFit(Strategy):
         return self.inner.report()
 
     def config(self) -> dict[str, Any]:
-        return {"inner": self.inner.name, "inner_config": self.inner.config(), "sample_dp": asdict(self.dp)}
+        return {
+            "inner": self.inner.name,
+            "inner_config": self.inner.config(),
+            "sample_dp": settings_dict(self.dp),
+        }
 
     def state_dict(self) -> StrategyState:
         return self.inner.state_dict()
