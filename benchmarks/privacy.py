@@ -59,9 +59,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fnmatch
 import json
 import logging
 import math
+import re
 import statistics
 import sys
 import time
@@ -116,6 +118,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument(
         "--dp-lr", type=float, default=None, help="learning rate of the DP runs (default --lr)"
+    )
+    parser.add_argument(
+        "--dp-optimizer",
+        choices=["adam", "sgd"],
+        default="adam",
+        help="optimiser of the DP runs (sgd: momentum 0.9; the no-DP reference keeps adam)",
+    )
+    parser.add_argument(
+        "--ema-decay",
+        type=float,
+        default=None,
+        help="sample level: each site sends the EMA of its DP-SGD iterates with this decay (sample_dp.ema_decay)",
+    )
+    parser.add_argument(
+        "--trainable",
+        nargs="+",
+        default=None,
+        help="sample level: only these parameter name patterns train under DP-SGD (sample_dp.trainable)",
     )
     parser.add_argument(
         "--nodp-batch",
@@ -405,11 +425,29 @@ def site_noises(
 
 
 def sample_privacy(args: argparse.Namespace, epsilon: float, noise: float, clip: float) -> dict[str, Any]:
-    """The experiment's ``sample_dp`` settings: one noise for all sites, or (``--site-noise``) each site's own."""
+    """The experiment's ``sample_dp`` settings: one noise for all sites, or (``--site-noise``) each site's own;
+    with ``--ema-decay`` / ``--trainable`` the iterate average and the trained parameters."""
     settings = {"epsilon": epsilon, "delta": args.delta, "max_grad_norm": clip, "noise_multiplier": noise}
     if args.site_noise:
         settings.update(noise_multiplier=None, planned_rounds=args.rounds)
+    if args.ema_decay is not None:
+        settings["ema_decay"] = args.ema_decay
+    if args.trainable:
+        settings["trainable"] = list(args.trainable)
     return {"sample_dp": settings}
+
+
+def sample_run_name(args: argparse.Namespace, epsilon: float, clip: float, lr: float) -> str:
+    """Cache name of a sample-level run: every setting that changes its result."""
+    name = f"sample-eps{epsilon:g}-C{clip:.4g}-lr{lr:g}"
+    if args.dp_optimizer != "adam":
+        name += f"-{args.dp_optimizer}"
+    if args.ema_decay is not None:
+        name += f"-ema{args.ema_decay:g}"
+    name = name.replace(".", "p")
+    if args.trainable:
+        name += "-train-" + "+".join(re.sub(r"[^A-Za-z0-9]+", "", p) for p in args.trainable)
+    return name + ("-site-noise" if args.site_noise else "")
 
 
 def secagg_cost(
@@ -509,18 +547,25 @@ def main(argv: list[str] | None = None) -> int:
     norms = update_norms(args, "nodp")
     clip = statistics.median(norms)
     mean_update = mean_update_norm(args, "nodp")
-    dp_train = dataclasses.replace(train, lr=args.dp_lr or args.lr)
+    dp_train = dataclasses.replace(train, lr=args.dp_lr or args.lr, optimizer=args.dp_optimizer)
     start_weights = base_weights(args) if public else None
     case_norms = (
         per_case_grad_norms(sites, dp_train, weights=start_weights) if args.max_grad_norm is None else []
     )
     grad_clip = args.max_grad_norm or quantile(case_norms, args.clip_quantile)
     n_params = sum(v.numel() for v in base_weights(args).values() if v.is_floating_point())
+    n_noised = sum(  # the weights DP-SGD trains and noises
+        v.numel()
+        for k, v in base_weights(args).items()
+        if v.is_floating_point()
+        and (not args.trainable or any(fnmatch.fnmatchcase(k, p) for p in args.trainable))
+    )
     floor = empty_prediction_dice(sites, train)
     print(
         f"sites {args.sites}, cases {args.cases} (training per site: {site_train_sizes(sites, train)}), rounds "
         f"{args.rounds}, batch {args.batch_size}, grid {args.spatial_size}, delta {args.delta}, U-Net "
-        f"'{args.size}' with {n_params} parameters, lr {args.lr}, DP lr {dp_train.lr}"
+        f"'{args.size}' with {n_params} parameters, lr {args.lr}, DP lr {dp_train.lr}, DP optimiser "
+        f"{args.dp_optimizer}, DP-SGD iterate EMA {args.ema_decay}, DP-SGD trains {args.trainable or 'all'}"
     )
     print(
         f"no DP: Dice {base['dice']:.4f} ({base['seconds']:.0f} s; predicting no tumour scores {floor:.4f}); "
@@ -554,8 +599,7 @@ def main(argv: list[str] | None = None) -> int:
                 noises = site_noises(args, sites, train, eps)
                 z = max(noises.values())
                 privacy = sample_privacy(args, eps, z, grad_clip)
-                name = f"sample-eps{eps:g}-C{grad_clip:.4g}-lr{dp_train.lr:g}".replace(".", "p")
-                name += "-site-noise" if args.site_noise else ""
+                name = sample_run_name(args, eps, grad_clip, dp_train.lr)
             out = run(args, sites, name, dp_train if level == "sample" else train, privacy)
             if level == "client":
                 last = out["privacy"][-1]
@@ -585,8 +629,8 @@ def main(argv: list[str] | None = None) -> int:
                 step_noise *= grad_clip / args.batch_size
                 print(
                     f"         noise on each step's mean gradient (least noised site): std {step_noise:.3g} per "
-                    f"coordinate, norm {step_noise * math.sqrt(n_params):.3g} vs that gradient's norm <= C = "
-                    f"{grad_clip:.3g} ({step_noise * math.sqrt(n_params) / grad_clip:.1f}x or more)"
+                    f"coordinate over {n_noised} trained weights, norm {step_noise * math.sqrt(n_noised):.3g} vs that "
+                    f"gradient's norm <= C = {grad_clip:.3g} ({step_noise * math.sqrt(n_noised) / grad_clip:.1f}x or more)"
                 )
     cost = secagg_cost(args, base_weights(args), base["seconds"] / args.rounds)
     print(

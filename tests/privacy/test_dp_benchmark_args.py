@@ -65,3 +65,27 @@ def test_site_noise_leaves_the_noise_to_each_site_as_the_trainer_calibrates_it(b
     settings = bench.sample_privacy(per_site, 8.0, 2.5, 0.3)["sample_dp"]
     assert (settings["noise_multiplier"], settings["planned_rounds"]) == (None, 3)
     assert SampleDP(**settings).epsilon == 8.0  # valid settings: each site calibrates z from its budget
+
+
+def test_averaging_optimiser_and_trainable_reach_the_settings_and_the_cache_name(bench: ModuleType) -> None:
+    plain = bench.parse_args(["--cohort", "--rounds", "3", "--site-noise"])
+    assert (
+        bench.sample_run_name(plain, 8.0, 0.326, 0.03) == "sample-eps8-C0p326-lr0p03-site-noise"
+    )  # older caches
+    args = bench.parse_args(
+        [
+            "--cohort",
+            "--rounds",
+            "3",
+            "--dp-optimizer",
+            "sgd",
+            "--ema-decay",
+            "0.9",
+            "--trainable",
+            "model.2.*",
+        ]
+    )
+    settings = bench.sample_privacy(args, 8.0, 2.5, 0.3)["sample_dp"]
+    assert (settings["ema_decay"], settings["trainable"]) == (0.9, ["model.2.*"])
+    assert SampleDP(**settings).trainable == ("model.2.*",)
+    assert bench.sample_run_name(args, 8.0, 0.3, 0.5) == "sample-eps8-C0p3-lr0p5-sgd-ema0p9-train-model2"
