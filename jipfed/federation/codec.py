@@ -232,8 +232,9 @@ class SafetensorsWriter:
         text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
         text += b" " * (-len(text) % 8)
         head = struct.pack("<Q", len(text)) + text
+        self.path = path
         self.size = len(head) + offset
-        self._data_start = len(head)
+        self.data_start = len(head)
         self._hashing = hashing
         self._check_finite = check_finite
         self._digest = hashlib.sha256(head)
@@ -260,7 +261,7 @@ class SafetensorsWriter:
             raise ValueError(f"tensor {name!r} holds NaN/Inf; refusing to encode it")
         tensor = tensor.contiguous()
         if tensor.numel():
-            offset = self._data_start + self._offsets[name]
+            offset = self.data_start + self._offsets[name]
             data = _bytes_of(tensor)
             if self._hashing is None:
                 _write_at(self._fd, data, offset)
@@ -281,29 +282,33 @@ class SafetensorsWriter:
         begin = self._offsets[name]
         return begin, begin + self.specs[name].numel * self.specs[name].torch_dtype.itemsize
 
-    def put_data(self, begin: int, data: memoryview) -> None:
+    def put_data(self, begin: int, data: memoryview) -> tuple[Future[None], ...]:
         """Write (and hash) the data section's next bytes, ``begin`` = bytes put so far, instead of
         tensor by tensor (callers that compute the data section in file order, e.g. a flat mean).
 
-        Every tensor counts as put once the section is complete. ``data`` must not change until
-        :meth:`finish`. ValueError when a tensor was put by name or ``begin`` is not the next byte.
+        Every tensor counts as put once the section is complete. Returns the background write and
+        hash of ``data`` (none without ``hashing``): ``data`` must not change until they are done
+        (a caller may then reuse its buffer). ValueError when a tensor was put by name or ``begin``
+        is not the next byte.
         """
         done = self._data_put
         if begin != done or self._ready or (self._next and not done):
             raise ValueError(f"data section bytes must be put in order: expected offset {done}, got {begin}")
-        if done + len(data) > self.size - self._data_start:
+        if done + len(data) > self.size - self.data_start:
             raise ValueError("data section bytes past the end of the file")
+        pending: tuple[Future[None], ...] = ()
         if len(data):
-            offset = self._data_start + begin
+            offset = self.data_start + begin
             if self._hashing is None:
                 _write_at(self._fd, data, offset)
                 self._digest.update(data)
             else:
                 self._writes.append(self._hashing.call(partial(_write_at, self._fd, data, offset), len(data)))
-                self._hashing.update(self._digest, data)
+                pending = (self._writes[-1], self._hashing.update(self._digest, data))
         self._data_put = done + len(data)
-        if self._data_put == self.size - self._data_start:
+        if self._data_put == self.size - self.data_start:
             self._next = len(self.order)
+        return pending
 
     @property
     def missing(self) -> list[str]:

@@ -10,15 +10,19 @@ as :func:`~jipfed.federation.aggregate.mean_weights`, so the result is bit-ident
 finished segment goes straight to the output file's writer
 (:meth:`~jipfed.federation.codec.SafetensorsWriter.put_data`: written and hashed in file order on
 the hash threads). Integer tensors (BatchNorm's counters) follow the ``integer_mode`` rule of
-:class:`~jipfed.federation.aggregate.WeightedMean`. Memory: the output model plus a few segments;
-the inputs' pages are dropped as they are consumed (the inputs are paged maps of the files).
+:class:`~jipfed.federation.aggregate.WeightedMean`. Memory: a ring of segment buffers, reused once
+the writer has written and hashed them (no model-sized output: the result is returned as a map of
+the written file); the inputs' pages are dropped as they are consumed (they are paged maps of the
+files).
 """
 
 from __future__ import annotations
 
 import mmap
+import warnings
 from collections import deque
 from collections.abc import Sequence
+from concurrent.futures import Future
 from contextlib import suppress
 from dataclasses import dataclass
 
@@ -45,6 +49,8 @@ from jipfed.federation.validation import count_non_finite
 SEGMENT_BYTES = 1 << 22
 #: Bytes of each file one summing thread maps at once: a segment is summed in parts of this size.
 PART_BYTES = SEGMENT_BYTES // (SEGMENT_BYTES // (MIN_PART_ELEMENTS * 4))
+#: Segment buffers a flat mean reuses (more than the pieces summed at once: the writer holds some).
+RING_SLOTS = 2 * MAX_RUNNING_TENSORS
 #: float32 elements per page of memory.
 PAGE_ELEMENTS = mmap.PAGESIZE // 4
 
@@ -56,6 +62,8 @@ class Piece:
     begin: int
     end: int
     floats: bool
+    #: the integer tensor this piece is (None for a float32 segment)
+    entry: PayloadEntry | None = None
 
 
 def shared_layout(
@@ -74,7 +82,7 @@ def shared_layout(
     entries = start.entries
     if any(m.entries != entries for m in sources):
         return None
-    base = entries[0].begin if entries else 0
+    base = data_base(entries)
     if [e.key for e in entries] != writer.order or set(writer.specs) != set(start.manifest.tensors):
         return None
     for entry in entries:
@@ -103,7 +111,7 @@ def pieces_of(
     of a run at the first one: no page is shared by two segments (one segment's dropped pages are
     never another's current ones), and a segment's parts start page-aligned too.
     """
-    base = entries[0].begin if entries else 0
+    base = data_base(entries)
     pieces: list[Piece] = []
     run_begin: int | None = None
     run_end = 0
@@ -127,9 +135,40 @@ def pieces_of(
         close_run()
         run_begin = None
         if end > begin:
-            pieces.append(Piece(begin, end, False))
+            pieces.append(Piece(begin, end, False, entry))
     close_run()
     return pieces
+
+
+class SegmentRing:
+    """Reusable buffers for the pieces of one flat mean: a buffer goes back into use once the
+    writer has written and hashed what was handed to it (no fresh model-sized output to fill)."""
+
+    def __init__(self, slots: int = RING_SLOTS, nbytes: int = SEGMENT_BYTES) -> None:
+        self._nbytes = nbytes
+        self._spare = slots
+        self._free: list[torch.Tensor] = []
+        self._handed: deque[tuple[torch.Tensor, tuple[Future[None], ...]]] = deque()
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        """A buffer of ``nbytes`` (a larger piece gets its own, not reused)."""
+        if nbytes > self._nbytes:
+            return output_tensor(torch.Size([nbytes]), torch.uint8)
+        if not self._free and self._handed and not self._spare:
+            buffer, pending = self._handed.popleft()
+            for future in pending:
+                future.result()
+            self._free.append(buffer)
+        if self._free:
+            return self._free.pop()[:nbytes]
+        self._spare = max(0, self._spare - 1)
+        return output_tensor(torch.Size([self._nbytes]), torch.uint8)[:nbytes]
+
+    def handed_on(self, buffer: torch.Tensor, pending: tuple[Future[None], ...]) -> None:
+        """``buffer`` (from :meth:`take`) is in use until ``pending`` are done."""
+        storage = buffer.untyped_storage()
+        if storage.nbytes() == self._nbytes:  # a ring buffer (a larger piece's own is dropped)
+            self._handed.append((torch.empty(0, dtype=torch.uint8).set_(storage), pending))
 
 
 def flat_mean(
@@ -141,7 +180,11 @@ def flat_mean(
     integer_mode: str,
 ) -> dict[str, torch.Tensor]:
     """The sample-weighted mean of ``sources`` (``delta`` ones relative to ``start``), written to
-    ``writer`` in file order; returns the result's tensors by name (views of one buffer).
+    ``writer`` in file order.
+
+    Returns the result's tensors by name: views of a read-only map of the writer's file, so they
+    hold the result once :meth:`~jipfed.federation.codec.SafetensorsWriter.finish` returned (the
+    pieces are summed in a few reused buffers, never in a model-sized one).
 
     Raises:
         ValueError: a weight is not a positive number, or a result tensor holds NaN/Inf (named).
@@ -152,14 +195,15 @@ def flat_mean(
     base_weight = sum(w for w, d in zip(weights, deltas, strict=True) if d)
     g = start.data_section()
     xs = [s.data_section() for s in sources]
-    out = output_tensor(torch.Size([len(g)]), torch.uint8)
-    running: deque[tuple[Piece, Parts]] = deque()
+    ring = SegmentRing(RING_SLOTS)
+    running: deque[tuple[Piece, torch.Tensor, Parts]] = deque()
 
     def f32(x: torch.Tensor, piece: Piece) -> torch.Tensor:
         return x[piece.begin : piece.end].view(torch.float32)
 
-    def integers(piece: Piece) -> None:
-        entry = next(e for e in entries if e.begin - entries[0].begin == piece.begin)
+    def integers(piece: Piece, out: torch.Tensor) -> None:
+        entry = piece.entry
+        assert entry is not None
         dtype = DTYPES[entry.dtype]
 
         def value(x: torch.Tensor, delta: bool) -> torch.Tensor:
@@ -168,25 +212,25 @@ def flat_mean(
 
         values = [value(x, d) for x, d in zip(xs, deltas, strict=True)]
         result = fold_integers(values[0].clone(), values[1:], integer_mode)
-        out[piece.begin : piece.end].view(dtype).copy_(result.reshape(-1))
+        out.view(dtype).copy_(result.reshape(-1))
 
     def hand_on() -> None:
-        piece, parts = running.popleft()
+        piece, out, parts = running.popleft()
         try:
             parts.wait()
         except NonFiniteResult:
             name = _non_finite_name(entries, out, piece)
             raise ValueError(f"tensor {name!r} holds NaN/Inf; refusing to encode it") from None
-        data = out[piece.begin : piece.end]
         if piece.floats:
             page_hint(g[piece.begin : piece.end], MADV_DONTNEED, to_end=piece.end == len(g))
-        writer.put_data(piece.begin, memoryview(data.numpy()))
+        ring.handed_on(out, writer.put_data(piece.begin, memoryview(out.numpy())))
 
     try:
         for piece in pieces_of(entries):
+            out = ring.take(piece.end - piece.begin)
             if piece.floats:
                 parts = blocked_weighted_sum(
-                    f32(out, piece),
+                    out.view(torch.float32),
                     [f32(x, piece) for x in xs],
                     weights,
                     paged=[True] * len(xs),
@@ -198,28 +242,46 @@ def flat_mean(
                     base_paged=True,
                     check_finite=True,  # in cache, instead of another pass over the result
                 )
-                running.append((piece, parts))
+                running.append((piece, out, parts))
             else:
-                integers(piece)
-                running.append((piece, DONE))
-            while running and (running[0][1].done() or len(running) > MAX_RUNNING_TENSORS):
+                integers(piece, out)
+                running.append((piece, out, DONE))
+            while running and (running[0][2].done() or len(running) > MAX_RUNNING_TENSORS):
                 hand_on()
         while running:
             hand_on()
     except BaseException:
-        for _, parts in running:  # nothing may still write to ``out`` once this returns
+        for _, _, parts in running:  # nothing may still write to a buffer once this returns
             with suppress(BaseException):
                 parts.wait()
         raise
-    base = entries[0].begin if entries else 0
-    return {e.key: out[e.begin - base : e.end - base].view(DTYPES[e.dtype]).reshape(e.shape) for e in entries}
+    return written_tensors(writer, entries)
+
+
+def written_tensors(writer: SafetensorsWriter, entries: Sequence[PayloadEntry]) -> dict[str, torch.Tensor]:
+    """The writer file's tensors by name, as views of a read-only map of it (untouched: no memory
+    until read; what a background write has not written yet reads as zeros)."""
+    if writer.size <= writer.data_start:
+        return {e.key: torch.empty(e.shape, dtype=DTYPES[e.dtype]) for e in entries}
+    with open(writer.path, "rb") as fh:
+        mapped = mmap.mmap(fh.fileno(), writer.size, prot=mmap.PROT_READ)
+    with warnings.catch_warnings():  # read-only by contract: nothing writes to the result
+        warnings.simplefilter("ignore", UserWarning)
+        data = torch.frombuffer(mapped, dtype=torch.uint8)[writer.data_start :]
+    base = data_base(entries)
+    return {e.key: data[e.begin - base : e.end - base].view(DTYPES[e.dtype]).reshape(e.shape) for e in entries}
+
+
+def data_base(entries: Sequence[PayloadEntry]) -> int:
+    """File offset of the data section the entries describe."""
+    return entries[0].begin if entries else 0
 
 
 def _non_finite_name(entries: Sequence[PayloadEntry], out: torch.Tensor, piece: Piece) -> str:
-    """The first tensor within ``piece`` that holds NaN/Inf."""
-    base = entries[0].begin
+    """The first tensor within ``piece`` (summed into ``out``) that holds NaN/Inf."""
+    base = data_base(entries)
     for e in entries:
         begin, end = max(e.begin - base, piece.begin), min(e.end - base, piece.end)
-        if begin < end and count_non_finite(out[begin:end].view(torch.float32)):
+        if begin < end and count_non_finite(out[begin - piece.begin : end - piece.begin].view(torch.float32)):
             return e.key
     return entries[0].key

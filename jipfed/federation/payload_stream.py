@@ -358,11 +358,13 @@ class HashPipeline:
         self._held = 0
         self._last: dict[int, Future[None]] = {}
 
-    def update(self, digest: Any, view: memoryview) -> None:
-        """``digest.update(view)`` after the earlier updates of ``digest``; ``view`` must stay unchanged."""
+    def update(self, digest: Any, view: memoryview) -> Future[None]:
+        """``digest.update(view)`` after the earlier updates of ``digest``; ``view`` must stay unchanged
+        until the returned future is done."""
         future = self._pool.submit(_update_after, self._last.get(id(digest)), digest, view)
         self._last[id(digest)] = future
         self._hold(future, len(view))
+        return future
 
     def call(self, fn: Callable[[], None], nbytes: int) -> Future[None]:
         """Run ``fn()`` on a background thread, not ordered with the digests (e.g. writing ``nbytes``

@@ -11,12 +11,16 @@ from __future__ import annotations
 import hashlib
 import math
 import mmap
+import time
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
+import jipfed.federation.codec as codec
 import jipfed.federation.compute as compute
+import jipfed.federation.flat_mean as flat_mean_module
 from jipfed.federation.codec import SafetensorsWriter, encode_global, encode_update
 from jipfed.federation.experiment import ExperimentConfig
 from jipfed.federation.flat_mean import fits_one_pass, pieces_of, shared_layout
@@ -88,6 +92,41 @@ def test_flat_mean_writes_the_same_bytes_as_the_tensor_by_tensor_mean(
     monkeypatch.setattr(compute, "flat_plan", lambda *args: None)
     assert _step(tmp_path / "tensors", sites, start) == flat
     assert flat_calls == [1]
+
+
+def test_reused_segment_buffers_give_the_same_bytes_and_the_result_maps_the_written_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two ring buffers for ~8 segments: each is reused only after the writer wrote and hashed it
+    (the writes are slowed down like a slow disk's, so a buffer reused too early is caught)."""
+    results: list[dict[str, torch.Tensor]] = []
+    real = compute.flat_mean
+    real_write = codec._write_at
+
+    def slow_write(*args, **kwargs):  # type: ignore[no-untyped-def]
+        time.sleep(0.05)
+        real_write(*args, **kwargs)
+
+    monkeypatch.setattr(codec, "_write_at", slow_write)
+
+    def kept(*args, **kwargs):  # type: ignore[no-untyped-def]
+        results.append(real(*args, **kwargs))
+        return results[-1]
+
+    monkeypatch.setattr(compute, "flat_mean", kept)
+    monkeypatch.setattr(flat_mean_module, "RING_SLOTS", 2)
+    monkeypatch.setattr(flat_mean_module, "MAX_RUNNING_TENSORS", 1)
+    gen = torch.Generator().manual_seed(9)
+    start = _model(gen)
+    sites = {"site-a": (_model(gen, 0.01), 2), "site-b": (_model(gen, 0.01), 7)}
+    flat = _step(tmp_path / "flat", sites, start)
+    assert len(results) == 1
+    written = load_file(tmp_path / "flat" / "experiments" / "flat" / "rounds" / "1" / "global.safetensors")
+    assert set(results[0]) == set(written)
+    for name, tensor in written.items():
+        assert torch.equal(results[0][name], tensor), name
+    monkeypatch.setattr(compute, "flat_plan", lambda *args: None)
+    assert _step(tmp_path / "tensors", sites, start) == flat
 
 
 def test_an_overflowing_mean_is_refused_naming_the_tensor(tmp_path: Path, flat_calls: list[int]) -> None:
