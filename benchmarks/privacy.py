@@ -179,6 +179,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="pretrain on this many public cases (not the sites') and fine-tune every run from it (0: off)",
     )
     parser.add_argument("--public-rounds", type=int, default=20, help="epochs of the public pretraining")
+    parser.add_argument(
+        "--public-batch",
+        type=int,
+        default=None,
+        help="batch of the public pretraining (default --batch-size)",
+    )
+    parser.add_argument(
+        "--public-lr", type=float, default=None, help="learning rate of the public pretraining (default --lr)"
+    )
     args = parser.parse_args(argv)
     check_cohort_args(parser, args)
     if args.quick or args.cohort or args.cohort_cases:
@@ -204,6 +213,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.public_cases:
         args.workdir = args.workdir.with_name(
             f"{args.workdir.name}-public{args.public_cases}x{args.public_rounds}"
+            + (f"-b{args.public_batch}" if args.public_batch else "")
+            + (f"-lr{args.public_lr:g}" if args.public_lr else "")
         )
     return args
 
@@ -302,6 +313,9 @@ def pretrain_public(args: argparse.Namespace, train: TrainConfig) -> dict[str, A
         progress=False,
     )
     public = {"public": SiteData.from_dir(next(iter(folders.values())), group="public")}
+    train = dataclasses.replace(
+        train, batch_size=args.public_batch or train.batch_size, lr=args.public_lr or train.lr
+    )
     result = run(args, public, PUBLIC_EXPERIMENT, train, {}, rounds=args.public_rounds)
     args.initial_model = PUBLIC_EXPERIMENT
     return {**result, "training_cases": site_train_sizes(public, train)["public"]}

@@ -89,3 +89,12 @@ def test_averaging_optimiser_and_trainable_reach_the_settings_and_the_cache_name
     assert (settings["ema_decay"], settings["trainable"]) == (0.9, ["model.2.*"])
     assert SampleDP(**settings).trainable == ("model.2.*",)
     assert bench.sample_run_name(args, 8.0, 0.3, 0.5) == "sample-eps8-C0p3-lr0p5-sgd-ema0p9-train-model2"
+
+
+def test_the_public_pretraining_batch_and_lr_name_their_cache(bench: ModuleType, tmp_path: Path) -> None:
+    argv = ["--workdir", str(tmp_path / "p"), "--cohort-cases", "256", "--size", "micro", "--lr", "0.01"]
+    argv += ["--public-cases", "32", "--public-rounds", "20"]
+    assert bench.parse_args(argv).workdir.name == "p-cohort256-b64-micro-lr0.01-public32x20"
+    args = bench.parse_args([*argv, "--public-batch", "16", "--public-lr", "0.03"])
+    assert args.workdir.name == "p-cohort256-b64-micro-lr0.01-public32x20-b16-lr0.03"
+    assert args.data_dir == tmp_path / "p-cohort256" / "data"  # the sites' data stay shared
