@@ -367,6 +367,7 @@ def blocked_weighted_sum(
     align: int = 16,
     base_paged: bool = False,
     check_finite: bool = False,
+    populate: bool = True,
 ) -> Parts:
     """``dest = (acc + sum_i weights[i] * inputs[i] [+ base_weight * base]) [/ divide_by]``, chunk by chunk.
 
@@ -381,7 +382,9 @@ def blocked_weighted_sum(
     outside, it is complete on return. The inputs must stay unchanged until then. ``paged[i]``: input
     ``i``, if of at least :data:`PAGED_MIN_BYTES`, is a file mapping nobody else uses; each chunk's
     pages are populated before and dropped after it is summed (see the module docstring);
-    ``base_paged``: the same for ``base``. ``check_finite``: each chunk is checked while in cache
+    ``base_paged``: the same for ``base``; ``populate=False`` leaves the populating to page faults
+    (cheaper on kernels whose fault-around maps a page-cache folio at once, for chunks that start
+    on page boundaries; the pages are still dropped). ``check_finite``: each chunk is checked while in cache
     (:class:`NonFiniteResult` from ``wait()`` when it holds NaN/Inf). A large
     tensor's parts start at multiples of ``align`` elements (at least 16: no shared cache line).
     """
@@ -407,7 +410,7 @@ def blocked_weighted_sum(
             scratch = torch.empty((min(step, end - begin),) if flat else dest.shape, dtype=acc_dtype)
         for start in range(begin, end, step):
             span = slice(start, min(start + step, end)) if flat else None
-            for x in mapped:
+            for x in mapped if populate else ():
                 page_hint(_part(x, span), MADV_POPULATE_READ)
             d = _part(dest, span)
             a = (

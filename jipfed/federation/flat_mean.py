@@ -241,6 +241,7 @@ def flat_mean(
                     align=PAGE_ELEMENTS,  # parts of a page-aligned segment share no page either
                     base_paged=True,
                     check_finite=True,  # in cache, instead of another pass over the result
+                    populate=False,  # faults map page-aligned parts' folios for less than madvise does
                 )
                 running.append((piece, out, parts))
             else:
