@@ -154,8 +154,9 @@ class SegmentRing:
         """A buffer of ``nbytes`` (a larger piece gets its own, not reused)."""
         if nbytes > self._nbytes:
             return output_tensor(torch.Size([nbytes]), torch.uint8)
-        if not self._free and self._handed and not self._spare:
-            buffer, pending = self._handed.popleft()
+        oldest_done = self._handed and all(f.done() for f in self._handed[0][1])
+        if not self._free and self._handed and (oldest_done or not self._spare):
+            buffer, pending = self._handed.popleft()  # fresh memory only while all are in use
             for future in pending:
                 future.result()
             self._free.append(buffer)
