@@ -27,6 +27,7 @@ hashes what was not read and compares the digest with the one recorded at arriva
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -98,8 +99,14 @@ def parse_header(text: bytes, data_start: int, data_bytes: int | None) -> list[P
     """The entries of a safetensors header in file order; ValueError saying what is wrong.
 
     ``data_bytes`` (the file size minus ``data_start``), when known, must equal the end of the
-    last tensor.
+    last tensor. The updates of one round usually have byte-identical headers: a header parsed
+    recently is not parsed again (only valid ones are remembered).
     """
+    return list(_parsed_header(text, data_start, data_bytes))
+
+
+@functools.lru_cache(maxsize=4)
+def _parsed_header(text: bytes, data_start: int, data_bytes: int | None) -> tuple[PayloadEntry, ...]:
     try:
         header = json.loads(text)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -136,7 +143,7 @@ def parse_header(text: bytes, data_start: int, data_bytes: int | None) -> list[P
         raise ValueError(
             f"the tensors cover {position - data_start} bytes of data, the file has {data_bytes}"
         )
-    return entries
+    return tuple(entries)
 
 
 @dataclass(frozen=True)
