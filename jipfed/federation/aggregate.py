@@ -71,13 +71,13 @@ import mmap
 import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import ExitStack, suppress
+from contextlib import ExitStack
 from typing import NamedTuple
 
 import torch
 
 from jipfed.federation import sum_threads as parallel
-from jipfed.federation.sum_threads import DONE, Parts, start_parts
+from jipfed.federation.sum_threads import DONE, Parts, hand_on_done, start_parts, wait_quietly
 from jipfed.federation.update import UpdateSource
 
 logger = logging.getLogger(__name__)
@@ -261,14 +261,11 @@ class WeightedMean:
                     )
                 else:
                     running.append((name, self._integer_tensor(name, tensors, [c.base for c in group]), DONE))
-                while running and (running[0][2].done() or len(running) > MAX_RUNNING_TENSORS):
-                    hand_on()
+                hand_on_done(running, hand_on, MAX_RUNNING_TENSORS)
             while running:
                 hand_on()
         except BaseException:
-            for _, _, parts in running:  # nothing may still write to the accumulator once this returns
-                with suppress(BaseException):
-                    parts.wait()
+            wait_quietly(parts for _, _, parts in running)  # nothing may still write to the accumulator
             self._broken = touched  # a failure before the first tensor leaves nothing half-added
             raise
         self._total, self._base_weight, self._base = total, base_weight, base

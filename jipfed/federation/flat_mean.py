@@ -23,7 +23,6 @@ import warnings
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future
-from contextlib import suppress
 from dataclasses import dataclass
 
 import torch
@@ -41,7 +40,14 @@ from jipfed.federation.aggregate import (
 )
 from jipfed.federation.codec import SafetensorsWriter
 from jipfed.federation.payload_stream import PayloadEntry, StoredUpdate
-from jipfed.federation.sum_threads import DONE, MIN_PART_ELEMENTS, Parts, usable_cpus
+from jipfed.federation.sum_threads import (
+    DONE,
+    MIN_PART_ELEMENTS,
+    Parts,
+    hand_on_done,
+    usable_cpus,
+    wait_quietly,
+)
 from jipfed.federation.update import DTYPES
 from jipfed.federation.validation import count_non_finite
 
@@ -248,14 +254,11 @@ def flat_mean(
             else:
                 integers(piece, out)
                 running.append((piece, out, DONE))
-            while running and (running[0][2].done() or len(running) > MAX_RUNNING_TENSORS):
-                hand_on()
+            hand_on_done(running, hand_on, MAX_RUNNING_TENSORS)
         while running:
             hand_on()
     except BaseException:
-        for _, _, parts in running:  # nothing may still write to a buffer once this returns
-            with suppress(BaseException):
-                parts.wait()
+        wait_quietly(parts for _, _, parts in running)
         raise
     return written_tensors(writer, entries)
 
@@ -271,7 +274,9 @@ def written_tensors(writer: SafetensorsWriter, entries: Sequence[PayloadEntry]) 
         warnings.simplefilter("ignore", UserWarning)
         data = torch.frombuffer(mapped, dtype=torch.uint8)[writer.data_start :]
     base = data_base(entries)
-    return {e.key: data[e.begin - base : e.end - base].view(DTYPES[e.dtype]).reshape(e.shape) for e in entries}
+    return {
+        e.key: data[e.begin - base : e.end - base].view(DTYPES[e.dtype]).reshape(e.shape) for e in entries
+    }
 
 
 def data_base(entries: Sequence[PayloadEntry]) -> int:

@@ -14,9 +14,9 @@ once in the calling thread.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from contextvars import ContextVar
 
 import torch
@@ -97,3 +97,21 @@ def start_parts(numel: int, run: Callable[[int, int], None], align: int = 16) ->
     parts = max(1, numel // MIN_PART_ELEMENTS)
     bounds = [numel * k // parts // align * align for k in range(parts)] + [numel]
     return Parts([pool.submit(run, b, e) for b, e in zip(bounds[:-1], bounds[1:], strict=True) if e > b])
+
+
+def hand_on_done(
+    running: Sequence[tuple[object, object, Parts]], hand_on: Callable[[], None], limit: int
+) -> None:
+    """Call ``hand_on()`` (which pops ``running``'s oldest entry, ``(..., ..., parts)``) while that
+    entry's parts are done or more than ``limit`` entries run: results go on in order, and at most
+    ``limit`` ranges are summed at once."""
+    while running and (running[0][2].done() or len(running) > limit):
+        hand_on()
+
+
+def wait_quietly(parts: Iterable[Parts]) -> None:
+    """Until every one of ``parts`` is done, ignoring their errors (after a failure: nothing may still
+    write to the caller's buffers once it returns)."""
+    for p in parts:
+        with suppress(BaseException):
+            p.wait()
