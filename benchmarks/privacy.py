@@ -47,6 +47,12 @@ norm against the mean update's and how many sites would bring it down to the upd
    about 1 s a case here) are shared by every size, lr and batch. ``--nodp-batch B`` also trains the
    no-DP reference at batch B; the better no-DP run is the reference of every share.
 
+7. **Augmentation multiplicity** (``--augment-views K``, sample level; De et al. 2022): each case's
+   per-sample gradient is the mean over K augmented views of it (flips, small shifts) before it is
+   clipped (``sample_dp.augment_views``): the same ε, K forward / backward passes per case.
+   ``--best-nodp D`` adds the share of D (the best no-DP Dice of any setup, from another run) to the
+   PASS / MISS line.
+
 Run: ``nice -n 10 .venv/bin/python benchmarks/privacy.py > /tmp/privacy.log 2>&1`` (``--quick``: a
 smoke run of a few minutes); the DP-sized model:
 ``nice -n 10 .venv/bin/python benchmarks/privacy.py --cohort --rounds 30 --size micro --lr 0.03``.
@@ -83,7 +89,7 @@ from jipfed.privacy.secure_round import secure_mean_delta
 from jipfed.privacy.settings import SecureAggregation
 from jipfed.simulation import prepare_synthetic_sites, simulate, site_train_sizes
 from jipfed.training.config import SIZES, TrainConfig
-from jipfed.training.data import SiteData
+from jipfed.training.data import SiteData, pooled_data
 
 DICE_GOAL = 0.95
 EPSILON_GOAL = 8.0
@@ -138,6 +144,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="sample level: only these parameter name patterns train under DP-SGD (sample_dp.trainable)",
     )
     parser.add_argument(
+        "--augment-views",
+        type=int,
+        default=1,
+        help="sample level: each case's gradient is the mean over this many augmented views before clipping "
+        "(sample_dp.augment_views; 1 = off)",
+    )
+    parser.add_argument(
+        "--best-nodp",
+        type=float,
+        default=None,
+        help="the best no-DP Dice of any setup (from another run); the PASS/MISS line also gives its share",
+    )
+    parser.add_argument(
         "--nodp-batch",
         type=int,
         default=None,
@@ -180,6 +199,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--public-rounds", type=int, default=20, help="epochs of the public pretraining")
     parser.add_argument(
+        "--public-sites",
+        type=int,
+        default=1,
+        help="draw the public cases from this many heterogeneous site profiles (like the sites', own seed; "
+        "pooled into one pretraining site) instead of one",
+    )
+    parser.add_argument(
         "--public-batch",
         type=int,
         default=None,
@@ -213,6 +239,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.public_cases:
         args.workdir = args.workdir.with_name(
             f"{args.workdir.name}-public{args.public_cases}x{args.public_rounds}"
+            + (f"-sites{args.public_sites}" if args.public_sites != 1 else "")
             + (f"-b{args.public_batch}" if args.public_batch else "")
             + (f"-lr{args.public_lr:g}" if args.public_lr else "")
         )
@@ -301,18 +328,23 @@ def run_root(args: argparse.Namespace, name: str) -> Path:
 
 
 def pretrain_public(args: argparse.Namespace, train: TrainConfig) -> dict[str, Any]:
-    """Train ``PUBLIC_EXPERIMENT`` without DP on the public cases (a one-site experiment)."""
+    """Train ``PUBLIC_EXPERIMENT`` without DP on the public cases (a one-site experiment; with
+    ``--public-sites`` the cases of that many heterogeneous site profiles, pooled)."""
     folders = prepare_synthetic_sites(
         args.workdir / "public-data",
-        n_sites=1,
-        cases_per_site=args.public_cases,
+        n_sites=args.public_sites,
+        cases_per_site=args.public_cases // args.public_sites,
         shape=tuple(args.shape),
         spatial_size=tuple(args.spatial_size),
         spacing_mm=tuple(args.spacing),
         seed=PUBLIC_SEED,
         progress=False,
     )
-    public = {"public": SiteData.from_dir(next(iter(folders.values())), group="public")}
+    public = {
+        "public": pooled_data(
+            [SiteData.from_dir(folder, group=f"public-{site}") for site, folder in folders.items()]
+        )
+    }
     train = dataclasses.replace(
         train, batch_size=args.public_batch or train.batch_size, lr=args.public_lr or train.lr
     )
@@ -440,7 +472,8 @@ def site_noises(
 
 def sample_privacy(args: argparse.Namespace, epsilon: float, noise: float, clip: float) -> dict[str, Any]:
     """The experiment's ``sample_dp`` settings: one noise for all sites, or (``--site-noise``) each site's own;
-    with ``--ema-decay`` / ``--trainable`` the iterate average and the trained parameters."""
+    with ``--ema-decay`` / ``--trainable`` / ``--augment-views`` the iterate average, the trained parameters
+    and the augmented views per case."""
     settings = {"epsilon": epsilon, "delta": args.delta, "max_grad_norm": clip, "noise_multiplier": noise}
     if args.site_noise:
         settings.update(noise_multiplier=None, planned_rounds=args.rounds)
@@ -448,6 +481,8 @@ def sample_privacy(args: argparse.Namespace, epsilon: float, noise: float, clip:
         settings["ema_decay"] = args.ema_decay
     if args.trainable:
         settings["trainable"] = list(args.trainable)
+    if args.augment_views != 1:
+        settings["augment_views"] = args.augment_views
     return {"sample_dp": settings}
 
 
@@ -458,6 +493,8 @@ def sample_run_name(args: argparse.Namespace, epsilon: float, clip: float, lr: f
         name += f"-{args.dp_optimizer}"
     if args.ema_decay is not None:
         name += f"-ema{args.ema_decay:g}"
+    if args.augment_views != 1:
+        name += f"-views{args.augment_views}"
     name = name.replace(".", "p")
     if args.trainable:
         name += "-train-" + "+".join(re.sub(r"[^A-Za-z0-9]+", "", p) for p in args.trainable)
@@ -579,7 +616,8 @@ def main(argv: list[str] | None = None) -> int:
         f"sites {args.sites}, cases {args.cases} (training per site: {site_train_sizes(sites, train)}), rounds "
         f"{args.rounds}, batch {args.batch_size}, grid {args.spatial_size}, delta {args.delta}, U-Net "
         f"'{args.size}' with {n_params} parameters, lr {args.lr}, DP lr {dp_train.lr}, DP optimiser "
-        f"{args.dp_optimizer}, DP-SGD iterate EMA {args.ema_decay}, DP-SGD trains {args.trainable or 'all'}"
+        f"{args.dp_optimizer}, DP-SGD iterate EMA {args.ema_decay}, DP-SGD trains {args.trainable or 'all'}, "
+        f"augmented views per case {args.augment_views}"
     )
     print(
         f"no DP: Dice {base['dice']:.4f} ({base['seconds']:.0f} s; predicting no tumour scores {floor:.4f}); "
@@ -667,6 +705,11 @@ def main(argv: list[str] | None = None) -> int:
             + (
                 f"; over the public start {start:.4f}: {gain_share(best, reference, start):.1%} of the no-DP gain"
                 if public
+                else ""
+            )
+            + (
+                f"; {best['dice'] / args.best_nodp:.1%} of the best no-DP Dice of any setup ({args.best_nodp:.4f})"
+                if best and args.best_nodp
                 else ""
             )
         )

@@ -11,11 +11,20 @@ from jipfed.privacy.secure_noise import ChaChaNormal, secure_normal
 
 
 class SecureDPOptimizer(DPOptimizer):
-    """opacus' DP optimiser with ChaCha20 noise, averaging each step over that step's batch size."""
+    """opacus' DP optimiser with ChaCha20 noise, averaging each step over that step's batch size.
 
-    def __init__(self, optimizer: torch.optim.Optimizer, *, noise: ChaChaNormal, **kwargs: object) -> None:
+    ``views`` > 1 (augmentation multiplicity): the forward pass held ``views`` consecutive views of each
+    case (:func:`jipfed.privacy.sample_dp.augmented_views`); each case's per-sample gradient is the mean
+    of its views' gradients, taken before clipping, so the step clips, sums and noises one gradient per
+    case exactly as with one view.
+    """
+
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, *, noise: ChaChaNormal, views: int = 1, **kwargs: object
+    ) -> None:
         super().__init__(optimizer, **kwargs)
         self._noise = noise
+        self._views = views
 
     def add_noise(self) -> None:
         std = self.noise_multiplier * self.max_grad_norm
@@ -24,9 +33,22 @@ class SecureDPOptimizer(DPOptimizer):
             p.grad = (p.summed_grad + noise).view_as(p)
 
     def pre_step(self, closure: Callable[[], float] | None = None) -> float | None:
+        if self._views > 1:
+            self._average_views()
         samples = self.grad_samples
         if samples and samples[0] is not None:
             self.expected_batch_size = int(
                 samples[0].shape[0]
             )  # fixed-size shuffled batches, last one smaller
         return super().pre_step(closure)
+
+    def _average_views(self) -> None:
+        """Replace each parameter's (cases * views, ...) per-sample gradients by their per-case means."""
+        for p in self.params:
+            sample = self._get_flat_grad_sample(p)
+            if sample.shape[0] % self._views:
+                raise ValueError(
+                    f"DP-SGD with {self._views} augmented views got {sample.shape[0]} per-sample gradients, "
+                    "not a whole number of cases"
+                )
+            p.grad_sample = sample.view(-1, self._views, *sample.shape[1:]).mean(1)

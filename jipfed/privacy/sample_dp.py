@@ -40,6 +40,38 @@ def check_model(model_name: str) -> None:
         )
 
 
+#: Largest circular shift (voxels, each spatial axis) of an augmented view.
+VIEW_SHIFT = 2
+
+
+def augmented_views(
+    image: torch.Tensor, target: torch.Tensor, views: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``views`` views of each case of a (B, C, X, Y, Z) batch, case-major ((B * views, ...): case i's
+    views at ``i * views ... i * views + views - 1``): the case as loaded, then random flips (p = 0.5 per
+    spatial axis) and circular shifts of up to :data:`VIEW_SHIFT` voxels per axis, the same for image
+    and segmentation target (a class label is repeated). ``views == 1`` returns the batch itself and
+    draws nothing."""
+    if views == 1:
+        return image, target
+    dims = [1, 2, 3]  # spatial axes of one case (C, X, Y, Z)
+    images, targets = [], []
+    for x, y in zip(image, target, strict=True):
+        images.append(x)
+        targets.append(y)
+        for _ in range(views - 1):
+            flips = [d for d in dims if torch.rand((), generator=generator).item() < 0.5]
+            shifts = torch.randint(-VIEW_SHIFT, VIEW_SHIFT + 1, (3,), generator=generator).tolist()
+            images.append(_moved(x, flips, shifts))
+            targets.append(_moved(y, flips, shifts) if y.ndim == x.ndim else y)
+    return torch.stack(images), torch.stack(targets)
+
+
+def _moved(volume: torch.Tensor, flips: list[int], shifts: list[int]) -> torch.Tensor:
+    flipped = torch.flip(volume, flips) if flips else volume
+    return torch.roll(flipped, shifts, [1, 2, 3])
+
+
 def epsilon_of(history: Sequence[tuple[float, float, int]], settings: SampleDP) -> float:
     """ε of a site's DP-SGD history (phases with one noise and sample rate each)."""
     if settings.accountant == "rdp":
@@ -136,6 +168,7 @@ class DPSGD:
             expected_batch_size=loader.batch_size,
             loss_reduction="mean",
             noise=ChaChaNormal(self.noise_key),
+            views=self.settings.augment_views,
         )
         return module, dp_optimizer, None
 

@@ -6,7 +6,8 @@
                    "adaptive_clip": false, "target_quantile": 0.5, "clip_lr": 0.2,
                    "clip_count_stddev": null, "accountant": "rdp"},
      "sample_dp": {"noise_multiplier": 1.0, "max_grad_norm": 1.0, "delta": 1e-5, "epsilon": null,
-                   "accountant": "rdp", "planned_rounds": null},
+                   "accountant": "rdp", "planned_rounds": null, "ema_decay": null, "trainable": null,
+                   "augment_views": 1},
      "secure_aggregation": {"fraction_bits": 24, "value_bound": 1000.0, "upload_timeout_s": 300.0,
                             "key_timeout_s": 900.0}}
 
@@ -34,6 +35,8 @@ NOT_WIRED: dict[str, str] = {}
 MEAN_STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadagrad", "fedadam", "fedyogi", "fedbn")
 #: Models DP-SGD can train (mirrors ``jipfed.privacy.sample_dp.DP_SGD_MODELS``; no torch here).
 DP_SGD_MODELS = ("unet",)
+#: Most augmented views per case DP-SGD averages (each costs one more forward / backward pass).
+MAX_AUGMENT_VIEWS = 32
 #: Fixed-point arithmetic of secure aggregation is modulo 2**RING_BITS (signed values below 2**63).
 RING_BITS = 64
 
@@ -121,6 +124,10 @@ class SampleDP:
     ``trainable`` (optional): fnmatch patterns of the parameter names DP-SGD trains; the others stay
     at the global model's values (frozen, not clipped or noised: fewer noised weights, e.g. only
     the last layer when fine-tuning a public model). None = every parameter.
+    ``augment_views`` (augmentation multiplicity, De et al. 2022): each case's gradient is the mean
+    over this many augmented views of it (the case as loaded and random flips / small shifts)
+    before it is clipped; still one clipped gradient per case, so the accounting is unchanged.
+    1 = off (one view, today's DP-SGD).
     """
 
     noise_multiplier: float | None = 1.0
@@ -131,8 +138,14 @@ class SampleDP:
     planned_rounds: int | None = None
     ema_decay: float | None = None
     trainable: tuple[str, ...] | None = None
+    augment_views: int = 1
 
     def __post_init__(self) -> None:
+        views = self.augment_views
+        _require(
+            isinstance(views, int) and not isinstance(views, bool) and 1 <= views <= MAX_AUGMENT_VIEWS,
+            f"augment_views must be an integer in [1, {MAX_AUGMENT_VIEWS}], got {views!r}",
+        )
         if self.trainable is not None:
             patterns = self.trainable
             _require(

@@ -29,7 +29,7 @@ from torch import nn
 
 from jipfed.federation.strategies.fedprox import proximal_term
 from jipfed.federation.update import is_buffer, split_controls
-from jipfed.privacy.sample_dp import DPSGD, check_model
+from jipfed.privacy.sample_dp import DPSGD, augmented_views, check_model
 from jipfed.training.config import TrainConfig
 from jipfed.training.data import CaseDataset, CaseRecord, SiteData, load_case, make_loader
 from jipfed.training.fit import FitSettings
@@ -298,6 +298,8 @@ class LocalTrainer:
         if dp is not None:
             net, optimizer, _ = dp.wrap(self.model, optimizer, loader)
         average = _IterateAverage(params, dp.settings.ema_decay if dp is not None else None)
+        views = dp.settings.augment_views if dp is not None else 1
+        view_generator = torch.Generator().manual_seed(seed)
         net.train()
         losses: list[float] = []
         prox_sum = 0.0
@@ -314,6 +316,7 @@ class LocalTrainer:
                 for batch in loader:
                     image = batch["image"].to(self.device, non_blocking=True)
                     target = batch["label"].to(self.device, non_blocking=True)
+                    image, target = augmented_views(image, target, views, view_generator)
                     optimizer.zero_grad(set_to_none=True)
                     with torch.autocast(
                         device_type=self.device.type, dtype=torch.float16, enabled=self._use_amp

@@ -98,3 +98,18 @@ def test_the_public_pretraining_batch_and_lr_name_their_cache(bench: ModuleType,
     args = bench.parse_args([*argv, "--public-batch", "16", "--public-lr", "0.03"])
     assert args.workdir.name == "p-cohort256-b64-micro-lr0.01-public32x20-b16-lr0.03"
     assert args.data_dir == tmp_path / "p-cohort256" / "data"  # the sites' data stay shared
+
+
+def test_augment_views_reach_the_settings_and_the_cache_name(bench: ModuleType) -> None:
+    args = bench.parse_args(["--cohort", "--rounds", "3", "--site-noise", "--augment-views", "4"])
+    settings = bench.sample_privacy(args, 8.0, 2.5, 0.3)["sample_dp"]
+    assert SampleDP(**settings).augment_views == 4
+    assert bench.sample_run_name(args, 8.0, 0.326, 0.03) == "sample-eps8-C0p326-lr0p03-views4-site-noise"
+    one = bench.parse_args(["--cohort", "--rounds", "3", "--site-noise", "--augment-views", "1"])
+    assert "augment_views" not in bench.sample_privacy(one, 8.0, 2.5, 0.3)["sample_dp"]  # older caches
+
+
+def test_public_cases_from_several_site_profiles_name_their_cache(bench: ModuleType, tmp_path: Path) -> None:
+    argv = ["--workdir", str(tmp_path / "p"), "--cohort-cases", "256", "--size", "micro", "--lr", "0.01"]
+    argv += ["--public-cases", "256", "--public-rounds", "20", "--public-sites", "4"]
+    assert bench.parse_args(argv).workdir.name == "p-cohort256-b64-micro-lr0.01-public256x20-sites4"
