@@ -99,8 +99,12 @@ def key_key(prefix: str, site: str) -> str:
     return f"{prefix}keys/{validate_slug(site, 'site id')}.json"
 
 
-def masked_key(prefix: str, site: str) -> str:
-    return f"{prefix}masked/{validate_slug(site, 'site id')}.safetensors"
+def masked_key(prefix: str, site: str, sha256: str) -> str:
+    """The masked vector's key: named by its sha256, so two uploads of one site that race never
+    write the same object (the manifest, written last and only once, names the one that counts)."""
+    if len(sha256) != 64 or not all(c in "0123456789abcdef" for c in sha256):
+        raise ValueError(f"masked update of {site!r}: sha256 {sha256[:80]!r} is not 64 lowercase hex digits")
+    return f"{prefix}masked/{validate_slug(site, 'site id')}.{sha256}.safetensors"
 
 
 def masked_manifest_key(prefix: str, site: str) -> str:
@@ -514,10 +518,16 @@ def commit_masked(
             verify(signing_key, claim, signature, f"the masked update of site {site!r} for round {round_}")
         except SignatureInvalid as exc:
             raise _refuse(exp_store, site, round_, exc.code, str(exc)) from None
-    exp_store.store.put_bytes(masked_key(prefix, site), payload, overwrite=True)
+    # The payload under its own digest (a retry of the same bytes finds it there), then the
+    # manifest, create-exclusive: of two racing uploads the first manifest wins and names its payload.
+    payload_key = masked_key(prefix, site, manifest["sha256"])
+    written = exp_store.store.put_if_absent_or_same(payload_key, payload)
     try:
         exp_store.store.put_json(masked_manifest_key(prefix, site), manifest)
     except ObjectExistsError:
+        winner = exp_store.store.get_json(masked_manifest_key(prefix, site))
+        if written and winner.get("sha256") != manifest["sha256"]:
+            exp_store.store.delete(payload_key)  # nothing names it
         raise _refuse(
             exp_store, site, round_, "duplicate", f"{where}: the masked update was already received"
         ) from None
@@ -550,7 +560,7 @@ def unmask_attempt(
     vectors, manifests = [], {}
     for site in view.sites:
         manifests[site] = exp_store.store.get_json(masked_manifest_key(prefix, site))
-        payload = exp_store.store.get_bytes(masked_key(prefix, site))
+        payload = exp_store.store.get_bytes(masked_key(prefix, site, manifests[site]["sha256"]))
         if hashlib.sha256(payload).hexdigest() != manifests[site]["sha256"]:
             raise ValueError(
                 f"round {view.round} attempt {view.attempt}: stored masked update of {site!r} changed"

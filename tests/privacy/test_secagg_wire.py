@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
@@ -21,9 +22,10 @@ from jipfed.central.credentials import issue_credential
 from jipfed.federation.closing import aggregate_step
 from jipfed.federation.dispatch import DELIVERED, FAILED, current_dispatch, site_status
 from jipfed.federation.signing import generate_private_key
-from jipfed.federation.tickets import QuorumNotMet
+from jipfed.federation.tickets import QuorumNotMet, UpdateRefused
 from jipfed.privacy import secagg, secagg_site, secagg_wire
 from jipfed.privacy.settings import SecureAggregation
+from jipfed.storage.local import LocalFolderStore
 from jipfed.storage.state import ExperimentStore
 from privacy.wire import SETTINGS, SITES, new_key, run_site, site_updates, start
 
@@ -164,6 +166,60 @@ def test_a_site_with_a_registered_key_must_sign_its_masked_update(central) -> No
     assert codes == {"unsigned": "unsigned", "other key": "bad_signature"}
     signed = CentralClient(url, token, signing_key=key_a)
     assert signed.put_masked_update("sec1", 0, 0, 0, *body)["sha256"] == json.loads(body[1])["sha256"]
+
+
+class _PayloadGate(LocalFolderStore):
+    """A store whose first masked-vector write waits until :attr:`release` is set: two uploads of
+    one site then race the way two site runs answering the same step can."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.release = threading.Event()
+        self.waiting = threading.Event()
+
+    def put_bytes(self, key: str, data: bytes, *, overwrite: bool = False) -> None:
+        if "/masked/" in key and key.endswith(".safetensors") and not self.waiting.is_set():
+            self.waiting.set()
+            assert self.release.wait(30)
+        super().put_bytes(key, data, overwrite=overwrite)
+
+
+def test_two_racing_masked_uploads_of_a_site_keep_one_consistent_update(central) -> None:
+    """Upload A passes every check and stalls before it stores its vector; upload B of the same
+    site is stored in full meanwhile; then A goes on and is refused as a duplicate. What the
+    central aggregates is B's vector under B's manifest (before the fix A's late write replaced
+    B's vector, and the step failed for good: "stored masked update of 'site-a' changed")."""
+    _, store, client = central
+    exp_store = start(store)
+    _, updates = site_updates(client("site-a"), exp_store)
+    for site in SITES:
+        client(site).post_secagg_key("sec1", 0, 0, 0, new_key())
+    status = client("site-a").secagg_status("sec1", 0, 0)
+    config_hash = current_dispatch(exp_store).ticket.config_hash
+    update = secagg_site.site_update(updates["site-a"].payload, updates["site-a"].manifest.to_json(), 1000)
+    a, b = (
+        secagg_site.masked_upload(
+            update, status, "site-a", 0, config_hash, secagg.new_private_key(), SETTINGS
+        )
+        for _ in range(2)
+    )
+    assert a[0] != b[0]  # other masks: other bytes
+    gated = ExperimentStore(_PayloadGate(store.root), "sec1")
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(secagg_wire.commit_masked, gated, "site-a", 0, 0, 0, a[1], a[0])
+        assert gated.store.waiting.wait(30)
+        secagg_wire.commit_masked(exp_store, "site-a", 0, 0, 0, b[1], b[0])
+        gated.store.release.set()
+        with pytest.raises(UpdateRefused) as refused:
+            first.result(timeout=30)
+    assert refused.value.code == "duplicate"
+    prefix = secagg_wire.attempt_prefix(exp_store, 0, 0, 0)
+    stored = store.get_json(secagg_wire.masked_manifest_key(prefix, "site-a"))
+    assert stored["sha256"] == json.loads(b[1])["sha256"]
+    # the refused upload left nothing behind: one vector of site-a, the one its manifest names
+    keys = [k for k in store.list(prefix) if "/masked/site-a." in k and k.endswith(".safetensors")]
+    assert keys == [secagg_wire.masked_key(prefix, "site-a", stored["sha256"])]
+    assert store.get_bytes(keys[0]) == b[0]
 
 
 def _after_first_key(exp_store: ExperimentStore, seconds: float) -> datetime:
