@@ -22,6 +22,10 @@ log = logging.getLogger(__name__)
 
 #: DAG run states after which a run does not change any more without a clear.
 TERMINAL_DAG_RUN_STATES = frozenset({"success", "failed"})
+#: Requests that may be sent again: a busy metadata database (SQLite's lock in ``airflow
+#: standalone``) answers 500, and these then try again after 1 s, then 2 s.
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "PUT", "PATCH", "DELETE"})
+SERVER_ERROR_TRIES = 3
 
 
 class AirflowRestError(RuntimeError):
@@ -145,11 +149,37 @@ class AirflowRestClient:
             params: Query parameters.
             expect: Status codes that count as success.
 
+        An idempotent request answered with a 5xx (a busy metadata database) is sent again, up to
+        :data:`SERVER_ERROR_TRIES` times in all; a POST is never repeated.
+
         Raises:
             AirflowRestError: network error or any other status code.
         """
         url = f"{self.base_url}/{path.lstrip('/')}"
         expected = set(expect)
+        tries = SERVER_ERROR_TRIES if method.upper() in IDEMPOTENT_METHODS else 1
+        for attempt in range(1, tries + 1):
+            response = self._send(method, url, json, params)
+            if response.status_code < 500 or response.status_code in expected or attempt == tries:
+                break
+            log.warning(
+                "Airflow %s: %s %s answered %s (%s); trying again",
+                self.name, method, url, response.status_code, _detail(response),
+            )  # fmt: skip
+            time.sleep(attempt)
+        if response.status_code not in expected:
+            detail = _detail(response)
+            raise AirflowRestError(
+                f"Airflow {self._describe()}: {method} {url} answered {response.status_code}: {detail}",
+                status_code=response.status_code,
+                detail=detail,
+            )
+        if not response.content:
+            return None
+        return response.json()
+
+    def _send(self, method: str, url: str, json: Any, params: Mapping[str, Any] | None) -> requests.Response:
+        """One request, logged in again once if the cached token was rejected."""
         for attempt in (1, 2):
             headers = {"Accept": "application/json"}
             token = self.token()
@@ -172,16 +202,7 @@ class AirflowRestClient:
                         self._token = None
                 continue
             break
-        if response.status_code not in expected:
-            detail = _detail(response)
-            raise AirflowRestError(
-                f"Airflow {self._describe()}: {method} {url} answered {response.status_code}: {detail}",
-                status_code=response.status_code,
-                detail=detail,
-            )
-        if not response.content:
-            return None
-        return response.json()
+        return response
 
     # -- API ------------------------------------------------------------------------------------
 

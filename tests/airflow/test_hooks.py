@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from jipfed.operators.compat import AirflowNotFoundException
@@ -336,3 +338,60 @@ def test_rest_client_and_harness_do_not_import_airflow() -> None:
     code = "import sys, jipfed.airflow_rest, jipfed.testing.airflow; print(sorted(m for m in sys.modules if m.split('.')[0] == 'airflow'))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+class _BusyDatabase(ThreadingHTTPServer):
+    """Answers ``busy`` requests with Airflow's 500 "Database error" (SQLite's lock in a standalone),
+    then 200; records each request's method."""
+
+    def __init__(self, busy: int) -> None:
+        self.busy, self.methods = busy, []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_any(handler) -> None:  # noqa: N805 (the handler, not the server)
+                handler.rfile.read(int(handler.headers.get("Content-Length") or 0))
+                self.methods.append(handler.command)
+                status = 500 if len(self.methods) <= self.busy else 200
+                body = json.dumps({"reason": "Database error"} if status == 500 else {"ok": True}).encode()
+                handler.send_response(status)
+                handler.send_header("Content-Type", "application/json")
+                handler.send_header("Content-Length", str(len(body)))
+                handler.end_headers()
+                handler.wfile.write(body)
+
+            do_GET = do_PATCH = do_POST = do_any
+
+            def log_message(handler, *args: object) -> None:  # noqa: N805
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+
+@pytest.mark.parametrize(("busy", "answered"), [(1, True), (2, True), (3, False)])
+def test_rest_client_sends_an_idempotent_request_again_while_the_database_is_busy(
+    busy: int, answered: bool
+) -> None:
+    server = _BusyDatabase(busy)
+    try:
+        client = AirflowRestClient(f"http://127.0.0.1:{server.server_address[1]}", timeout_s=5)
+        if answered:
+            assert client.set_paused("dag", True) == {"ok": True}
+        else:
+            with pytest.raises(AirflowRestError) as failed:
+                client.set_paused("dag", True)
+            assert failed.value.status_code == 500 and "Database error" in str(failed.value)
+        assert server.methods == ["PATCH"] * min(busy + 1, 3)
+    finally:
+        server.shutdown()
+
+
+def test_rest_client_never_repeats_a_post() -> None:
+    server = _BusyDatabase(1)
+    try:
+        client = AirflowRestClient(f"http://127.0.0.1:{server.server_address[1]}", timeout_s=5)
+        with pytest.raises(AirflowRestError):
+            client.trigger_dag_run("dag", {})
+        assert server.methods == ["POST"]
+    finally:
+        server.shutdown()
