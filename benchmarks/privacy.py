@@ -151,6 +151,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(sample_dp.augment_views; 1 = off)",
     )
     parser.add_argument(
+        "--dp-repeat",
+        type=int,
+        default=0,
+        help="sample level: a repetition number (> 0: its own cached runs, i.e. fresh DP noise and the same data)",
+    )
+    parser.add_argument(
         "--best-nodp",
         type=float,
         default=None,
@@ -161,6 +167,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=None,
         help="also train the no-DP reference at this batch (lr --lr); the better no-DP run is the reference",
+    )
+    parser.add_argument(
+        "--nodp-lrs",
+        type=float,
+        nargs="+",
+        default=[],
+        help="also train the no-DP reference at these learning rates (each batch); the best no-DP run is the reference",
     )
     parser.add_argument(
         "--batch-size",
@@ -321,6 +334,25 @@ def run(
 def store_dir(args: argparse.Namespace, name: str) -> Path:
     """One store for all runs with a public start (they start from its model), else one per run."""
     return args.workdir / "store" if args.public_cases else args.workdir / "runs" / name / "store"
+
+
+def no_dp_references(
+    args: argparse.Namespace, sites: Mapping[str, SiteData], train: TrainConfig, base: dict[str, Any]
+) -> dict[str, dict[str, Any]]:
+    """The no-DP runs every share is taken against (the best of them is the reference), by setting:
+    ``base`` (batch, --lr), ``--nodp-batch`` at --lr, and ``--nodp-lrs`` at each batch."""
+    batches = [args.batch_size] + (
+        [args.nodp_batch] if args.nodp_batch not in (None, args.batch_size) else []
+    )
+    references = {f"batch {args.batch_size} lr {train.lr:g}": base}
+    for lr in [train.lr, *(x for x in args.nodp_lrs if x != train.lr)]:
+        for batch in batches:
+            label = f"batch {batch} lr {lr:g}"
+            if label not in references:
+                name = f"nodp-b{batch}" + (f"-lr{lr:g}".replace(".", "p") if lr != train.lr else "")
+                other = dataclasses.replace(train, batch_size=batch, lr=lr)
+                references[label] = run(args, sites, name, other, {})
+    return references
 
 
 def run_root(args: argparse.Namespace, name: str) -> Path:
@@ -495,6 +527,8 @@ def sample_run_name(args: argparse.Namespace, epsilon: float, clip: float, lr: f
         name += f"-ema{args.ema_decay:g}"
     if args.augment_views != 1:
         name += f"-views{args.augment_views}"
+    if args.dp_repeat:
+        name += f"-rep{args.dp_repeat}"
     name = name.replace(".", "p")
     if args.trainable:
         name += "-train-" + "+".join(re.sub(r"[^A-Za-z0-9]+", "", p) for p in args.trainable)
@@ -589,11 +623,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     public = pretrain_public(args, train) if args.public_cases else None
     base = run(args, sites, "nodp", train, {})
-    references = {args.batch_size: base}
-    if args.nodp_batch and args.nodp_batch != args.batch_size:
-        other = dataclasses.replace(train, batch_size=args.nodp_batch)
-        references[args.nodp_batch] = run(args, sites, f"nodp-b{args.nodp_batch}", other, {})
-    ref_batch, reference = max(references.items(), key=lambda item: item[1]["dice"])
+    references = no_dp_references(args, sites, train, base)
+    ref_label, reference = max(references.items(), key=lambda item: item[1]["dice"])
     start = base["curve"][0]  # round 0: the seeded or the pretrained model on the sites' held-out cases
     norms = update_norms(args, "nodp")
     clip = statistics.median(norms)
@@ -625,9 +656,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     if len(references) > 1:
         print(
-            "no DP by batch: "
+            "no DP by setting: "
             + ", ".join(f"{b}: Dice {r['dice']:.4f} ({r['seconds']:.0f} s)" for b, r in references.items())
-            + f" -> reference: batch {ref_batch}, Dice {reference['dice']:.4f}"
+            + f" -> reference: {ref_label}, Dice {reference['dice']:.4f}"
         )
     if public:
         print(
@@ -722,7 +753,7 @@ def main(argv: list[str] | None = None) -> int:
             {
                 "args": {k: str(v) for k, v in vars(args).items()},
                 "base": base,
-                "references": {str(b): r["dice"] for b, r in references.items()},
+                "references": {label: r["dice"] for label, r in references.items()},
                 "floor": floor,
                 "start_dice": start,
                 "public": public,

@@ -105,6 +105,12 @@ def test_augment_views_reach_the_settings_and_the_cache_name(bench: ModuleType) 
     settings = bench.sample_privacy(args, 8.0, 2.5, 0.3)["sample_dp"]
     assert SampleDP(**settings).augment_views == 4
     assert bench.sample_run_name(args, 8.0, 0.326, 0.03) == "sample-eps8-C0p326-lr0p03-views4-site-noise"
+    again = bench.parse_args(
+        ["--cohort", "--rounds", "3", "--site-noise", "--augment-views", "4", "--dp-repeat", "2"]
+    )
+    assert (
+        bench.sample_run_name(again, 8.0, 0.326, 0.03) == "sample-eps8-C0p326-lr0p03-views4-rep2-site-noise"
+    )
     one = bench.parse_args(["--cohort", "--rounds", "3", "--site-noise", "--augment-views", "1"])
     assert "augment_views" not in bench.sample_privacy(one, 8.0, 2.5, 0.3)["sample_dp"]  # older caches
 
