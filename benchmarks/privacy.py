@@ -37,7 +37,8 @@ norm against the mean update's and how many sites would bring it down to the upd
    all experiments in one store) and only fine-tunes. Printed as well: the pretrained model's Dice
    on the sites' held-out cases before federated training, and each run's share of the no-DP gain
    over that start (a good start alone is not DP working). The DP-SGD clip norm is calibrated on
-   the pretrained model's per-case gradients.
+   the pretrained model's per-case gradients. ``--public-sites S`` draws the public cases from S
+   heterogeneous site profiles (like the sites' scanners; still their own seed), pooled.
 
 6. **A larger cohort** (``--cohort-cases N``): N cases per site on the same 16³ grid (heterogeneous
    sites, so 0.43 N to 1.07 N training cases each), batch 64 (``--batch-size``), and each site's own
@@ -52,6 +53,9 @@ norm against the mean update's and how many sites would bring it down to the upd
    clipped (``sample_dp.augment_views``): the same ε, K forward / backward passes per case.
    ``--best-nodp D`` adds the share of D (the best no-DP Dice of any setup, from another run) to the
    PASS / MISS line.
+
+``--nodp-lrs`` trains the no-DP reference at more learning rates (e.g. the DP runs' ``--dp-lr``); the
+best no-DP run is the reference. ``--dp-repeat N`` repeats the DP runs with fresh noise (own cache).
 
 Run: ``nice -n 10 .venv/bin/python benchmarks/privacy.py > /tmp/privacy.log 2>&1`` (``--quick``: a
 smoke run of a few minutes); the DP-sized model:
