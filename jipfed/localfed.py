@@ -102,6 +102,8 @@ class LocalFederation:
         progress: progress bars while writing the data set.
         store_connection_in_database: put the model store Connection in Airflow's database (REST
             API) instead of the environment.
+        preprocess: the sites' preprocessing settings (``PreprocessConfig`` fields, in each site's
+            identity Variable); None = the defaults.
     """
 
     workdir: Path
@@ -113,6 +115,7 @@ class LocalFederation:
     airflow_env: Mapping[str, str] = field(default_factory=dict)
     progress: bool = True
     store_connection_in_database: bool = False
+    preprocess: Mapping[str, Any] | None = None
     sites: list[LocalSite] = field(default_factory=list, init=False)
     airflow: AirflowStandalone | None = field(default=None, init=False)
     _stack: ExitStack = field(default_factory=ExitStack, init=False)
@@ -281,6 +284,7 @@ class LocalFederation:
                     "pacs_conn_id": site.pacs_conn_id,
                     "central_conn_id": site.central_conn_id,
                     "fetch_transport": site.fetch_transport,
+                    **({"preprocess": dict(self.preprocess)} if self.preprocess else {}),
                 }
             )
         return env
@@ -296,9 +300,14 @@ class LocalFederation:
         return ExperimentStore(open_store(self.store_root), experiment)
 
     def enable_sites(self, transport: str) -> None:
-        """Unpause the sites' DAGs of ``transport`` (pull: the @continuous DAGs start polling)."""
+        """Unpause the sites' DAGs of ``transport`` (pull: the @continuous DAGs start polling) and
+        pause those of the other one, so that each site answers a step once, by that transport."""
         for site in self.sites:
-            self.client.unpause(site.site_dag if transport == "push" else site.pull_dag)
+            used, other = (
+                (site.site_dag, site.pull_dag) if transport == "push" else (site.pull_dag, site.site_dag)
+            )
+            self.client.set_paused(other, True)
+            self.client.unpause(used)
         self.client.unpause(CENTRAL_DAG)
 
     def trigger(self, params: Mapping[str, Any]) -> str:

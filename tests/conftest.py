@@ -13,7 +13,6 @@ import pytest
 #: Test files (or folders) by falling duration on 2 cores; the rest keep their collection order after them.
 LONGEST_FIRST = (
     "tests/e2e/",
-    "tests/airflow/test_secure_aggregation_push.py",
     "tests/airflow/test_central_dag.py",
     "tests/airflow/test_site_dag.py",
     "tests/ui/",
@@ -33,8 +32,9 @@ def _rank(item: pytest.Item) -> int:
 
 
 #: Folders whose files share session fixtures (tests/ui: one ``airflow standalone`` and one store of
-#: trained experiments): one xdist work unit, so one worker starts them once instead of each worker.
-SHARED_SESSION_SCOPES = ("tests/ui/",)
+#: trained experiments; tests/e2e: one federation): one xdist work unit, so one worker starts them
+#: once instead of each worker.
+SHARED_SESSION_SCOPES = ("tests/e2e/", "tests/ui/")
 
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:

@@ -8,8 +8,8 @@ remote hospital would (:mod:`jipfed.localfed`). Nothing is mocked.
 The model store Connection is in Airflow's database (written through the REST API), not in the
 environment: the collect trigger in Airflow 3's triggerer can only read it through the API server.
 
-One federation serves the module; each test runs its own experiment and needs nothing from
-another test (any order, any subset). Waits end on the store's state, the runs' states or the
+One federation serves every test of ``tests/e2e`` (``conftest.py``); each test runs its own
+experiment and needs nothing from another test (any order, any subset). Waits end on the store's state, the runs' states or the
 sites' folders, never on a fixed sleep; no test needs a step to finish within a time limit.
 """
 
@@ -33,6 +33,7 @@ from jipfed.localfed import CENTRAL_DAG, LocalFederation, LocalSite
 from jipfed.storage.state import ExperimentStore, Status
 from jipfed.training.data import SiteData
 from jipfed.training.local import LocalTrainer
+from tests.airflow.secure_helpers import assert_only_masked_updates, assert_secure_round
 from tests.training.synth import write_site
 
 pytestmark = pytest.mark.slow
@@ -45,28 +46,6 @@ BASE = {
     "batch_size": 2,
     "round_timeout_s": 600,
 }
-
-
-@pytest.fixture(scope="module")
-def federation(tmp_path_factory: pytest.TempPathFactory):
-    federation = LocalFederation(
-        tmp_path_factory.mktemp("fed"),
-        n_sites=3,
-        cases_per_site=4,
-        shape=(48, 48, 32),
-        progress=False,
-        store_connection_in_database=True,
-    )
-    with federation:
-        yield federation
-
-
-@pytest.fixture
-def fed(federation: LocalFederation) -> LocalFederation:
-    """The module's federation, with Airflow running (started again if an earlier test's crash and
-    restart failed), so no test depends on how another one ended."""
-    federation.ensure_airflow_running()
-    return federation
 
 
 def run_experiment(fed: LocalFederation, name: str, timeout_s: float = 900, **params: Any) -> ExperimentStore:
@@ -148,9 +127,9 @@ def test_push_experiment_completes(fed: LocalFederation) -> None:
     central run per step, and waits for the updates in the triggerer with the store Connection it
     reads from Airflow's database; the model learns."""
     torch.set_num_threads(1)
-    name, rounds = "e2e-push", 4
+    name, rounds = "e2e-push", 2
     fed.enable_sites("push")
-    exp_store = run_experiment(fed, name, rounds=rounds, transport="push", local_epochs=3, learning_rate=0.01)
+    exp_store = run_experiment(fed, name, rounds=rounds, transport="push", local_epochs=5, learning_rate=0.01)
     check_rounds(exp_store, rounds, [s.site_id for s in fed.sites])
     before, after = site_dice(fed, exp_store, 0), site_dice(fed, exp_store, rounds)
     assert after > max(0.03, 3 * before), (before, after)
@@ -166,6 +145,28 @@ def test_push_experiment_completes(fed: LocalFederation) -> None:
     delivered = [log for log in waits if ": delivered" in log]
     assert delivered, waits[0][-3000:]
     assert_run_folders_removed(fed)
+
+
+def test_push_transport_runs_secure_aggregation(fed: LocalFederation) -> None:
+    """Secure aggregation from the form with ``transport=push``: the central triggers every site's
+    DAG for the step; each site run fetches, trains and runs the secure upload task (key, the peers'
+    keys, mask, upload). The central aggregates from masked vectors only (the round record names the
+    complete attempt) and the model changes. The pull transport and a drop-out are tested in
+    ``tests/airflow/test_secure_aggregation.py``; the arithmetic there and in ``tests/privacy``."""
+    name = "secagg-push"
+    fed.enable_sites("push")
+    params = {"rounds": 1, "transport": "push", "secure_aggregation": True, "local_epochs": 1}
+    # secure aggregation hides each update's norm: no norm bound
+    exp_store = run_experiment(fed, name, norm_bound_factor=None, **params)
+    sites = [site.site_id for site in fed.sites]
+    for site in fed.sites:  # the central's push reached every site: one successful site run, step 0
+        confs = [(r.get("conf") or {}) for r in fed.dag_runs(site.site_dag) if r["state"] == "success"]
+        assert [c["step"] for c in confs if c.get("experiment") == name] == [0], (site.site_id, confs)
+    assert exp_store.load_config()["privacy"]["secure_aggregation"]["key_timeout_s"] > 0
+    record = assert_secure_round(exp_store, 0, sites)
+    assert record["secure_aggregation"]["total_weight"] > 0
+    assert_only_masked_updates(exp_store, 0, masked=len(sites))
+    assert global_sha(exp_store, 0) != global_sha(exp_store, 1)
 
 
 def test_a_site_whose_pacs_is_down_is_left_out_with_the_reason(fed: LocalFederation) -> None:
