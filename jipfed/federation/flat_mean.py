@@ -150,16 +150,17 @@ class SegmentRing:
     """Reusable buffers for the pieces of one flat mean: a buffer goes back into use once the
     writer has written and hashed what was handed to it (no fresh model-sized output to fill)."""
 
-    def __init__(self, slots: int = RING_SLOTS, nbytes: int = SEGMENT_BYTES) -> None:
+    def __init__(self, slots: int, nbytes: int = SEGMENT_BYTES) -> None:
         self._nbytes = nbytes
         self._spare = slots
         self._free: list[torch.Tensor] = []
         self._handed: deque[tuple[torch.Tensor, tuple[Future[None], ...]]] = deque()
 
-    def take(self, nbytes: int) -> torch.Tensor:
-        """A buffer of ``nbytes`` (a larger piece gets its own, not reused)."""
+    def take(self, nbytes: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(buffer, its first nbytes)``; a piece larger than the ring's buffers gets its own."""
         if nbytes > self._nbytes:
-            return output_tensor(torch.Size([nbytes]), torch.uint8)
+            own = output_tensor(torch.Size([nbytes]), torch.uint8)
+            return own, own
         oldest_done = self._handed and all(f.done() for f in self._handed[0][1])
         if not self._free and self._handed and (oldest_done or not self._spare):
             buffer, pending = self._handed.popleft()  # fresh memory only while all are in use
@@ -167,15 +168,16 @@ class SegmentRing:
                 future.result()
             self._free.append(buffer)
         if self._free:
-            return self._free.pop()[:nbytes]
-        self._spare = max(0, self._spare - 1)
-        return output_tensor(torch.Size([self._nbytes]), torch.uint8)[:nbytes]
+            buffer = self._free.pop()
+        else:
+            self._spare = max(0, self._spare - 1)
+            buffer = output_tensor(torch.Size([self._nbytes]), torch.uint8)
+        return buffer, buffer[:nbytes]
 
     def handed_on(self, buffer: torch.Tensor, pending: tuple[Future[None], ...]) -> None:
         """``buffer`` (from :meth:`take`) is in use until ``pending`` are done."""
-        storage = buffer.untyped_storage()
-        if storage.nbytes() == self._nbytes:  # a ring buffer (a larger piece's own is dropped)
-            self._handed.append((torch.empty(0, dtype=torch.uint8).set_(storage), pending))
+        if buffer.numel() == self._nbytes:  # a ring buffer (a larger piece's own is dropped)
+            self._handed.append((buffer, pending))
 
 
 def flat_mean(
@@ -203,7 +205,7 @@ def flat_mean(
     g = start.data_section()
     xs = [s.data_section() for s in sources]
     ring = SegmentRing(RING_SLOTS)
-    running: deque[tuple[Piece, torch.Tensor, Parts]] = deque()
+    running: deque[tuple[Piece, torch.Tensor, torch.Tensor, Parts]] = deque()
 
     def f32(x: torch.Tensor, piece: Piece) -> torch.Tensor:
         return x[piece.begin : piece.end].view(torch.float32)
@@ -222,7 +224,7 @@ def flat_mean(
         out.view(dtype).copy_(result.reshape(-1))
 
     def hand_on() -> None:
-        piece, out, parts = running.popleft()
+        piece, buffer, out, parts = running.popleft()
         try:
             parts.wait()
         except NonFiniteResult:
@@ -230,11 +232,11 @@ def flat_mean(
             raise ValueError(f"tensor {name!r} holds NaN/Inf; refusing to encode it") from None
         if piece.floats:
             page_hint(g[piece.begin : piece.end], MADV_DONTNEED, to_end=piece.end == len(g))
-        ring.handed_on(out, writer.put_data(piece.begin, memoryview(out.numpy())))
+        ring.handed_on(buffer, writer.put_data(piece.begin, memoryview(out.numpy())))
 
     try:
         for piece in pieces_of(entries):
-            out = ring.take(piece.end - piece.begin)
+            buffer, out = ring.take(piece.end - piece.begin)
             if piece.floats:
                 parts = blocked_weighted_sum(
                     out.view(torch.float32),
@@ -250,15 +252,15 @@ def flat_mean(
                     check_finite=True,  # in cache, instead of another pass over the result
                     populate=False,  # faults map page-aligned parts' folios for less than madvise does
                 )
-                running.append((piece, out, parts))
+                running.append((piece, buffer, out, parts))
             else:
                 integers(piece, out)
-                running.append((piece, out, DONE))
+                running.append((piece, buffer, out, DONE))
             hand_on_done(running, hand_on, MAX_RUNNING_TENSORS)
         while running:
             hand_on()
     except BaseException:
-        wait_quietly(parts for _, _, parts in running)
+        wait_quietly(parts for *_, parts in running)
         raise
     return written_tensors(writer, entries)
 

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from contextvars import ContextVar
+from typing import Any
 
 import torch
 
@@ -99,13 +100,11 @@ def start_parts(numel: int, run: Callable[[int, int], None], align: int = 16) ->
     return Parts([pool.submit(run, b, e) for b, e in zip(bounds[:-1], bounds[1:], strict=True) if e > b])
 
 
-def hand_on_done(
-    running: Sequence[tuple[object, object, Parts]], hand_on: Callable[[], None], limit: int
-) -> None:
-    """Call ``hand_on()`` (which pops ``running``'s oldest entry, ``(..., ..., parts)``) while that
+def hand_on_done(running: Sequence[tuple[Any, ...]], hand_on: Callable[[], None], limit: int) -> None:
+    """Call ``hand_on()`` (which pops ``running``'s oldest entry, ``(..., parts)``) while that
     entry's parts are done or more than ``limit`` entries run: results go on in order, and at most
     ``limit`` ranges are summed at once."""
-    while running and (running[0][2].done() or len(running) > limit):
+    while running and (running[0][-1].done() or len(running) > limit):
         hand_on()
 
 
