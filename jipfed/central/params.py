@@ -326,6 +326,17 @@ PARAMS: dict[str, dict[str, Any]] = {
         "out at no privacy cost. Empty = off.",
         "section": _PRIVACY,
     },
+    "dp_augment_views": {
+        "type": "integer",
+        "minimum": 1,
+        "maximum": 32,
+        "default": 1,
+        "title": "DP-SGD augmented views",
+        "description": "sample level: each case's gradient is the mean over this many augmented views (flips, "
+        "small shifts) before clipping (augmentation multiplicity); no privacy cost, this many times the "
+        "training work. 1 = off.",
+        "section": _PRIVACY,
+    },
     "dp_trainable": {
         "type": "array",
         "items": {"type": "string", "minLength": 1},
@@ -499,6 +510,7 @@ def privacy_settings(values: Mapping[str, Any]) -> dict[str, Any]:
                 "max_grad_norm": values["dp_clip_norm"],
                 "noise_multiplier": values["dp_noise_multiplier"],
                 "ema_decay": values["dp_ema_decay"],
+                "augment_views": values["dp_augment_views"],
                 "trainable": list(values["dp_trainable"]) or None,
             }
     if values["secure_aggregation"]:

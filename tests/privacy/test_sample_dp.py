@@ -223,16 +223,26 @@ def test_the_form_stores_iterate_averaging_and_trainable_patterns_with_the_exper
     from jipfed.central.params import experiment_config, ui_forms
 
     sample = {"differential_privacy": True, "dp_level": "sample"}
-    config = experiment_config({**sample, "dp_ema_decay": 0.9, "dp_trainable": ["model.2.*"]})
+    config = experiment_config(
+        {**sample, "dp_ema_decay": 0.9, "dp_trainable": ["model.2.*"], "dp_augment_views": 4}
+    )
     assert config.privacy["sample_dp"]["ema_decay"] == 0.9
+    assert PrivacySettings.from_mapping(config.privacy).sample_dp.augment_views == 4  # type: ignore[union-attr]
     assert config.privacy["sample_dp"]["trainable"] == ["model.2.*"]
     assert PrivacySettings.from_mapping(config.privacy).sample_dp.trainable == ("model.2.*",)  # type: ignore[union-attr]
     default = experiment_config(sample).privacy["sample_dp"]
-    assert default["ema_decay"] is None and default["trainable"] is None
-    for bad in ({"dp_ema_decay": 1.0}, {"dp_trainable": [""]}):
+    assert default["ema_decay"] is None and default["trainable"] is None and default["augment_views"] == 1
+    for bad in (
+        {"dp_ema_decay": 1.0},
+        {"dp_trainable": [""]},
+        {"dp_augment_views": 0},
+        {"dp_augment_views": 33},
+    ):
         with pytest.raises(ValueError, match=next(iter(bad))):
             experiment_config({**sample, **bad})
-    assert {"dp_ema_decay", "dp_trainable"} <= set(ui_forms()["workflow_form"]["properties"])
+    assert {"dp_ema_decay", "dp_trainable", "dp_augment_views"} <= set(
+        ui_forms()["workflow_form"]["properties"]
+    )
     strategy = experiment_config({**sample, "dp_trainable": ["model.2.*"]}).make_strategy()
     assert json.loads(json.dumps(strategy.config())) == strategy.config()  # a resumed state's config matches
     assert FitSettings.from_config(strategy.configure_fit(0)).dp_sgd.trainable == ("model.2.*",)  # type: ignore[union-attr]
