@@ -580,7 +580,7 @@ def main() -> None:
     parser.add_argument("--pattern", default="{dir}/site-{i}.safetensors", help=argparse.SUPPRESS)
     parser.add_argument("--only-step", action="store_true", help="only the aggregate_step rows and goals")
     parser.add_argument(
-        "--step-repeats", type=int, default=3, help="Flower / aggregate_step runs, alternating"
+        "--step-repeats", type=int, default=7, help="Flower / aggregate_step runs, alternating"
     )
     args = parser.parse_args()
     if args.worker:
