@@ -9,8 +9,9 @@ The model store Connection is in Airflow's database (written through the REST AP
 environment: the collect trigger in Airflow 3's triggerer can only read it through the API server.
 
 One federation serves every test of ``tests/e2e`` (``conftest.py``); each test runs its own
-experiment and needs nothing from another test (any order, any subset). Waits end on the store's state, the runs' states or the
-sites' folders, never on a fixed sleep; no test needs a step to finish within a time limit.
+experiment and needs nothing from another test (any order, any subset). Waits end on the store's
+state, the runs' states or the sites' folders, never on a fixed sleep; no test needs a step to
+finish within a time limit.
 """
 
 from __future__ import annotations
