@@ -524,7 +524,7 @@ def sample_privacy(args: argparse.Namespace, epsilon: float, noise: float, clip:
 
 def sample_run_name(args: argparse.Namespace, epsilon: float, clip: float, lr: float) -> str:
     """Cache name of a sample-level run: every setting that changes its result."""
-    name = f"sample-eps{epsilon:g}-C{clip:.4g}-lr{lr:g}"
+    name = f"sample-poisson-eps{epsilon:g}-C{clip:.4g}-lr{lr:g}"  # Poisson batches (shuffled ones before)
     if args.dp_optimizer != "adam":
         name += f"-{args.dp_optimizer}"
     if args.ema_decay is not None:

@@ -110,12 +110,8 @@ def site_metrics(
     ``val_*`` scores the model the site trained; ``global_val_*`` the model it received (federated
     evaluation of the round's global model on the site's held-out cases, before training).
     """
-    metrics = {
-        "train_loss": result.metrics["train_loss"],
-        "train_loss_last": result.metrics["train_loss_last"],
-        "epochs": result.metrics["epochs"],
-        "steps": float(result.steps),
-    }
+    metrics = {k: result.metrics[k] for k in ("train_loss", "train_loss_last") if k in result.metrics}
+    metrics.update(epochs=result.metrics["epochs"], steps=float(result.steps))
     if "epsilon" in result.privacy:  # DP-SGD: this site's epsilon so far
         metrics["dp_epsilon"] = float(result.privacy["epsilon"])
     for prefix, scores in (("val_", evaluation), ("global_val_", start_evaluation)):
@@ -212,7 +208,7 @@ def run_site_step(
         ticket.round,
         ticket.step,
         result.steps,
-        result.metrics["train_loss"],
+        result.metrics.get("train_loss", float("nan")),
         ticket.kind,
         ticket.encoding,
         len(encoded.payload),

@@ -11,7 +11,8 @@ from jipfed.privacy.secure_noise import ChaChaNormal, secure_normal
 
 
 class SecureDPOptimizer(DPOptimizer):
-    """opacus' DP optimiser with ChaCha20 noise, averaging each step over that step's batch size.
+    """opacus' DP optimiser with ChaCha20 noise; each step's noised sum of clipped per-case gradients
+    is divided by the expected batch size (Poisson sampling: :mod:`jipfed.privacy.poisson_sampling`).
 
     ``views`` > 1 (augmentation multiplicity): the forward pass held ``views`` consecutive views of each
     case (:func:`jipfed.privacy.sample_dp.augmented_views`); each case's per-sample gradient is the mean
@@ -35,12 +36,14 @@ class SecureDPOptimizer(DPOptimizer):
     def pre_step(self, closure: Callable[[], float] | None = None) -> float | None:
         if self._views > 1:
             self._average_views()
-        samples = self.grad_samples
-        if samples and samples[0] is not None:
-            self.expected_batch_size = int(
-                samples[0].shape[0]
-            )  # fixed-size shuffled batches, last one smaller
         return super().pre_step(closure)
+
+    def step_without_cases(self) -> None:
+        """The step of an empty Poisson batch: no gradient, the noise alone (divided by the expected
+        batch size, as every step's)."""
+        for p in self.params:
+            p.grad_sample = p.new_zeros((0, *p.shape))
+        self.step()
 
     def _average_views(self) -> None:
         """Replace each parameter's (cases * views, ...) per-sample gradients by their per-case means."""

@@ -3,11 +3,11 @@
 Abadi et al., "Deep Learning with Differential Privacy", CCS 2016 (https://arxiv.org/abs/1607.00133).
 :class:`DPSGD` wraps one round's model, optimiser and loader with opacus' ``PrivacyEngine`` and
 keeps the site's accountant history across rounds (``history``: ``(noise, sample rate, steps)``,
-persisted with the site's state). Sampling: the site's shuffled fixed-size batches are accounted
-with sample rate ``batch / cases`` (the usual approximation of Poisson sampling); each step's noised sum of clipped per-case
-gradients is divided by that step's batch size, so with no noise and no clipping DP-SGD is plain
-training (opacus' ``make_private`` would divide by ``int(cases / batches)``, e.g. 1 for 9 cases in
-batches of 2: twice the step size and the noise). The noise is drawn from ChaCha20 keyed with 32
+persisted with the site's state). Sampling: each step takes every training case with probability
+q = batch / cases (Poisson sampling from a secret ChaCha20 stream, :mod:`jipfed.privacy.poisson_sampling`),
+the mechanism the accountant's ε at sample rate q is proven for; the step's noised sum of clipped
+per-case gradients is divided by the expected batch size q * cases, so a step's size reveals nothing
+beyond that sum (the empty batch of a step is noise only). The noise is drawn from ChaCha20 keyed with 32
 bytes of OS randomness (:func:`secure_normal`, with opacus' floating-point-attack defence), never
 from the experiment seed (which the central knows): opacus' own ``secure_mode`` needs
 ``torchcsprng``, whose last release (0.2.1) pins torch 1.8.1. Tests pass a fixed ``noise_key``.
@@ -25,8 +25,10 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, Dataset
 
 from jipfed.privacy.accountant import epsilon_after, noise_for_budget
+from jipfed.privacy.poisson_sampling import poisson_loader
 from jipfed.privacy.secure_noise import ChaChaNormal
 from jipfed.privacy.settings import DP_SGD_MODELS, SampleDP
 
@@ -70,6 +72,12 @@ def augmented_views(
 def _moved(volume: torch.Tensor, flips: list[int], shifts: list[int]) -> torch.Tensor:
     flipped = torch.flip(volume, flips) if flips else volume
     return torch.roll(flipped, shifts, [1, 2, 3])
+
+
+def dp_sample_rate(batch_size: int, cases: int) -> float:
+    """DP-SGD's sample rate q: each case's chance to be in a step's Poisson batch (1 when the batch
+    would hold every case)."""
+    return min(1.0, batch_size / cases)
 
 
 def epsilon_of(history: Sequence[tuple[float, float, int]], settings: SampleDP) -> float:
@@ -150,8 +158,13 @@ class DPSGD:
                 f"{where}: {steps} DP-SGD steps would take this site's epsilon to {after:.3f} > its budget {budget}"
             )
 
+    def loader(self, dataset: Dataset, batch_size: int, num_workers: int = 0) -> DataLoader:
+        """This round's Poisson batches of expected size ``batch_size`` (None for an empty one), drawn
+        with :attr:`noise_key` (None = a fresh OS key)."""
+        return poisson_loader(dataset, batch_size, key=self.noise_key, num_workers=num_workers)
+
     def wrap(
-        self, model: nn.Module, optimizer: torch.optim.Optimizer, loader: torch.utils.data.DataLoader
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, expected_batch_size: int
     ) -> tuple[nn.Module, torch.optim.Optimizer, None]:
         """(per-sample-gradient module, DP optimiser, None) for one round; close with :meth:`finish`."""
         from opacus import GradSampleModule
@@ -165,7 +178,7 @@ class DPSGD:
             optimizer,
             noise_multiplier=self._noise(),
             max_grad_norm=self.settings.max_grad_norm,
-            expected_batch_size=loader.batch_size,
+            expected_batch_size=expected_batch_size,
             loss_reduction="mean",
             noise=ChaChaNormal(self.noise_key),
             views=self.settings.augment_views,

@@ -14,23 +14,33 @@ import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
 
-class ChaChaNormal:
-    """Standard normal float64 samples from a ChaCha20 keystream (Box-Muller on 53-bit uniforms).
+class ChaChaUniform:
+    """Uniform float64 samples in (0, 1) (53 bits each) from a ChaCha20 keystream.
 
     ``key`` None = 32 bytes of OS randomness: a cryptographically secure source, unlike torch's
-    Mersenne Twister. A fixed key gives a reproducible stream (tests only).
+    Mersenne Twister. A fixed key gives a reproducible stream (tests only); ``nonce`` (16 bytes) keeps
+    two streams of one key apart.
     """
 
-    def __init__(self, key: bytes | None = None) -> None:
+    def __init__(self, key: bytes | None = None, nonce: bytes = bytes(16)) -> None:
         key = os.urandom(32) if key is None else key
         if len(key) != 32:
             raise ValueError(f"the ChaCha20 noise key must be 32 bytes, got {len(key)}")
-        self._stream = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor()
+        self._stream = Cipher(algorithms.ChaCha20(key, nonce), mode=None).encryptor()
+
+    def uniform(self, n: int) -> torch.Tensor:
+        if n == 0:
+            return torch.empty(0, dtype=torch.float64)
+        words = torch.frombuffer(bytearray(self._stream.update(bytes(8 * n))), dtype=torch.int64)
+        return ((words >> 11) & ((1 << 53) - 1)).double().add_(0.5).mul_(2.0**-53)
+
+
+class ChaChaNormal(ChaChaUniform):
+    """Standard normal float64 samples from a ChaCha20 keystream (Box-Muller on 53-bit uniforms)."""
 
     def __call__(self, n: int) -> torch.Tensor:
         pairs = (n + 1) // 2
-        words = torch.frombuffer(bytearray(self._stream.update(bytes(16 * pairs))), dtype=torch.int64)
-        uniform = ((words >> 11) & ((1 << 53) - 1)).double().add_(0.5).mul_(2.0**-53)  # in (0, 1)
+        uniform = self.uniform(2 * pairs)
         u1, u2 = uniform[:pairs], uniform[pairs:]
         radius = torch.sqrt(-2.0 * torch.log(u1))
         angle = (2.0 * math.pi) * u2

@@ -29,7 +29,7 @@ from torch import nn
 
 from jipfed.federation.strategies.fedprox import proximal_term
 from jipfed.federation.update import is_buffer, split_controls
-from jipfed.privacy.sample_dp import DPSGD, augmented_views, check_model
+from jipfed.privacy.sample_dp import DPSGD, augmented_views, check_model, dp_sample_rate
 from jipfed.training.config import TrainConfig
 from jipfed.training.data import CaseDataset, CaseRecord, SiteData, load_case, make_loader
 from jipfed.training.fit import FitSettings
@@ -66,6 +66,10 @@ class LocalResult:
     seconds: float
     controls: dict[str, torch.Tensor] = field(default_factory=dict)
     privacy: dict[str, float] = field(default_factory=dict)
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
 
 
 def _derive_seed(seed: int, round_: int | None) -> int:
@@ -110,6 +114,8 @@ class LocalTrainer:
         self.dyn_gradient: dict[str, torch.Tensor] = {}
         #: DP-SGD accountant history ``(noise, sample rate, steps)`` of this site: site state
         self.dp_history: list[tuple[float, float, int]] = []
+        #: ChaCha20 key of DP-SGD's noise and Poisson batches; None = fresh OS randomness (tests fix it)
+        self.dp_key: bytes | None = None
         self._use_amp = config.amp and self.device.type == "cuda"
         self._parallel = (
             self.device.type == "cuda" and self.device.index is None and torch.cuda.device_count() > 1
@@ -294,9 +300,10 @@ class LocalTrainer:
         scaler = torch.amp.GradScaler("cuda", enabled=self._use_amp)
         loss_fn = self._loss_fn()
         net = self._wrapped(self.model)
-        dp = self._dp_sgd(fit, mu, total, loader, round)
+        dp = self._dp_sgd(fit, mu, total, len(dataset), round)
         if dp is not None:
-            net, optimizer, _ = dp.wrap(self.model, optimizer, loader)
+            loader = dp.loader(dataset, cfg.batch_size, cfg.num_workers)
+            net, optimizer, _ = dp.wrap(self.model, optimizer, min(cfg.batch_size, len(dataset)))
         average = _IterateAverage(params, dp.settings.ema_decay if dp is not None else None)
         views = dp.settings.augment_views if dp is not None else 1
         view_generator = torch.Generator().manual_seed(seed)
@@ -314,6 +321,13 @@ class LocalTrainer:
                 last_pass = []
                 epoch_start = time.perf_counter()
                 for batch in loader:
+                    if batch is None:  # an empty Poisson batch: DP-SGD's step of noise alone
+                        optimizer.step_without_cases()
+                        average.update()
+                        step += 1
+                        if step >= total:
+                            break
+                        continue
                     image = batch["image"].to(self.device, non_blocking=True)
                     target = batch["label"].to(self.device, non_blocking=True)
                     image, target = augmented_views(image, target, views, view_generator)
@@ -345,7 +359,7 @@ class LocalTrainer:
                     "round %s epoch %d: loss %.4f over %d steps (%.1f s)",
                     round,
                     epoch,
-                    sum(last_pass) / len(last_pass),
+                    _mean(last_pass),
                     len(last_pass),
                     time.perf_counter() - epoch_start,
                 )
@@ -354,7 +368,7 @@ class LocalTrainer:
         average.apply()
         privacy: dict[str, float] = {}
         if dp is not None:
-            epsilon = dp.finish(net, step, cfg.batch_size / len(dataset))
+            epsilon = dp.finish(net, step, dp_sample_rate(cfg.batch_size, len(dataset)))
             self.dp_history = dp.history
             privacy = {
                 "epsilon": epsilon,
@@ -364,15 +378,11 @@ class LocalTrainer:
         controls = drift.finish(step)
         state = self.model.state_dict()
         weights = {n: state[n].detach().to("cpu", copy=True) for n in self.shared_names}
-        metrics = {
-            "train_loss": sum(losses) / len(losses),
-            "train_loss_last": sum(last_pass) / len(last_pass),
-            "train_loss_first": losses[0],
-            "proximal": prox_sum / len(losses),
-            "mu": float(mu),
-            "epochs": step / len(loader),
-            "lr": lr,
-        }
+        metrics = {"mu": float(mu), "epochs": step / len(loader), "lr": lr}
+        if losses:  # none when every DP-SGD batch of the round came out empty
+            metrics.update(train_loss=_mean(losses), train_loss_first=losses[0], proximal=prox_sum / len(losses))
+        if last_pass:
+            metrics["train_loss_last"] = _mean(last_pass)
         return LocalResult(
             weights=weights,
             n_samples=len(dataset),
@@ -397,7 +407,7 @@ class LocalTrainer:
             p.requires_grad_(name in train)
 
     def _dp_sgd(
-        self, fit: FitSettings, mu: float, steps: int, loader: torch.utils.data.DataLoader, round_: int | None
+        self, fit: FitSettings, mu: float, steps: int, cases: int, round_: int | None
     ) -> DPSGD | None:
         """This round's DP-SGD (None when off); ValueError for what it cannot protect or a spent budget."""
         if fit.dp_sgd is None:
@@ -411,8 +421,8 @@ class LocalTrainer:
             )
         if self._parallel or self._use_amp:
             raise ValueError(f"{where} runs on one device without mixed precision")
-        dp = DPSGD(fit.dp_sgd, list(self.dp_history))
-        sample_rate = self.config.batch_size / len(loader.dataset)
+        dp = DPSGD(fit.dp_sgd, list(self.dp_history), noise_key=self.dp_key)
+        sample_rate = dp_sample_rate(self.config.batch_size, cases)
         dp.calibrate(steps, sample_rate, where)
         dp.check_budget(steps, sample_rate, where)
         return dp

@@ -93,7 +93,7 @@ def test_the_clipped_per_case_gradient_is_the_clipped_mean_of_its_views_by_hand(
         torch.optim.SGD(model.parameters(), lr=1.0),
         noise_multiplier=0.0,
         max_grad_norm=clip,
-        expected_batch_size=cases * views,
+        expected_batch_size=cases,  # one clipped gradient per case, divided by the (expected) cases
         loss_reduction="mean",
         noise=ChaChaNormal(bytes(32)),
         views=views,
@@ -130,14 +130,12 @@ def test_views_change_the_update_but_not_the_steps_or_the_site_epsilon(tmp_path:
     data = SiteData.from_dir(write_site(tmp_path / "site", 6, seed=0, size=16, prefix="0"), group="a")  # type: ignore[operator]
     config = TrainConfig(size="micro", steps=2, batch_size=2, lr=0.01, amp=False, augment=False)
     start = LocalTrainer(config, data, device="cpu").get_weights()
-    results = {
-        views: LocalTrainer(config, data, device="cpu").train(
-            start,
-            round=0,
-            fit=FitSettings(dp_sgd=SampleDP(noise_multiplier=1e-12, max_grad_norm=0.05, augment_views=views)),
-        )
-        for views in (1, 3)
-    }
+    results = {}
+    for views in (1, 3):
+        trainer = LocalTrainer(config, data, device="cpu")
+        trainer.dp_key = bytes(range(32))  # the same Poisson batches in both runs
+        dp = SampleDP(noise_multiplier=1e-12, max_grad_norm=0.05, augment_views=views)
+        results[views] = trainer.train(start, round=0, fit=FitSettings(dp_sgd=dp))
     one, three = results[1], results[3]
     assert (one.steps, one.n_samples) == (three.steps, three.n_samples) == (2, 5)
     assert one.privacy == three.privacy  # one clipped gradient per case either way: the same accounting

@@ -70,7 +70,7 @@ def test_site_noise_leaves_the_noise_to_each_site_as_the_trainer_calibrates_it(b
 def test_averaging_optimiser_and_trainable_reach_the_settings_and_the_cache_name(bench: ModuleType) -> None:
     plain = bench.parse_args(["--cohort", "--rounds", "3", "--site-noise"])
     assert (
-        bench.sample_run_name(plain, 8.0, 0.326, 0.03) == "sample-eps8-C0p326-lr0p03-site-noise"
+        bench.sample_run_name(plain, 8.0, 0.326, 0.03) == "sample-poisson-eps8-C0p326-lr0p03-site-noise"
     )  # older caches
     args = bench.parse_args(
         [
@@ -88,7 +88,7 @@ def test_averaging_optimiser_and_trainable_reach_the_settings_and_the_cache_name
     settings = bench.sample_privacy(args, 8.0, 2.5, 0.3)["sample_dp"]
     assert (settings["ema_decay"], settings["trainable"]) == (0.9, ["model.2.*"])
     assert SampleDP(**settings).trainable == ("model.2.*",)
-    assert bench.sample_run_name(args, 8.0, 0.3, 0.5) == "sample-eps8-C0p3-lr0p5-sgd-ema0p9-train-model2"
+    assert bench.sample_run_name(args, 8.0, 0.3, 0.5) == "sample-poisson-eps8-C0p3-lr0p5-sgd-ema0p9-train-model2"
 
 
 def test_the_public_pretraining_batch_and_lr_name_their_cache(bench: ModuleType, tmp_path: Path) -> None:
@@ -104,12 +104,12 @@ def test_augment_views_reach_the_settings_and_the_cache_name(bench: ModuleType) 
     args = bench.parse_args(["--cohort", "--rounds", "3", "--site-noise", "--augment-views", "4"])
     settings = bench.sample_privacy(args, 8.0, 2.5, 0.3)["sample_dp"]
     assert SampleDP(**settings).augment_views == 4
-    assert bench.sample_run_name(args, 8.0, 0.326, 0.03) == "sample-eps8-C0p326-lr0p03-views4-site-noise"
+    assert bench.sample_run_name(args, 8.0, 0.326, 0.03) == "sample-poisson-eps8-C0p326-lr0p03-views4-site-noise"
     again = bench.parse_args(
         ["--cohort", "--rounds", "3", "--site-noise", "--augment-views", "4", "--dp-repeat", "2"]
     )
     assert (
-        bench.sample_run_name(again, 8.0, 0.326, 0.03) == "sample-eps8-C0p326-lr0p03-views4-rep2-site-noise"
+        bench.sample_run_name(again, 8.0, 0.326, 0.03) == "sample-poisson-eps8-C0p326-lr0p03-views4-rep2-site-noise"
     )
     one = bench.parse_args(["--cohort", "--rounds", "3", "--site-noise", "--augment-views", "1"])
     assert "augment_views" not in bench.sample_privacy(one, 8.0, 2.5, 0.3)["sample_dp"]  # older caches

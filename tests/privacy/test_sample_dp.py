@@ -15,7 +15,7 @@ from jipfed.privacy.sample_dp import DPSGD
 from jipfed.privacy.secure_noise import ChaChaNormal, secure_normal
 from jipfed.privacy.settings import PrivacySettings, SampleDP
 from jipfed.training.config import TrainConfig
-from jipfed.training.data import SiteData
+from jipfed.training.data import CaseDataset, SiteData
 from jipfed.training.fit import FitSettings
 from jipfed.training.local import LocalTrainer
 from privacy.helpers import record, simulate_two_sites
@@ -87,19 +87,40 @@ def test_models_opacus_cannot_handle_are_refused(data: SiteData) -> None:
 
 
 @pytest.mark.parametrize("size", ["micro", "tiny"])
-def test_without_noise_and_clipping_dp_sgd_is_plain_training(data: SiteData, size: str) -> None:
-    """5 training cases in batches of 2: the last batch has one case and is averaged over one."""
+def test_without_noise_and_clipping_dp_sgd_is_sgd_on_its_poisson_batches(data: SiteData, size: str) -> None:
+    """5 training cases, batch 2: each step takes every case with probability 0.4 and divides the summed
+    gradient of the cases it drew by the expected batch size 2 (a batch of 3 moves 1.5 times a mean step)."""
     torch.set_num_threads(1)
     config = TrainConfig(size=size, steps=3, batch_size=2, lr=0.01, amp=False, augment=False, optimizer="sgd")
-    plain = LocalTrainer(config, data, device="cpu")
-    start = plain.get_weights()
-    expected = plain.train(start, round=0)
-    assert expected.n_samples == 5 and expected.steps == 3
     open_dp = SampleDP(noise_multiplier=1e-12, max_grad_norm=1e6)  # noise std 1e-6, nothing clipped
-    got = LocalTrainer(config, data, device="cpu").train(start, round=0, fit=FitSettings(dp_sgd=open_dp))
-    moved = {n: float((w - start[n]).abs().max()) for n, w in expected.weights.items()}
+    key = bytes(range(32))
+    trainer = LocalTrainer(config, data, device="cpu")
+    trainer.dp_key = key
+    start = trainer.get_weights()
+    got = trainer.train(start, round=0, fit=FitSettings(dp_sgd=open_dp))
+    assert got.n_samples == 5 and got.steps == 3
+
+    by_hand = LocalTrainer(config, data, device="cpu")
+    model, loss_fn = by_hand.model, by_hand._loss_fn()
+    model.load_state_dict(start, strict=False)
+    model.train()
+    sgd = by_hand._optimizer(list(model.parameters()), 0.01)  # the trainer's SGD (momentum 0.9)
+    dataset = CaseDataset(trainer.train_records, config.task, augment=False)
+    batches = list(DPSGD(open_dp, noise_key=key).loader(dataset, 2))  # the same draws: one pass of 3 steps
+    sizes = [0 if b is None else len(b["image"]) for b in batches]
+    assert len(sizes) == 3 and len(set(sizes)) > 1, sizes  # Poisson: the batch size varies
+    for batch in batches:
+        sgd.zero_grad()
+        if batch is None:  # an empty draw: a step with no gradient (momentum still moves)
+            for p in model.parameters():
+                p.grad = torch.zeros_like(p)
+        else:
+            (loss_fn(model(batch["image"]), batch["label"]) * len(batch["image"]) / 2).backward()
+        sgd.step()
+    expected = {n: w.detach() for n, w in model.state_dict().items() if n in start}
+    moved = {n: float((w - start[n]).abs().max()) for n, w in expected.items()}
     assert max(moved.values()) > 1e-4
-    for name, weight in expected.weights.items():  # biases before InstanceNorm get no gradient
+    for name, weight in expected.items():  # biases before InstanceNorm get no gradient
         assert float((got.weights[name] - weight).abs().max()) <= 1e-3 * moved[name] + 1e-6, name
 
 
@@ -162,6 +183,7 @@ def test_ema_of_the_iterates_is_the_hand_computed_average_of_a_two_step_round(da
 
     def weights(steps: int, dp: SampleDP) -> dict[str, torch.Tensor]:
         trainer = LocalTrainer(TrainConfig(**{**config.to_dict(), "steps": steps}), data, device="cpu")
+        trainer.dp_key = bytes(range(32))  # the same Poisson batches in every run
         return trainer.train(start, round=0, fit=FitSettings(dp_sgd=dp)).weights
 
     w1, w2 = weights(1, open_dp), weights(2, open_dp)
