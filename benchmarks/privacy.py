@@ -332,7 +332,14 @@ def run(
             ],
         }
 
-    return cached(args.workdir / "runs" / f"{name}.json", compute)
+    path = args.workdir / "runs" / f"{name}.json"
+    out = cached(path, compute)
+    if len(out["curve"]) != (rounds or args.rounds) + 1:  # the cache name does not carry the rounds
+        raise SystemExit(
+            f"{path}: a cached run of {len(out['curve']) - 1} rounds, not {rounds or args.rounds}; "
+            "give these rounds their own --workdir"
+        )
+    return out
 
 
 def store_dir(args: argparse.Namespace, name: str) -> Path:

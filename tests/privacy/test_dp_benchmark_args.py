@@ -119,3 +119,14 @@ def test_public_cases_from_several_site_profiles_name_their_cache(bench: ModuleT
     argv = ["--workdir", str(tmp_path / "p"), "--cohort-cases", "256", "--size", "micro", "--lr", "0.01"]
     argv += ["--public-cases", "256", "--public-rounds", "20", "--public-sites", "4"]
     assert bench.parse_args(argv).workdir.name == "p-cohort256-b64-micro-lr0.01-public256x20-sites4"
+
+
+def test_a_cached_run_of_other_rounds_is_refused_not_reused(bench: ModuleType, tmp_path: Path) -> None:
+    """The cache name carries no rounds: a 10-round result must not stand in for a 30-round run."""
+    args = bench.parse_args(["--workdir", str(tmp_path / "p"), "--rounds", "30"])
+    runs = args.workdir / "runs"
+    runs.mkdir(parents=True)
+    (runs / "nodp.json").write_text('{"dice": 0.4, "curve": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.4]}')
+    with pytest.raises(SystemExit, match=r"nodp.json: a cached run of 10 rounds, not 30; give these rounds"):
+        bench.run(args, {}, "nodp", None, {})
+    assert bench.run(args, {}, "nodp", None, {}, rounds=10)["dice"] == 0.4  # the rounds it was run with
