@@ -482,6 +482,17 @@ def gain_share(row: Mapping[str, Any] | None, base: Mapping[str, Any], floor: fl
     return (row["dice"] - floor) / (base["dice"] - floor)
 
 
+#: Rounds a run's tail mean covers: a single round's Dice jitters by about ±0.02 here.
+TAIL_ROUNDS = 5
+
+
+def tail_mean(run: Mapping[str, Any]) -> float:
+    """Mean Dice of the run's last :data:`TAIL_ROUNDS` rounds (fewer in a shorter run)."""
+    curve = run["curve"][1:] or run["curve"]  # round 0 is the start, not trained
+    tail = curve[-TAIL_ROUNDS:]
+    return sum(tail) / len(tail)
+
+
 def quantile(values: list[float], q: float) -> float:
     return float(torch.quantile(torch.tensor(values, dtype=torch.float64), q))
 
@@ -704,7 +715,8 @@ def main(argv: list[str] | None = None) -> int:
             ratio = out["dice"] / reference["dice"] if reference["dice"] > 0 else math.nan
             print(
                 f"{level:6s} eps {eps:5g}: noise multiplier {z:7.3f}, spent {spent:6.3f}, "
-                f"Dice {out['dice']:.4f} ({ratio:6.1%} of no DP"
+                f"Dice {out['dice']:.4f} ({ratio:6.1%} of no DP; last {TAIL_ROUNDS} rounds' mean "
+                f"{tail_mean(out):.4f}, {tail_mean(out) / tail_mean(reference):6.1%} of no DP's"
                 + (
                     f", {gain_share(out, reference, start):6.1%} of its gain over the public start)"
                     if public
@@ -752,6 +764,11 @@ def main(argv: list[str] | None = None) -> int:
             + (
                 f"; {best['dice'] / args.best_nodp:.1%} of the best no-DP Dice of any setup ({args.best_nodp:.4f})"
                 if best and args.best_nodp
+                else ""
+            )
+            + (
+                f"; its last {TAIL_ROUNDS} rounds' mean {tail_mean(best) / tail_mean(reference):.1%} of the no-DP's"
+                if best
                 else ""
             )
         )

@@ -130,3 +130,8 @@ def test_a_cached_run_of_other_rounds_is_refused_not_reused(bench: ModuleType, t
     with pytest.raises(SystemExit, match=r"nodp.json: a cached run of 10 rounds, not 30; give these rounds"):
         bench.run(args, {}, "nodp", None, {})
     assert bench.run(args, {}, "nodp", None, {}, rounds=10)["dice"] == 0.4  # the rounds it was run with
+
+
+def test_the_tail_mean_leaves_out_the_start_and_covers_the_last_five_rounds(bench: ModuleType) -> None:
+    assert bench.tail_mean({"curve": [0.9, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]}) == pytest.approx(0.5)
+    assert bench.tail_mean({"curve": [0.9, 0.1, 0.3]}) == pytest.approx(0.2)  # a shorter run: all it has
