@@ -89,6 +89,7 @@ from jipfed.federation.experiment import ExperimentConfig
 from jipfed.federation.update import ModelUpdate
 from jipfed.privacy import secagg
 from jipfed.privacy.accountant import noise_for_budget
+from jipfed.privacy.sample_dp import dp_sample_rate
 from jipfed.privacy.secure_round import secure_mean_delta
 from jipfed.privacy.settings import SecureAggregation
 from jipfed.simulation import prepare_synthetic_sites, simulate, site_train_sizes
@@ -270,10 +271,10 @@ def check_cohort_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
     if args.cohort or args.quick:
         parser.error("--cohort-cases replaces --cohort / --quick (same 16^3 grid, more cases); give only one")
     batch = args.batch_size or LARGE_COHORT_BATCH
-    if args.cohort_cases < 4 * batch:
+    if args.cohort_cases < batch:
         parser.error(
-            f"--cohort-cases {args.cohort_cases} is too small for batch {batch}: DP-SGD gains from a small "
-            "sampling rate batch / training cases, so give at least 4 batches of cases per site"
+            f"--cohort-cases {args.cohort_cases} is too small for batch {batch}: give at least one batch of "
+            "cases per site (a batch above a site's training cases takes every case, sample rate 1)"
         )
 
 
@@ -519,7 +520,7 @@ def site_noises(
         n_train = len(data.split(train.val_fraction, train.seed)[0])
         steps = args.rounds * math.ceil(n_train / args.batch_size)
         noises[site] = noise_for_budget(
-            epsilon, steps, delta=args.delta, sample_rate=args.batch_size / n_train
+            epsilon, steps, delta=args.delta, sample_rate=dp_sample_rate(args.batch_size, n_train)
         )
     return noises
 

@@ -46,8 +46,8 @@ def test_a_different_batch_or_lr_keeps_the_cohort_data(bench: ModuleType, tmp_pa
     [
         (["--cohort-cases", "256", "--cohort"], "replaces --cohort / --quick"),
         (["--cohort-cases", "256", "--quick"], "replaces --cohort / --quick"),
-        (["--cohort-cases", "100"], "too small for batch 64"),
-        (["--cohort-cases", "100", "--batch-size", "32"], "too small for batch 32"),
+        (["--cohort-cases", "50"], "too small for batch 64"),
+        (["--cohort-cases", "20", "--batch-size", "32"], "too small for batch 32"),
     ],
 )
 def test_contradicting_or_too_small_cohorts_are_refused(
