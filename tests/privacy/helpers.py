@@ -33,3 +33,21 @@ def simulate_two_sites(tmp_path: Path, name: str, privacy: dict[str, Any]) -> tu
 def record(rounds: Path, round_: int) -> dict[str, Any]:
     """The stored ``aggregate.json`` of ``round_``."""
     return json.loads((rounds / str(round_) / "aggregate.json").read_text())
+
+
+def sgd_dp_optimizer(model: torch.nn.Module, **settings: Any) -> tuple[Any, Any]:
+    """(opacus ``GradSampleModule`` of ``model``, :class:`SecureDPOptimizer` around SGD at lr 1 with a fixed
+    noise key); ``settings``: noise_multiplier, max_grad_norm, expected_batch_size and optionally views."""
+    from opacus import GradSampleModule
+
+    from jipfed.privacy.dp_optimizer import SecureDPOptimizer
+    from jipfed.privacy.secure_noise import ChaChaNormal
+
+    module = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+    optimizer = SecureDPOptimizer(
+        torch.optim.SGD(model.parameters(), lr=1.0),
+        loss_reduction="mean",
+        noise=ChaChaNormal(settings.pop("key", bytes(32))),
+        **settings,
+    )
+    return module, optimizer

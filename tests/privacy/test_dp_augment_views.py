@@ -6,18 +6,16 @@ import json
 
 import pytest
 import torch
-from opacus import GradSampleModule
 from torch import nn
 from training.synth import write_site
 
-from jipfed.privacy.dp_optimizer import SecureDPOptimizer
 from jipfed.privacy.sample_dp import VIEW_SHIFT, augmented_views
-from jipfed.privacy.secure_noise import ChaChaNormal
 from jipfed.privacy.settings import MAX_AUGMENT_VIEWS, PrivacySettings, SampleDP
 from jipfed.training.config import TrainConfig
 from jipfed.training.data import SiteData
 from jipfed.training.fit import FitSettings
 from jipfed.training.local import LocalTrainer
+from privacy.helpers import sgd_dp_optimizer
 
 
 def batch(cases: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,15 +86,8 @@ def test_the_clipped_per_case_gradient_is_the_clipped_mean_of_its_views_by_hand(
             expected[name] += factor * g / cases
     assert min(norms) < clip < max(norms)
 
-    module = GradSampleModule(model, batch_first=True, loss_reduction="mean")
-    optimizer = SecureDPOptimizer(
-        torch.optim.SGD(model.parameters(), lr=1.0),
-        noise_multiplier=0.0,
-        max_grad_norm=clip,
-        expected_batch_size=cases,  # one clipped gradient per case, divided by the (expected) cases
-        loss_reduction="mean",
-        noise=ChaChaNormal(bytes(32)),
-        views=views,
+    module, optimizer = sgd_dp_optimizer(  # one clipped gradient per case, divided by the (expected) cases
+        model, noise_multiplier=0.0, max_grad_norm=clip, expected_batch_size=cases, views=views
     )
     optimizer.zero_grad(set_to_none=True)
     loss_of(module(image), target).backward()
@@ -108,15 +99,8 @@ def test_the_clipped_per_case_gradient_is_the_clipped_mean_of_its_views_by_hand(
 
 def test_per_sample_gradients_that_are_not_whole_cases_are_refused() -> None:
     model = Tiny()
-    module = GradSampleModule(model, batch_first=True, loss_reduction="mean")
-    optimizer = SecureDPOptimizer(
-        torch.optim.SGD(model.parameters(), lr=1.0),
-        noise_multiplier=1.0,
-        max_grad_norm=1.0,
-        expected_batch_size=5,
-        loss_reduction="mean",
-        noise=ChaChaNormal(bytes(32)),
-        views=2,
+    module, optimizer = sgd_dp_optimizer(
+        model, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=5, views=2
     )
     image, target = batch(5)
     module(image).sub(target).pow(2).mean().backward()

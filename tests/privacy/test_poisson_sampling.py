@@ -8,13 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from opacus import GradSampleModule
 from opacus.accountants import RDPAccountant
 from torch import nn
 from training.synth import write_site
 
 from jipfed.federation.site_round import site_metrics
-from jipfed.privacy.dp_optimizer import SecureDPOptimizer
 from jipfed.privacy.poisson_sampling import SAMPLING_NONCE, PoissonBatches, poisson_loader
 from jipfed.privacy.secure_noise import ChaChaNormal, ChaChaUniform
 from jipfed.privacy.settings import SampleDP
@@ -22,6 +20,7 @@ from jipfed.training.config import TrainConfig
 from jipfed.training.data import SiteData
 from jipfed.training.fit import FitSettings
 from jipfed.training.local import LocalTrainer
+from privacy.helpers import sgd_dp_optimizer
 
 KEY = bytes(range(32))
 
@@ -81,14 +80,8 @@ def test_a_loader_yields_none_for_an_empty_batch_and_ceil_cases_over_batch_steps
 def test_the_step_of_an_empty_batch_adds_the_noise_over_the_expected_batch_size() -> None:
     model = nn.Linear(1000, 100, bias=False)
     start = model.weight.detach().clone()
-    module = GradSampleModule(model, batch_first=True, loss_reduction="mean")
-    optimizer = SecureDPOptimizer(
-        torch.optim.SGD(model.parameters(), lr=1.0),
-        noise_multiplier=2.0,
-        max_grad_norm=0.5,
-        expected_batch_size=4,
-        loss_reduction="mean",
-        noise=ChaChaNormal(KEY),
+    module, optimizer = sgd_dp_optimizer(
+        model, noise_multiplier=2.0, max_grad_norm=0.5, expected_batch_size=4, key=KEY
     )
     optimizer.step_without_cases()
     moved = model.weight.detach() - start
