@@ -51,7 +51,8 @@ class LocalResult:
         n_samples: training cases at this site (the FedAvg weight).
         metrics: ``train_loss`` (mean task loss over all steps), ``train_loss_last`` (mean over
             the last pass), ``train_loss_first`` (first step), ``proximal`` (mean FedProx term;
-            0 when mu = 0), ``mu``, ``epochs`` (passes, fractional in step mode).
+            0 when mu = 0), ``mu``, ``epochs`` (passes, fractional in step mode); the loss entries
+            are absent when every DP-SGD Poisson batch of the round (or of its last pass) was empty.
         steps: optimiser steps taken.
         seconds: wall-clock time of the training loop.
         controls: SCAFFOLD only: the site's control correction ``c_i+ - c_i`` per trainable
