@@ -1,16 +1,20 @@
 """Sample-level DP at a site: DP-SGD with opacus (per-case gradient clipping, Gaussian noise, accountant).
 
 Abadi et al., "Deep Learning with Differential Privacy", CCS 2016 (https://arxiv.org/abs/1607.00133).
-:class:`DPSGD` wraps one round's model, optimiser and loader with opacus' ``PrivacyEngine`` and
-keeps the site's accountant history across rounds (``history``: ``(noise, sample rate, steps)``,
-persisted with the site's state). Sampling: each step takes every training case with probability
-q = batch / cases (Poisson sampling from a secret ChaCha20 stream, :mod:`jipfed.privacy.poisson_sampling`),
-the mechanism the accountant's ε at sample rate q is proven for; the step's noised sum of clipped
-per-case gradients is divided by the expected batch size q * cases, so a step's size reveals nothing
-beyond that sum (the empty batch of a step is noise only). The noise is drawn from ChaCha20 keyed with 32
-bytes of OS randomness (:func:`secure_normal`, with opacus' floating-point-attack defence), never
-from the experiment seed (which the central knows): opacus' own ``secure_mode`` needs
-``torchcsprng``, whose last release (0.2.1) pins torch 1.8.1. Tests pass a fixed ``noise_key``.
+:class:`DPSGD` draws one round's batches, wraps its model and optimiser in opacus' ``GradSampleModule``
+and ``DPOptimizer`` (not ``PrivacyEngine``: see the averaging below) and keeps the site's accountant
+history across rounds (``history``: ``(noise, sample rate, steps)``, persisted with the site's state).
+
+Sampling: each step takes every training case with probability q = batch / cases (Poisson sampling
+from a secret ChaCha20 stream, :mod:`jipfed.privacy.poisson_sampling`), the mechanism the
+accountant's ε at sample rate q is proven for. Averaging: the step's noised sum of clipped per-case
+gradients is divided by the expected batch size q * cases, so a step's size reveals nothing beyond
+that sum (the step of an empty batch is noise only); opacus' ``make_private`` would divide by
+``int(cases / batches)``, e.g. 1 for 9 cases in batches of 2: twice the step and the noise. Noise:
+ChaCha20 keyed with 32 bytes of OS randomness (:func:`secure_normal`, with opacus'
+floating-point-attack defence), never the experiment seed (which the central knows): opacus' own
+``secure_mode`` needs ``torchcsprng``, whose last release (0.2.1) pins torch 1.8.1. Tests pass a
+fixed ``noise_key``.
 
 Models: MONAI's ``unet`` (Conv3d, ConvTranspose3d, PReLU, InstanceNorm without affine) works in all
 size presets. ``segresnet`` fails in opacus' hooks (in-place activations on views); ``densenet`` and
