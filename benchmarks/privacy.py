@@ -89,7 +89,7 @@ from jipfed.federation.experiment import ExperimentConfig
 from jipfed.federation.update import ModelUpdate
 from jipfed.privacy import secagg
 from jipfed.privacy.accountant import noise_for_budget
-from jipfed.privacy.sample_dp import dp_sample_rate
+from jipfed.privacy.poisson_sampling import dp_sample_rate
 from jipfed.privacy.secure_round import secure_mean_delta
 from jipfed.privacy.settings import SecureAggregation
 from jipfed.simulation import prepare_synthetic_sites, simulate, site_train_sizes

@@ -24,6 +24,12 @@ from jipfed.privacy.secure_noise import ChaChaUniform
 SAMPLING_NONCE = b"poisson-batches!"
 
 
+def dp_sample_rate(batch_size: int, cases: int) -> float:
+    """DP-SGD's sample rate q: each case's chance to be in a step's Poisson batch (1 when the batch
+    would hold every case)."""
+    return min(1.0, batch_size / cases)
+
+
 class PoissonBatches(Sampler[list[int]]):
     """``steps`` batches per pass, each case in a batch with probability ``sample_rate``, independently."""
 
@@ -54,7 +60,7 @@ def poisson_loader(
     """DataLoader of Poisson batches with expected size ``batch_size`` (sample rate batch / cases) and
     ceil(cases / batch) steps per pass, as many as the shuffled loader; an empty batch comes as None."""
     cases = len(dataset)  # type: ignore[arg-type]
-    rate = min(1.0, batch_size / cases)
+    rate = dp_sample_rate(batch_size, cases)
     batches = PoissonBatches(cases, rate, math.ceil(cases / batch_size), ChaChaUniform(key, SAMPLING_NONCE))
     return DataLoader(
         dataset,

@@ -78,12 +78,6 @@ def _moved(volume: torch.Tensor, flips: list[int], shifts: list[int]) -> torch.T
     return torch.roll(flipped, shifts, [1, 2, 3])
 
 
-def dp_sample_rate(batch_size: int, cases: int) -> float:
-    """DP-SGD's sample rate q: each case's chance to be in a step's Poisson batch (1 when the batch
-    would hold every case)."""
-    return min(1.0, batch_size / cases)
-
-
 def epsilon_of(history: Sequence[tuple[float, float, int]], settings: SampleDP) -> float:
     """ε of a site's DP-SGD history (phases with one noise and sample rate each)."""
     if settings.accountant == "rdp":

@@ -29,7 +29,8 @@ from torch import nn
 
 from jipfed.federation.strategies.fedprox import proximal_term
 from jipfed.federation.update import is_buffer, split_controls
-from jipfed.privacy.sample_dp import DPSGD, augmented_views, check_model, dp_sample_rate
+from jipfed.privacy.poisson_sampling import dp_sample_rate
+from jipfed.privacy.sample_dp import DPSGD, augmented_views, check_model
 from jipfed.training.config import TrainConfig
 from jipfed.training.data import CaseDataset, CaseRecord, SiteData, load_case, make_loader
 from jipfed.training.fit import FitSettings
@@ -324,35 +325,31 @@ class LocalTrainer:
                 for batch in loader:
                     if batch is None:  # an empty Poisson batch: DP-SGD's step of noise alone
                         optimizer.step_without_cases()
-                        average.update()
-                        step += 1
-                        if step >= total:
-                            break
-                        continue
-                    image = batch["image"].to(self.device, non_blocking=True)
-                    target = batch["label"].to(self.device, non_blocking=True)
-                    image, target = augmented_views(image, target, views, view_generator)
-                    optimizer.zero_grad(set_to_none=True)
-                    with torch.autocast(
-                        device_type=self.device.type, dtype=torch.float16, enabled=self._use_amp
-                    ):
-                        task_loss = loss_fn(net(image), target)
-                    loss = task_loss.float()
-                    if mu > 0:
-                        prox = proximal_term(self.model, anchor, mu)
-                        loss = loss + prox
-                        prox_sum += float(prox.detach())
-                    loss = drift.regularised(loss)
-                    value = float(task_loss.detach())
-                    if not math.isfinite(value) or not math.isfinite(float(loss.detach())):
-                        raise FloatingPointError(f"non-finite loss {value} at step {step} (round {round})")
-                    scaler.scale(loss).backward()
-                    drift.correct_gradients(scaler.get_scale() if scaler.is_enabled() else 1.0)
-                    scaler.step(optimizer)
-                    scaler.update()
+                    else:
+                        image = batch["image"].to(self.device, non_blocking=True)
+                        target = batch["label"].to(self.device, non_blocking=True)
+                        image, target = augmented_views(image, target, views, view_generator)
+                        optimizer.zero_grad(set_to_none=True)
+                        with torch.autocast(
+                            device_type=self.device.type, dtype=torch.float16, enabled=self._use_amp
+                        ):
+                            task_loss = loss_fn(net(image), target)
+                        loss = task_loss.float()
+                        if mu > 0:
+                            prox = proximal_term(self.model, anchor, mu)
+                            loss = loss + prox
+                            prox_sum += float(prox.detach())
+                        loss = drift.regularised(loss)
+                        value = float(task_loss.detach())
+                        if not math.isfinite(value) or not math.isfinite(float(loss.detach())):
+                            raise FloatingPointError(f"non-finite loss {value} at step {step} (round {round})")
+                        scaler.scale(loss).backward()
+                        drift.correct_gradients(scaler.get_scale() if scaler.is_enabled() else 1.0)
+                        scaler.step(optimizer)
+                        scaler.update()
+                        losses.append(value)
+                        last_pass.append(value)
                     average.update()
-                    losses.append(value)
-                    last_pass.append(value)
                     step += 1
                     if step >= total:
                         break
